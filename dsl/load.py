@@ -1,0 +1,171 @@
+"""Finding, reading and parsing spec files; resolving `extends` and `import` into one view.
+
+`read_spec` accepts a path, a built-in name (`grpo`) or spec text. `resolve` follows the
+`extends` chain and imports and returns a `Resolved` view: params merged by name, every other
+section taken from the most derived file that writes it, and the defs of every import.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ast as A
+from .errors import Span, SpecError
+from .parser import decode, parse
+
+_SOURCES: dict[str, list[str]] = {}
+
+
+def builtin_dir() -> Path:
+    import alignspec.algorithms as algorithms
+    return Path(algorithms.__file__).parent
+
+
+def builtin_names(kind: str | None = "algorithm") -> list[str]:
+    """Names of the shipped specs (libraries excluded unless kind is None)."""
+    names = []
+    for p in sorted(builtin_dir().glob("*.align")):
+        if kind is None:
+            names.append(p.stem)
+            continue
+        try:
+            head = next((l for l in p.read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")), "")
+        except OSError:
+            continue
+        if head.split()[:1] == [kind]:
+            names.append(p.stem)
+    return names
+
+
+def source_line(span: Span) -> str | None:
+    lines = _SOURCES.get(span.file)
+    if lines and 0 < span.line <= len(lines):
+        return lines[span.line - 1]
+    return None
+
+
+def error(message: str, span: Span, kind: str, hint: str | None = None) -> SpecError:
+    """A SpecError with the source line filled in from the file it points at."""
+    return SpecError(message, span, kind=kind, hint=hint, source_line=source_line(span))
+
+
+def did_you_mean(word: str, options) -> str | None:
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
+
+
+def read_spec(ref: str | Path, *, relative_to: Path | None = None, at: Span | None = None) -> A.SpecFile:
+    """Parse a spec given as text, a file path, or the name of a built-in."""
+    if isinstance(ref, str) and ("\n" in ref or ref.lstrip().startswith(("algorithm ", "library "))):
+        path = "<string>"
+        _SOURCES[path] = ref.splitlines()
+        return parse(ref, path)
+    path = _locate(str(ref), relative_to, at)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise SpecError(f"{path} is a directory, not a spec file", Span(str(path), 0, 0, 0, 0),
+                        kind="io", hint="give a .align file, or a built-in name") from None
+    except OSError as e:
+        raise SpecError(f"cannot read {path}: {e.strerror or e}", Span(str(path), 0, 0, 0, 0), kind="io") from None
+    name = _display(path)
+    text = decode(data, name)
+    _SOURCES[name] = text.splitlines()
+    return parse(text, name)
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _locate(ref: str, relative_to: Path | None, at: Span | None) -> Path:
+    candidates = []
+    p = Path(ref)
+    if relative_to is not None and not p.is_absolute():
+        candidates += [relative_to / ref, relative_to / f"{ref}.align"]
+    candidates += [p]
+    if p.suffix != ".align" and "/" not in ref and "\\" not in ref:
+        candidates.append(builtin_dir() / f"{ref}.align")
+    for c in candidates:
+        if c.exists():
+            return c
+    names = builtin_names(None)
+    hint = did_you_mean(p.stem, names) or f"built-ins: {', '.join(builtin_names())}"
+    msg = f"no spec file or built-in named {ref!r}"
+    if at is not None:
+        raise error(msg, at, "unknown-spec", hint)
+    raise SpecError(msg, Span(ref, 0, 0, 0, 0), kind="unknown-spec", hint=hint)
+
+
+@dataclass
+class Resolved:
+    """One algorithm with its `extends` chain and imports folded in."""
+
+    file: A.SpecFile                       # the most derived file
+    chain: list[A.SpecFile]                # base first
+    params: dict[str, A.Assign] = field(default_factory=dict)
+    sections: dict[str, A.Section] = field(default_factory=dict)
+    data: A.Data | None = None
+    defs: dict[str, A.Def] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+
+def resolve(spec: A.SpecFile) -> Resolved:
+    chain = _extends_chain(spec)
+    out = Resolved(file=spec, chain=chain)
+    for f in chain:
+        base_dir = Path(f.path).parent if f.path not in ("<string>",) else None
+        for imp in f.imports:
+            lib = read_spec(imp.name, relative_to=base_dir, at=imp.span)
+            if lib.kind != "library":
+                raise error(f"{imp.name!r} is an algorithm, not a library of functions", imp.span,
+                            "import", "import only `library` specs (such as common)")
+            for d in lib.defs:
+                out.defs[d.name] = d
+        seen_here: dict[str, A.Section] = {}
+        for item in f.items:
+            if isinstance(item, A.Section):
+                if item.kind in seen_here and item.kind != "params":
+                    first = seen_here[item.kind].span
+                    raise error(f"section {item.kind!r} appears twice (first at line {first.line})",
+                                item.span, "duplicate", "merge the two sections into one")
+                seen_here[item.kind] = item
+                if item.kind == "params":
+                    for stmt in item.body:
+                        out.params[getattr(stmt, "name", None) or ""] = stmt
+                        if not isinstance(stmt, A.Assign):
+                            raise error("only `name = value` lines belong in params", stmt.span, "syntax")
+                else:
+                    out.sections[item.kind] = item
+            elif isinstance(item, A.Def):
+                out.defs[item.name] = item
+            elif isinstance(item, A.Data):
+                out.data = item
+    return out
+
+
+def _extends_chain(spec: A.SpecFile) -> list[A.SpecFile]:
+    chain = [spec]
+    seen = {spec.name}
+    cur = spec
+    while cur.extends:
+        base_dir = Path(cur.path).parent if cur.path != "<string>" else None
+        base = read_spec(cur.extends, relative_to=base_dir, at=cur.span)
+        if base.name in seen:
+            names = " → ".join([c.name for c in reversed(chain)] + [base.name])
+            raise error(f"`extends` forms a cycle: {names}", spec.span, "cycle",
+                        "an algorithm cannot extend itself, directly or through others")
+        if base.kind != "algorithm":
+            raise error(f"{cur.extends!r} is a library; only algorithms can be extended", cur.span, "extends")
+        seen.add(base.name)
+        chain.append(base)
+        cur = base
+    return list(reversed(chain))

@@ -1,0 +1,121 @@
+"""Loading user data sets (jsonl, json, parquet, csv, or a ``save_to_disk`` directory).
+
+``load_records`` reads through the ``datasets`` library, renames the user's fields to ours
+and checks that every row has the required fields, raising ``RunError`` messages that name
+the file and the (0-based) row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import RunError
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _read(path: Path):
+    """The rows of ``path`` as a ``datasets.Dataset``."""
+    import datasets
+
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise RunError(f"could not read data directory {path}: {type(e).__name__}: {e}",
+                           hint="a data directory must be written by Dataset.save_to_disk") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" in ds:
+                ds = ds["train"]
+            elif len(ds) == 1:
+                ds = next(iter(ds.values()))
+            else:
+                raise RunError(f"{path} holds several splits {sorted(ds)} and none is 'train'",
+                               hint="save a single split, or one named 'train'")
+        return ds
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise RunError(f"unknown data format for {path} (suffix {path.suffix!r})",
+                       hint="use .jsonl, .json, .parquet, .csv or a Dataset.save_to_disk directory")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:
+        where = _bad_json_line(path) if builder == "json" else None
+        raise RunError(f"could not read {path} as {path.suffix[1:]}: "
+                       f"{where or _root_cause(e)}") from e
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's message (``datasets`` wraps parser errors)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {e}"
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """For a .jsonl file: 'row i (line n): <json error>' for the first unparsable line."""
+    if path.suffix.lower() != ".jsonl":
+        return None
+    row = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"row {row} (line {n}) is not valid JSON: {e}"
+                row += 1
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _is_empty(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple, dict)):
+        return len(value) == 0
+    return False
+
+
+def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
+                 required: list[str] = ("prompt",)) -> list[dict]:
+    """Read ``path`` and return one dict per row with our field names.
+
+    ``fields`` maps our names to the user's (``{"prompt": "question"}``: our ``prompt`` is
+    their ``question``); unmapped names are taken as they are, and the row's other fields are
+    kept. Every name in ``required`` must be present and not None in every row, and a
+    required ``prompt`` must not be empty.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise RunError(f"data file not found: {p}")
+    fields = dict(fields or {})
+    ds = _read(p)
+    if len(ds) == 0:
+        raise RunError(f"{p} has no rows")
+    records = []
+    for i, row in enumerate(ds):
+        rec = dict(row)
+        for ours, theirs in fields.items():
+            if theirs in row:
+                rec[ours] = row[theirs]
+        for name in required:
+            src = fields.get(name, name)
+            via = f" (our '{name}')" if src != name else ""
+            if row.get(src) is None:  # columnar formats fill a missing key with null
+                present = sorted(k for k, v in row.items() if v is not None)
+                raise RunError(
+                    f"{p}: row {i} has no field '{src}'{via} (missing or null); the row has fields: "
+                    f"{', '.join(present) or '(none)'}",
+                    hint=f"map a field with fields={{'{name}': '<their field>'}}")
+        if "prompt" in required and _is_empty(rec["prompt"]):
+            raise RunError(f"{p}: row {i} has an empty prompt")
+        records.append(rec)
+    return records
