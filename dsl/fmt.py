@@ -205,14 +205,14 @@ def _params_codes(stmts: list[A.Stmt]) -> list[str]:
 
 
 def _render(spec: A.SpecFile, units: list[_Unit], tail: list[_Comment]) -> str:
-    codes: dict[int, str] = {}
+    codes: list[str] = []  # the code of each unit, in order
+    aligned: list[str] = []  # the rest of the current params section, aligned
     for u in units:
-        if isinstance(u.node, A.Section):
-            if u.node.kind == "params":
-                for s, text in zip(u.node.body, _params_codes(list(u.node.body))):
-                    codes[id(s)] = text
-        if id(u.node) not in codes:
-            codes[id(u.node)] = _code(u.node)
+        if u.level == 0:
+            aligned = []
+            if isinstance(u.node, A.Section) and u.node.kind == "params":
+                aligned = _params_codes(list(u.node.body))
+        codes.append(aligned.pop(0) if u.level == 1 and aligned else _code(u.node))
 
     out: list[str] = []
     prev_item: _Unit | None = None  # the previous top-level line
@@ -230,7 +230,7 @@ def _render(spec: A.SpecFile, units: list[_Unit], tail: list[_Comment]) -> str:
                     blank()
                 out.append(INDENT + c.text)
 
-    for u in units:
+    for u, code in zip(units, codes):
         indent = INDENT * u.level
         moved = u.inner[:-1]  # comments inside a wrapped statement, but the last
         last = u.inner[-1] if u.inner else None
@@ -255,7 +255,7 @@ def _render(spec: A.SpecFile, units: list[_Unit], tail: list[_Comment]) -> str:
             out.append(indent + c.text)
         if seps[len(own)]:
             blank()
-        line = indent + codes[id(u.node)]
+        line = indent + code
         if last is not None:
             line += "  " + last.text
         out.append(line)

@@ -212,7 +212,7 @@ def _extend(children):
 expr_st = st.recursive(leaf_st, _extend, max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(expr_st)
 def test_unparse_roundtrip(e):
     text = unparse(e)
@@ -429,6 +429,20 @@ def test_strings_with_hash_are_not_comments():
     assert [c[2] for c in parse(out).comments] == ["# real"]
 
 
+def test_crlf_input():
+    # the parser keeps a CR at the end of a comment (COMMENT is `#[^\n]*`); fmt keeps comment
+    # texts exactly, so that CR survives, while the code lines get plain LF endings
+    src = "algorithm t\r\n# c\r\nloss\r\n  x = f(a,\r\n    b)  # t\r\n"
+    out = check_format_properties(src)
+    assert out.replace("\r", "") == "algorithm t\n\n# c\nloss\n  x = f(a, b)  # t\n"
+
+
+def test_params_section_alignment_is_per_section():
+    src = "algorithm t\nparams\n  a = 1 \"x\"\nloss\n  b = 22 \"y\"\nparams\n  long_name = 333 \"z\"\n"
+    assert check_format_properties(src) == (
+        'algorithm t\n\nparams\n  a = 1  "x"\n\nloss\n  b = 22 "y"\n\nparams\n  long_name = 333  "z"\n')
+
+
 def test_format_text_path_and_errors():
     from alignspec.dsl.errors import SpecError
 
@@ -550,7 +564,7 @@ def spec_text_st(draw):
     return "\n".join(lines) + rng.choice(["", "\n", "\n\n"])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec_text_st())
 def test_format_random_specs(text):
     check_format_properties(text)

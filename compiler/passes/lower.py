@@ -26,6 +26,8 @@ _TORCH_FN = {"exp": "torch.exp", "log": "torch.log", "abs": "torch.abs", "sqrt":
 _MATH_FN = {"exp": "math.exp", "log": "math.log", "abs": "abs", "sqrt": "math.sqrt", "tanh": "math.tanh"}
 _BIN_PREC = {"+": 60, "-": 60, "*": 70, "/": 70, "**": 90}
 _CMP = {"<", "<=", ">", ">=", "==", "!="}
+_CHEAP = {"+", "-", "*", "/", "**", "neg", "min", "max", "clip", "where", "stopgrad", "alias", "def", "not",
+          "and", "or", *_TORCH_FN, *_CMP}
 _RESERVED = {"batch", "totals", "torch", "F", "ops", "math", "mask", "metrics", "terms", "loss", "keep", "rows",
              "picks", "out", "GROUP", "SAMPLE_GROUP", "n_rows"}
 _STAGE = {"const": None, "score": "score", "model": "advantage", "loss": "loss"}
@@ -46,11 +48,30 @@ class _Emitter:
             for x in a["args"]:
                 self.uses[x] += 1
         self.tmp = 0
+        self.moved: dict[str, str] = {}
         self.file = Path(g.graph.get("path") or "spec").name
 
     def stage(self, n):
+        if n in self.moved:
+            return self.moved[n]
         a = self.g.nodes[n]
         return _STAGE[a["phase"]]
+
+    def move_cheap_nodes(self):
+        """Unnamed elementwise nodes read only by a later stage are recomputed there.
+
+        `-A` or `value_old - eps` cost less to recompute than to carry, and the code reads
+        better when they stay inside the statement that uses them.
+        """
+        order = ["score", "advantage", "loss"]
+        for n in reversed(list(nx.topological_sort(self.g))):
+            a = self.g.nodes[n]
+            st = self.stage(n)
+            if a.get("name") or st not in ("score", "advantage") or a["op"] not in _CHEAP:
+                continue
+            users = {self.stage(u) for u in self.g.successors(n)}
+            if users and all(u is not None and order.index(u) > order.index(st) for u in users) and len(users) == 1:
+                self.moved[n] = users.pop()
 
     def where(self, n) -> str:
         a = self.g.nodes[n]
@@ -194,11 +215,12 @@ class _Emitter:
         if a["op"] == "external":
             return a["fn"]
         self.tmp += 1
-        return f"_t{self.tmp}"
+        return f"_{a['op'] if a['op'].isidentifier() else 't'}{self.tmp}"
 
 
 def lower(g: nx.DiGraph) -> nx.DiGraph:
     em = _Emitter(g)
+    em.move_cheap_nodes()
     order = list(nx.lexicographical_topological_sort(g, key=lambda n: _pos(g, n)))
     stages = {"score": [], "advantage": [], "loss": []}
     for n in order:

@@ -1,0 +1,31 @@
+# Two commands that work on a fresh machine (Python 3.10+):
+#   make demo   set up .venv and train GRPO on the built-in task and tiny model
+#   make test   set up .venv and run the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first (a bare `torch` would pull a multi-GB CUDA build); the package accepts a range
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/alignspec run grpo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) bench/loss_step.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

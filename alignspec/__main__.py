@@ -1,0 +1,3 @@
+from alignspec.cli import main
+
+main()

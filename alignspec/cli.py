@@ -1,0 +1,279 @@
+"""The `alignspec` command line.
+
+    alignspec check SPEC...        parse and check (exit 2 on the first error of each file)
+    alignspec fmt SPEC... [--check|--write]
+    alignspec diff A B [--format text|json]   exit 0 same, 1 different, 2 error
+    alignspec graph SPEC [-o FILE] [--format dot|svg|png]
+    alignspec compile SPEC [-o step.py] [--set k=v] [--dump-after PASS]
+    alignspec list | new NAME [--from BASE] | run SPEC ...
+
+Editor-speed commands (check, fmt, diff, graph, list, new) never import torch. Errors go
+to stderr as `file:line:col: message` with the line and a caret.
+Exit codes: 0 ok, 1 a difference / not canonical / a failed run, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Declarative post-training algorithms: check, format, diff, compile and run spec files.")
+
+
+def _fail(e: Exception, code: int = 2):
+    typer.echo(e.format() if hasattr(e, "format") else str(e), err=True)
+    raise typer.Exit(code)
+
+
+def _parse_sets(sets: List[str]) -> dict:
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            typer.echo(f"--set expects key=value, got {s!r}", err=True)
+            raise typer.Exit(2)
+        k, v = s.split("=", 1)
+        out[k.strip()] = _value(v.strip())
+    return out
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+@app.command()
+def check(specs: List[str] = typer.Argument(..., help="spec files or built-in names")):
+    """Parse and check spec files; print one line per file."""
+    from alignspec.dsl.check import load
+    from alignspec.dsl.errors import SpecError
+    failed = False
+    for ref in specs:
+        try:
+            spec = load(ref)
+        except SpecError as e:
+            typer.echo(e.format(), err=True)
+            failed = True
+            continue
+        if spec.resolved.file.kind == "library":
+            what = f"library {spec.name}: {len(spec.resolved.defs)} functions"
+        elif spec.is_pipeline:
+            what = f"pipeline {spec.name}: " + " → ".join(f"{s.name} ({s.spec})" for s in spec.stages)
+        else:
+            terms = spec.graph.graph.get("terms", [])
+            what = (f"algorithm {spec.name}: {len(spec.params)} params, groups of {spec.group_size}, "
+                    f"{len(terms)} loss term{'s' if len(terms) != 1 else ''}")
+        typer.echo(f"{ref}: ok ({what})")
+    raise typer.Exit(2 if failed else 0)
+
+
+@app.command()
+def fmt(specs: List[str] = typer.Argument(...),
+        check_only: bool = typer.Option(False, "--check", help="exit 1 if a file is not in canonical form"),
+        write: bool = typer.Option(False, "--write", "-w", help="rewrite files in place")):
+    """Print specs in canonical form (comments kept)."""
+    from alignspec.dsl.errors import SpecError
+    from alignspec.dsl.fmt import format_spec
+    from alignspec.dsl.load import read_spec
+    not_canonical = False
+    for ref in specs:
+        try:
+            f = read_spec(ref)
+        except SpecError as e:
+            _fail(e)
+        out = format_spec(f)
+        if check_only:
+            if out != f.source:
+                typer.echo(f"{ref}: not canonical (run `alignspec fmt --write {ref}`)", err=True)
+                not_canonical = True
+        elif write:
+            if out != f.source:
+                Path(f.path).write_text(out)
+                typer.echo(f"formatted {f.path}")
+        else:
+            sys.stdout.write(out)
+    raise typer.Exit(1 if not_canonical else 0)
+
+
+@app.command()
+def diff(a: str, b: str, format: str = typer.Option("text", "--format", help="text or json")):
+    """Semantic difference of two specs, per section, in words (exit 0 same, 1 different, 2 error)."""
+    from alignspec.dsl.diff import diff_specs, format_json, format_text
+    from alignspec.dsl.errors import SpecError
+    if format not in ("text", "json"):
+        typer.echo("--format must be text or json", err=True)
+        raise typer.Exit(2)
+    try:
+        changes = diff_specs(a, b)
+    except SpecError as e:
+        _fail(e)
+    typer.echo(format_json(changes) if format == "json" else format_text(changes))
+    raise typer.Exit(1 if changes else 0)
+
+
+@app.command()
+def graph(spec: str, output: Optional[str] = typer.Option(None, "-o", "--output"),
+          format: Optional[str] = typer.Option(None, "--format", help="dot (default), svg or png")):
+    """Write the spec's graph: DOT text, or an SVG/PNG drawing (matplotlib; no Graphviz needed)."""
+    from alignspec.dsl.check import load
+    from alignspec.dsl.errors import SpecError
+    from alignspec.dsl.graphviz import draw, to_dot
+    try:
+        s = load(spec)
+    except SpecError as e:
+        _fail(e)
+    fmt_ = format or (Path(output).suffix.lstrip(".") if output else "dot")
+    if fmt_ not in ("dot", "svg", "png"):
+        typer.echo(f"unknown graph format {fmt_!r}: use dot, svg or png", err=True)
+        raise typer.Exit(2)
+    if fmt_ == "dot":
+        text = to_dot(s.graph, s.name)
+        if output:
+            Path(output).write_text(text)
+        else:
+            sys.stdout.write(text)
+    else:
+        if not output:
+            typer.echo(f"--format {fmt_} needs -o FILE", err=True)
+            raise typer.Exit(2)
+        draw(s.graph, output, fmt_)
+        typer.echo(f"wrote {output}")
+
+
+@app.command("compile")
+def compile_(spec: str, output: Optional[str] = typer.Option(None, "-o", "--output", help="write the module here"),
+             sets: List[str] = typer.Option([], "--set", help="override a param: --set beta=0"),
+             dump_after: Optional[str] = typer.Option(None, "--dump-after", help="print the graph after this pass")):
+    """Compile a spec to a standalone PyTorch module (printed, or written with -o)."""
+    from alignspec.dsl.check import load
+    from alignspec.dsl.errors import SpecError
+    try:
+        s = load(spec, **_parse_sets(sets))
+        if dump_after:
+            from alignspec.compiler.pipeline import PASS_NAMES, compile_graph
+            if dump_after not in PASS_NAMES:
+                typer.echo(f"unknown pass {dump_after!r}; passes: {', '.join(PASS_NAMES)}", err=True)
+                raise typer.Exit(2)
+            g = compile_graph(s, stop_after=dump_after)
+            from alignspec.dsl.graphviz import label
+            import networkx as nx
+            for n in nx.topological_sort(g):
+                a = g.nodes[n]
+                args = ", ".join(a["args"])
+                typer.echo(f"{n:>6} {label(a).replace(chr(92) + 'n', '  ['):<48}] {a['phase']:<6}"
+                           f"{' grad' if a['grad'] else '     '}  ({args})")
+            raise typer.Exit(0)
+        from alignspec.compiler.api import compile as compile_algo
+        algo = compile_algo(s)
+    except SpecError as e:
+        _fail(e)
+    if output:
+        Path(output).write_text(algo.source)
+        typer.echo(f"wrote {output} ({algo.compile_seconds * 1000:.0f} ms); needs: {', '.join(sorted(algo.requires))}")
+    else:
+        sys.stdout.write(algo.source)
+
+
+@app.command("list")
+def list_():
+    """The built-in specs, one line each."""
+    from alignspec.dsl.load import builtin_dir, builtin_names
+    for name in builtin_names(None):
+        text = (builtin_dir() / f"{name}.align").read_text().splitlines()
+        title = next((l.lstrip("# ").strip() for l in text if l.startswith("#") and l.strip("# ")), "")
+        typer.echo(f"{name:<14} {title}")
+
+
+@app.command()
+def new(name: str, from_: Optional[str] = typer.Option(None, "--from", help="a spec to extend"),
+        output: Optional[str] = typer.Option(None, "-o", "--output")):
+    """Write a starter spec NAME.align (with --from, one that extends BASE)."""
+    import re
+    from alignspec.dsl.check import load
+    from alignspec.dsl.errors import SpecError
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        typer.echo(f"{name!r} is not a valid spec name (letters, digits, _)", err=True)
+        raise typer.Exit(2)
+    path = Path(output or f"{name}.align")
+    if path.exists():
+        typer.echo(f"{path} exists; not overwriting", err=True)
+        raise typer.Exit(2)
+    if from_:
+        try:
+            base = load(from_)
+        except SpecError as e:
+            _fail(e)
+        params = "\n".join(f"  # {p.name} = {p.default!r}" for p in base.params.values())
+        text = (f"# {name}: a variant of {base.name}. Cite the paper and equation this implements.\n"
+                f"algorithm {name} extends {from_}\n\n"
+                f"params\n{params}\n  variant_note = \"\" \"say what this variant changes\"\n\n"
+                f"# Override a section by writing it whole, e.g. the loss:\n"
+                f"# loss\n#   minimize ...\n")
+    else:
+        text = (f"# {name}. Cite the paper (arXiv id) and the equation this implements.\n"
+                f"algorithm {name}\nimport common\n\n"
+                "params\n  n: int = 4     \"responses sampled per prompt\"\n"
+                "  eps = 0.2       \"clip range of the importance ratio\"\n\n"
+                "sample\n  responses = generate(prompt, n = n, temperature = 1.0)\n\n"
+                "score\n  r = reward(response)\n\n"
+                "advantage\n  A = (r - group_mean(r)) / (group_std(r) + 1e-4)\n\n"
+                "loss\n  ratio = exp(logp - logp_old)\n"
+                "  pg = min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)\n"
+                "  minimize -token_mean_all(pg)\n")
+    path.write_text(text)
+    try:
+        load(str(path))
+    except SpecError as e:  # pragma: no cover - the templates are tested
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def run(spec: str,
+        model: Optional[str] = typer.Option(None, "--model", help="a transformers model directory"),
+        data: Optional[str] = typer.Option(None, "--data", help="jsonl/json/parquet file or saved dataset dir"),
+        config: Optional[str] = typer.Option(None, "--config", help="run configuration (YAML or TOML)"),
+        sets: List[str] = typer.Option([], "--set", help="override a config field or spec param: key=value"),
+        out: Optional[str] = typer.Option(None, "--out", help="output directory"),
+        steps: Optional[int] = typer.Option(None, "--steps"),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        save_every: Optional[int] = typer.Option(None, "--save-every"),
+        resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint"),
+        eval_every: Optional[int] = typer.Option(None, "--eval-every"),
+        profile: bool = typer.Option(False, "--profile", help="print the per-phase time split")):
+    """Train a spec (built-in tiny model and task when no --model/--data)."""
+    from alignspec.runtime.engine import run_from_cli
+    raise typer.Exit(run_from_cli(spec, model=model, data=data, config=config, sets=tuple(sets), out=out,
+                                  steps=steps, seed=seed, save_every=save_every, resume=resume,
+                                  eval_every=eval_every, profile=profile))
+
+
+def main():
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # never a bare traceback
+        from alignspec.dsl.errors import SpecError
+        if isinstance(e, SpecError):
+            typer.echo(e.format(), err=True)
+            sys.exit(2)
+        typer.echo(f"alignspec: internal error: {type(e).__name__}: {e}\n"
+                   "please report this with the command you ran", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Run configuration: a pydantic ``RunConfig`` loaded from YAML/TOML plus ``--set`` overrides.
+
+``load_config(path, sets, spec_params)`` reads the file (optional), applies each
+``key=value`` override (values parsed as YAML scalars, so ``3``, ``1e-4``, ``true``,
+``[a, b]`` work; dotted keys reach into mappings: ``fields.prompt=question``). A key that
+names one of the spec's params, or ``params.NAME``, goes to ``params``. Validation errors
+become one ``RunError`` listing each bad field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RunError
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs besides the spec. ``None`` model/data = the built-in task."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = Field(None, description="local model directory (None: built-in tiny model)")
+    data: str | None = Field(None, description="data file (None: built-in arithmetic task)")
+    fields: dict[str, str] = Field(default_factory=dict,
+                                   description="our field name -> the data set's field name")
+    out: str = "runs/run"
+    steps: int = Field(100, ge=1)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="prompts (or pairs) per optimizer step, all processes")
+    micro_batch_size: int = Field(8, ge=1, description="groups per forward/backward")
+    max_new_tokens: int = Field(8, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float | None = Field(1.0, description="None or 0: no clipping")
+    save_every: int = Field(0, ge=0, description="0: only at the end")
+    eval_every: int = Field(0, ge=0, description="0: only at start and end (built-in task)")
+    eval_size: int = Field(20, ge=1)
+    lora_r: int = Field(0, ge=0, description="0: full fine-tuning")
+    lora_alpha: float | None = None
+    rewards: list[str] = Field(default_factory=list,
+                               description="registry names or module:function")
+    reward_model: str | None = None
+    preference_model: str | None = None
+    dtype: str = "float32"
+    max_refill_rounds: int = Field(4, ge=0)
+    log_with: list[str] = Field(default_factory=list)
+    profile: bool = False
+    chunk_size: int = Field(1024, ge=1)
+    params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+
+    @field_validator("log_with", "rewards", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        allowed = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64", "fp64", "auto")
+        if v not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return v
+
+
+def _read_file(path) -> dict:
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise RunError(f"config file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # yaml/toml parse errors carry line numbers in their text
+        raise RunError(f"could not parse {p}: {e}") from e
+    if not isinstance(data, dict):
+        raise RunError(f"{p}: the top level must be a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str):
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except Exception:
+        return text
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    cur = data
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid run configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(RunConfig.model_fields))
+            lines.append(f"  {loc}: unknown setting (value {e.get('input')!r}); known settings: {allowed}")
+            continue
+        field = RunConfig.model_fields.get(str(e["loc"][0])) if e["loc"] else None
+        what = f" [{field.description}]" if field is not None and field.description else ""
+        lines.append(f"  {loc} = {e.get('input')!r}: {e['msg']}{what}")
+    return "\n".join(lines)
+
+
+def load_config(path=None, sets=(), spec_params=(), **explicit) -> RunConfig:
+    """File (optional) < ``explicit`` keyword settings (non-None) < ``--set`` overrides."""
+    data = _read_file(path) if path else {}
+    source = str(path) if path else "command line"
+    for k, v in explicit.items():
+        if v is not None:
+            data[k] = v
+    params = dict(data.get("params") or {})
+    for item in sets:
+        if "=" not in item:
+            raise RunError(f"--set {item!r}: expected KEY=VALUE", hint="e.g. --set lr=1e-4 or --set beta=0.01")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        value = _parse_value(raw.strip())
+        if key.startswith("params."):
+            params[key[len("params."):]] = value
+        elif key in spec_params and key not in RunConfig.model_fields:
+            params[key] = value
+        else:
+            _set_dotted(data, key, value)
+    data["params"] = params
+    unknown = [k for k in params if spec_params and k not in spec_params]
+    if unknown:
+        raise RunError(f"unknown spec parameter(s) {', '.join(unknown)}",
+                       hint=f"the spec's params are: {', '.join(sorted(spec_params)) or '(none)'}")
+    try:
+        return RunConfig(**data)
+    except ValidationError as e:
+        raise RunError(_describe(e, source)) from None
