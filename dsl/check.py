@@ -187,8 +187,6 @@ class _Checker:
                                     st.span, "duplicate")
                     seen[st.name] = st.span
         for name, st in self.res.params.items():
-            if isinstance(st, A.Assign) and not isinstance(st, A.Assign):  # pragma: no cover
-                continue
             self._reserved(name, st.name_span)
             try:
                 value = _literal(st.value)
@@ -419,10 +417,9 @@ class _Checker:
             raise error(f"{name} is a {fn.kind}; it belongs in the {home} section", e.span, "section")
         self._arity(fn, e)
         if fn.kind == "external":
-            if self.section in ("loss", "advantage") or True:
-                arg = e.args[0]
-                if not (isinstance(arg, A.Name) and arg.id == "response"):
-                    raise error(f"{name}(...) scores each response: write {name}(response)", arg.span, "arity")
+            arg = e.args[0]
+            if not (isinstance(arg, A.Name) and arg.id == "response"):
+                raise error(f"{name}(...) scores each response: write {name}(response)", arg.span, "arity")
             if name == "embedding":
                 raise error("embedding(response) is a vector: it can only be an argument of coreset/opt_select",
                             e.span, "level")
@@ -643,8 +640,6 @@ class _Checker:
                         sec.span, "level", "sample more responses per prompt or select fewer")
         self.g.graph["selects"] = picks
         self.roles = roles
-        if "chosen" not in roles and roles:
-            pass
         self.group_size = offset
 
     # ------------------------------------------------------------------ filter, loss, train, pipeline
