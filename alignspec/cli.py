@@ -229,7 +229,8 @@ def new(name: str, from_: Optional[str] = typer.Option(None, "--from", help="a s
                 "loss\n  ratio = exp(logp - logp_old)\n"
                 "  pg = min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)\n"
                 "  minimize -token_mean_all(pg)\n")
-    path.write_text(text)
+    from alignspec.dsl.fmt import format_text
+    path.write_text(format_text(text, str(path)))
     try:
         load(str(path))
     except SpecError as e:  # pragma: no cover - the templates are tested

@@ -125,10 +125,15 @@ def coerce(name: str, type_: str, value, span: Span, *, where: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise error(f"{where}: parameter {name!r} is a number ({type_}), got {value!r}", span, "type")
         if type_ == "int":
+            if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+                raise error(f"{where}: parameter {name!r} is not a finite number", span, "type")
             if float(value) != int(value):
                 raise error(f"{where}: parameter {name!r} is an int, got {value!r}", span, "type")
             return int(value)
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise error(f"{where}: parameter {name!r} is too large for a float", span, "type") from None
     if type_ == "str" and not isinstance(value, str):
         raise error(f"{where}: parameter {name!r} is a string, got {value!r}", span, "type")
     return value
@@ -154,9 +159,13 @@ class _Checker:
     def run(self) -> Spec:
         res = self.res
         f = res.file
+        for d in res.defs.values():
+            self._check_def(d)
         if f.kind == "library":
-            for d in f.defs:
-                self._check_def(d)
+            for item in f.items:
+                if isinstance(item, (A.Section, A.Data)):
+                    raise error("a library holds only `def`s (and imports); sections belong to algorithms",
+                                item.span, "section", "move this to an algorithm that imports the library")
             return Spec(f.name, f.path, res, {}, None, 1, {}, self.g)
         self._params()
         self._collect()
@@ -171,8 +180,6 @@ class _Checker:
         train, schedules = self._train()
         self.g.graph.update(name=f.name, group_size=self.group_size, roles=dict(self.roles), data=data,
                             params={p.name: p.value for p in self.params.values()})
-        for d in res.defs.values():
-            self._check_def(d)
         return Spec(f.name, f.path, res, self.params, data, self.group_size, self.roles, self.g,
                     train, schedules, stages)
 
@@ -220,6 +227,9 @@ class _Checker:
                         "choose another name")
         if name in ROLES:
             raise error(f"{name!r} names a role within a group and cannot be redefined", span, "reserved")
+        if name in self.res.defs:
+            raise error(f"{name!r} is a function (def at {self.res.defs[name].span}) and cannot be redefined",
+                        span, "reserved", "choose another name")
 
     # ------------------------------------------------------------------ statements
     def _collect(self):
@@ -299,6 +309,10 @@ class _Checker:
 
     def _combine(self, args: list[str], exprs: list[A.Expr], span: Span) -> str:
         """The level of an elementwise combination, or a level-mismatch error."""
+        for a, ex in zip(args, exprs):
+            if self.g.nodes[a]["op"] == "str":
+                raise error(f"the string {unparse(ex)} cannot be used in arithmetic", ex.span, "type",
+                            "strings are only option values (e.g. of a sampler) and parameter values")
         levels = [self._lvl(a) for a in args]
         if None in levels:
             bad = exprs[levels.index(None)]
@@ -481,8 +495,11 @@ class _Checker:
         if len(e.args) != len(d.params):
             raise error(f"{d.name} takes {len(d.params)} argument(s) ({', '.join(d.params)}), got {len(e.args)}",
                         e.span, "arity", f"defined at {d.span}")
-        if e.func in [f for f in self.building if f.startswith("def:")]:
-            raise error(f"def {d.name} calls itself", e.span, "cycle")
+        if f"def:{e.func}" in self.building:
+            via = [b[4:] for b in self.building if b.startswith("def:")]
+            path = " → ".join(via[via.index(e.func):] + [e.func])
+            raise error(f"def {d.name} calls itself ({path})", e.span, "cycle",
+                        "defs are inlined at each use, so they cannot recurse")
         local = {p: self._expr(a, env) for p, a in zip(d.params, e.args)}
         self.building.append(f"def:{e.func}")
         try:
@@ -495,6 +512,9 @@ class _Checker:
                           level=a["level"], phase=a["phase"], grad=a["grad"])
 
     def _check_def(self, d: A.Def):
+        if d.name in FUNCTIONS:
+            raise error(f"{d.name!r} is a built-in function and cannot be redefined", d.span, "reserved",
+                        "give the def another name")
         for node in A.walk(d.body):
             if isinstance(node, A.Name) and node.id not in d.params:
                 raise error(f"def {d.name} uses {node.id!r}, which is not one of its arguments", node.span,
@@ -710,7 +730,10 @@ class _Checker:
                 gr = [x for x in args if self.g.nodes[x]["grad"]]
                 if len(gr) == 1 and (a["op"] == "*" or gr[0] == args[0]):
                     stack.append(gr[0])
-        for nid in nx.ancestors(self.g, root) | {root}:
+        def where(n):
+            sp = self.g.nodes[n]["span"]
+            return (sp.line, sp.col, n)
+        for nid in sorted(nx.ancestors(self.g, root) | {root}, key=where):
             a = self.g.nodes[nid]
             if a.get("linear") and a["grad"] and nid not in ok:
                 raise error("a batch-wide reduction of a gradient-carrying value may only be added to the loss or "

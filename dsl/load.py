@@ -92,8 +92,11 @@ def _locate(ref: str, relative_to: Path | None, at: Span | None) -> Path:
     if p.suffix != ".align" and "/" not in ref and "\\" not in ref:
         candidates.append(builtin_dir() / f"{ref}.align")
     for c in candidates:
-        if c.exists():
-            return c
+        try:
+            if c.exists():
+                return c
+        except OSError:  # e.g. a name longer than the file system allows
+            continue
     names = builtin_names(None)
     hint = did_you_mean(p.stem, names) or f"built-ins: {', '.join(builtin_names())}"
     msg = f"no spec file or built-in named {ref!r}"
@@ -131,6 +134,7 @@ def resolve(spec: A.SpecFile) -> Resolved:
             for d in lib.defs:
                 out.defs[d.name] = d
         seen_here: dict[str, A.Section] = {}
+        own_defs: dict[str, Span] = {}
         for item in f.items:
             if isinstance(item, A.Section):
                 if item.kind in seen_here and item.kind != "params":
@@ -146,6 +150,10 @@ def resolve(spec: A.SpecFile) -> Resolved:
                 else:
                     out.sections[item.kind] = item
             elif isinstance(item, A.Def):
+                if item.name in own_defs:
+                    raise error(f"def {item.name!r} is defined twice (first at line {own_defs[item.name].line})",
+                                item.span, "duplicate", "give the second one another name")
+                own_defs[item.name] = item.span
                 out.defs[item.name] = item
             elif isinstance(item, A.Data):
                 out.data = item
@@ -154,18 +162,28 @@ def resolve(spec: A.SpecFile) -> Resolved:
 
 def _extends_chain(spec: A.SpecFile) -> list[A.SpecFile]:
     chain = [spec]
-    seen = {spec.name}
+    seen = {_identity(spec)}
     cur = spec
     while cur.extends:
         base_dir = Path(cur.path).parent if cur.path != "<string>" else None
         base = read_spec(cur.extends, relative_to=base_dir, at=cur.span)
-        if base.name in seen:
-            names = " → ".join([c.name for c in reversed(chain)] + [base.name])
+        if _identity(base) in seen:
+            names = " → ".join([c.name for c in chain] + [base.name])
             raise error(f"`extends` forms a cycle: {names}", spec.span, "cycle",
                         "an algorithm cannot extend itself, directly or through others")
         if base.kind != "algorithm":
             raise error(f"{cur.extends!r} is a library; only algorithms can be extended", cur.span, "extends")
-        seen.add(base.name)
+        seen.add(_identity(base))
         chain.append(base)
         cur = base
     return list(reversed(chain))
+
+
+def _identity(f: A.SpecFile) -> str:
+    """Which file a spec is: its resolved path (a name only for specs given as text)."""
+    if f.path == "<string>":
+        return f"<string>:{f.name}"
+    try:
+        return str(Path(f.path).resolve())
+    except OSError:
+        return f.path

@@ -91,7 +91,11 @@ class _Builder(Transformer_NonRecursive):
     def number(self, meta, children):
         (tok,) = children
         text = str(tok)
-        value = float(text) if any(c in text for c in ".eE") else int(text)
+        try:
+            value = float(text) if any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            raise SpecError(f"number too long ({len(text)} digits)", _tok_span(self.path, tok), kind="type",
+                            hint="write large numbers with an exponent, e.g. 1e30") from None
         return A.Number(value, text, span=self._span(meta))
 
     @v_args(meta=True)
