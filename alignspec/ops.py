@@ -66,7 +66,7 @@ def _masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """x where valid, exact 0 elsewhere (gradient 0 at invalid positions)."""
     if x.shape != valid.shape:
         raise ValueError(f"tensor shape {tuple(x.shape)} does not match mask shape {tuple(valid.shape)}")
-    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(valid, x, 0.0)
 
 
 def _float_dtype(x: torch.Tensor) -> torch.dtype:
@@ -606,9 +606,20 @@ def kept_rows(keep, n, picks=None):
     return (groups[:, None] * n + picks).reshape(-1)
 
 
-def local_totals(batch, n):
-    """Normalizers of one batch on its own: valid tokens, responses and groups."""
-    mask = batch.get("mask")
+def local_totals(batch, n, need=("tokens", "responses", "groups")):
+    """Normalizers of one batch on its own: valid tokens, responses and groups.
+
+    Only the keys in `need` are computed (counting tokens reads the whole mask).
+    """
     rows = next(v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
-    tokens = (mask != 0).sum() if mask is not None else torch.tensor(0)
-    return {"tokens": tokens.clamp(min=1), "responses": rows, "groups": max(rows // n, 1)}
+    out = {"responses": rows, "groups": max(rows // n, 1)}
+    if "tokens" in need:
+        mask = batch.get("mask")
+        tokens = _valid(mask).sum() if mask is not None else torch.tensor(0)
+        out["tokens"] = tokens.clamp(min=1)
+    return out
+
+
+def valid_mask(mask):
+    """The mask as bool, converted once per stage so every masked reduction reuses it."""
+    return _valid(mask)

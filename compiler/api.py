@@ -59,10 +59,10 @@ class CompiledAlgorithm:
         """Rollout stage 2 (no grad): values that read logp_old / logp_ref / value_old."""
         return self.module.advantage(batch)
 
-    def step_loss(self, batch: dict, totals: dict | None = None) -> LossOutput:
+    def step_loss(self, batch: dict, totals: dict | None = None, with_metrics: bool = True) -> LossOutput:
         """One update's loss on a (micro-)batch that already carries the rollout values."""
         fn = self._compiled_loss or self.module.loss
-        total, terms, metrics = fn(batch, totals)
+        total, terms, metrics = fn(batch, totals, with_metrics)
         return LossOutput(total, terms, _floats(metrics))
 
     def prepare(self, batch: dict) -> dict:

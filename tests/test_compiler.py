@@ -17,7 +17,7 @@ ALGOS = [n for n in builtin_names() if n != "rlhf"]
 @pytest.mark.parametrize("name", ALGOS)
 def test_compiles_with_verifier_after_every_pass(name):
     algo = alignspec.compile(name, debug=True)
-    assert "def loss(batch, totals=None)" in algo.source
+    assert "def loss(batch, totals=None, with_metrics=True)" in algo.source
     assert f"{name}.align:" in algo.source  # statements point back to spec lines
 
 

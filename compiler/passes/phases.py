@@ -6,7 +6,8 @@ Ensures:
   (1 epoch, 1 mini-batch, 1 iteration) and only the loss reads it: no extra "old" forward.
   Otherwise the run must provide it from a no-grad forward before the updates ("old_logp").
 - every node's `phase` is recomputed: score (right after scoring: scores, filters,
-  selection), model (once per rollout, after the no-grad forwards: advantages), loss (each
+  selection; a role index `x[chosen]` of a spec with a select section waits for the
+  selection, so it is at least model), model (once per rollout, after the no-grad forwards: advantages), loss (each
   update, with gradients); `grad` is recomputed likewise.
 - metadata `inputs` (name → level of everything read from the batch) and `requires` (the
   models, forwards and services this parametrization needs) describe exactly the live graph.
@@ -51,6 +52,9 @@ def phases(g: nx.DiGraph) -> nx.DiGraph:
                 a["grad"] = any(g.nodes[x]["grad"] for x in a["args"])
         if a["op"] in ("external", "select", "keep"):
             a["phase"] = max(a["phase"], "score", key=PHASES.index)
+        if a["op"] == "index" and g.graph.get("selects"):
+            # roles name rows of the selected group: read them after selection, not before
+            a["phase"] = max(a["phase"], "model", key=PHASES.index)
     inputs, requires = {}, set()
     for n, a in g.nodes(data=True):
         if a["op"] == "input":
