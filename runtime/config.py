@@ -28,19 +28,19 @@ class RunConfig(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="our field name -> the data set's field name")
     out: str = "runs/run"
-    steps: int = Field(100, ge=1)
+    steps: int | None = Field(None, ge=1, description="optimizer steps (rollouts); None: 100, 300 on the built-in task")
     seed: int = 0
-    batch_size: int = Field(8, ge=1, description="prompts (or pairs) per optimizer step, all processes")
+    batch_size: int | None = Field(None, ge=1, description="prompts (or pairs) per optimizer step, all processes; None: 8, 16 on the built-in task")
     micro_batch_size: int = Field(8, ge=1, description="groups per forward/backward")
-    max_new_tokens: int = Field(8, ge=1)
-    lr: float = Field(1e-5, gt=0)
+    max_new_tokens: int | None = Field(None, ge=1, description="None: 64, 3 on the built-in task")
+    lr: float | None = Field(None, gt=0, description="None: 1e-5, 1e-3 for the built-in model")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: float | None = Field(1.0, description="None or 0: no clipping")
     save_every: int = Field(0, ge=0, description="0: only at the end")
-    eval_every: int = Field(0, ge=0, description="0: only at start and end (built-in task)")
-    eval_size: int = Field(20, ge=1)
+    eval_every: int | None = Field(None, ge=0, description="0: only at start and end; None: 25 on the built-in task")
+    eval_size: int | None = Field(None, ge=1, description="None: every held-out problem")
     lora_r: int = Field(0, ge=0, description="0: full fine-tuning")
     lora_alpha: float | None = None
     rewards: list[str] = Field(default_factory=list,

@@ -15,3 +15,7 @@ class RunError(Exception):
         if self.hint:
             return f"{self.message}\n  hint: {self.hint}"
         return self.message
+
+
+class RunFailure(RunError):
+    """The run itself failed (e.g. a non-finite loss), as opposed to bad input: exit code 1."""

@@ -1,0 +1,822 @@
+"""One training engine for every compiled spec, on ``accelerate``.
+
+``Engine(algo, cfg).train()`` builds exactly what ``algo.requires`` / ``algo.inputs`` name
+(policy; a reference only if ``reference`` is required -- with LoRA the policy with its
+adapters disabled; a value head only for ``critic``), then per optimizer step:
+
+    data -> sample (the spec's `sample` call, or the data set's pairs / demonstrations)
+         -> externals (reward, reward_model, preference) -> algo.score (filters; refill)
+         -> no-grad forwards for logp_old / logp_ref / value_old, only if read
+         -> algo.advantage
+         -> epochs x minibatches: micro-batches along whole groups, logp (+ entropy /
+            value if read), algo.step_loss(micro, totals), backward; gradients summed over
+            processes; clip; AdamW + LR schedule.
+
+Distributed runs (``accelerate launch --num_processes N``): each process takes its slice of
+every global batch of prompts; the loss normalizers (``totals``: tokens, responses, groups)
+are summed over micro-batches and processes, so the per-process losses add up to the loss
+of the whole batch, and gradients are all-reduced with a *sum* after accumulation (the same
+arithmetic as DDP, without requiring every process to run the same number of
+micro-batches, which filters and refills do not guarantee). Batch-wide rollout statistics
+that a spec computes in ``advantage`` (``whiten``) are per process.
+
+Reproducibility: sampling uses a seed derived from (seed, step, process, round), minibatch
+shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig, load_config
+from .errors import RunError, RunFailure
+from .logprobs import completion_logprobs
+from .models import PolicyWithValueHead, add_value_head, load_frozen_copy, load_policy, unwrap_causal_lm
+
+PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
+EXTERNALS = ("reward", "reward_model", "preference")
+
+
+def _mix(*xs) -> int:
+    h = 1469598103934665603
+    for x in xs:
+        h = ((h ^ (int(x) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h % (1 << 31)
+
+
+class Engine:
+    """A training run of one compiled algorithm (see the module docstring)."""
+
+    def __init__(self, algo, cfg: RunConfig, resume: bool = False, console=None):
+        from accelerate import Accelerator
+        try:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except Exception:
+            pass
+        self.algo = algo
+        self.cfg = cfg
+        self.resume = resume
+        self.builds = {"policy": 0, "reference": 0, "critic": 0}
+        self.out = Path(cfg.out)
+        log_with = list(cfg.log_with)
+        for t in log_with:
+            if t == "tensorboard":
+                try:
+                    import tensorboard  # noqa: F401
+                except ImportError:
+                    try:
+                        import tensorboardX  # noqa: F401
+                    except ImportError:
+                        raise RunError("log_with: tensorboard is not installed",
+                                       hint="pip install tensorboard, or drop log_with") from None
+        # cpu=True without a GPU: accelerate then picks gloo (MULTI_CPU) under torchrun / launchers
+        self.acc = Accelerator(log_with=log_with or None, project_dir=str(self.out),
+                               cpu=not torch.cuda.is_available())
+        self.rank = self.acc.process_index
+        self.world = self.acc.num_processes
+        self.main = self.acc.is_main_process
+        self.device = self.acc.device
+        from rich.console import Console
+        self.console = console or Console(stderr=False, highlight=False)
+        self._setup()
+
+    # -- setup -------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        if self.main:
+            self.console.print(msg)
+
+    def _setup(self) -> None:
+        from accelerate.utils import set_seed
+        algo, cfg = self.algo, self.cfg
+        unsupported = {"tree_search", "flow", "embedding"} & set(algo.requires)
+        if unsupported:
+            raise RunError(f"{algo.name} needs {', '.join(sorted(unsupported))}, which this runtime "
+                           "does not provide yet")
+        self.sample_call = algo.graph.graph.get("sample")
+        self.kind = algo.spec.data or ("pairs" if self.sample_call is None and algo.group_size == 2
+                                       else "demonstrations" if self.sample_call is None else "prompts")
+        self.builtin = cfg.data is None
+        self.task = None
+        if self.builtin:
+            from .tasks import ArithmeticTask
+            self.task = ArithmeticTask()
+        # effective settings
+        self.steps = cfg.steps or (300 if self.builtin else 100)
+        self.batch_size = cfg.batch_size or (16 if self.builtin else 8)
+        self.max_new_tokens = cfg.max_new_tokens or (self.task.max_new_tokens if self.builtin else 64)
+        self.lr = cfg.lr or (1e-3 if cfg.model is None else 1e-5)
+        self.eval_every = cfg.eval_every if cfg.eval_every is not None else (25 if self.builtin else 0)
+        if self.batch_size % self.world:
+            raise RunError(f"batch_size {self.batch_size} does not split over {self.world} processes",
+                           hint=f"use a multiple of {self.world}")
+        self.local_batch = self.batch_size // self.world
+        set_seed(cfg.seed)
+        self.records = self._load_data()   # data first: bad data fails before any model is built
+        # model
+        if cfg.model is None:
+            from .tasks import builtin_model_dir
+            warm = self.kind != "demonstrations" or self.sample_call is not None
+            with self.acc.main_process_first():
+                self.model_dir, settings = builtin_model_dir(warm=warm, seed=0)
+            self.say(f"model: built-in tiny llama ({'after a short SFT warm-up on the task' if warm else 'random init'}), "
+                     f"cached at {self.model_dir}")
+        else:
+            self.model_dir = cfg.model
+        self.policy, self.tokenizer = load_policy(self.model_dir, dtype=cfg.dtype, device=self.device)
+        self.builds["policy"] += 1
+        self.lora = cfg.lora_r > 0
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+            if algo.train.get("reference") == "iterate" and "reference" in algo.requires:
+                raise RunError("LoRA with `reference = \"iterate\"` is not supported yet",
+                               hint="set lora_r: 0 for this spec")
+            lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                              target_modules="all-linear", lora_dropout=0.0)
+            self.policy = get_peft_model(self.policy, lcfg)
+        self.model = self.policy
+        if "critic" in algo.requires:
+            self.model = add_value_head(self.policy)
+            self.builds["critic"] += 1
+        self.model.train()
+        self.reference = None
+        if "reference" in algo.requires and not self.lora:
+            self.reference = load_frozen_copy(self.model_dir, dtype=cfg.dtype, device=self.device)
+            self.builds["reference"] += 1
+        # scorers
+        self.scorers = self._bind_scorers()
+        # optimizer / schedule
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
+        self.updates_per_step = int(algo.train.get("epochs", 1)) * int(algo.train.get("minibatches", 1))
+        total = self.steps * self.updates_per_step
+        warm, kind = cfg.warmup_steps, cfg.lr_schedule
+
+        def lr_lambda(i):
+            if warm and i < warm:
+                return (i + 1) / warm
+            if kind == "constant":
+                return 1.0
+            frac = min(1.0, (i - warm) / max(1, total - warm))
+            return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.step = 0
+        self.cursor = 0
+        self.iterations = max(1, int(algo.train.get("iterations", 1)))
+        self.steps_per_iter = math.ceil(self.steps / self.iterations)
+        self._algos = {}
+
+    def _load_data(self) -> list[dict]:
+        need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
+                "pairs": ["prompt", "chosen", "rejected"]}.get(self.kind, ["prompt"])
+        if self.builtin:
+            self.say(f"data: built-in task {self.task.name} ({self.kind}, "
+                     f"{len(self.task.train_problems)} training / {len(self.task.eval_problems)} held-out problems)")
+            return self.task.records(self.kind)
+        from .data import load_records
+        recs = load_records(self.cfg.data, self.cfg.fields, required=need)
+        self.say(f"data: {self.cfg.data} ({len(recs)} rows, {self.kind})")
+        return recs
+
+    def _bind_scorers(self) -> dict:
+        from .rewards import RewardFunctions, SequenceScorer
+        cfg, out = self.cfg, {}
+        wanted = [n for n in EXTERNALS if n in self.algo.inputs]
+        for name in wanted:
+            if name == "reward":
+                names = cfg.rewards or (["exact_answer"] if self.builtin else [])
+                if not names:
+                    raise RunError(f"{self.algo.name} scores with reward(response), but no reward is configured",
+                                   hint="set rewards: [exact_answer, format, length] or 'module:function'")
+                out[name] = RewardFunctions(names)
+                self.say(f"reward: {' + '.join(names)}")
+                continue
+            path = cfg.reward_model if name == "reward_model" else cfg.preference_model
+            if path:
+                out[name] = SequenceScorer(path, device=self.device)
+                self.say(f"{name}: sequence classifier from {path}")
+            elif self.builtin:
+                out[name] = RewardFunctions(["exact_answer"])
+                self.say(f"[yellow]{name}: no {'reward' if name == 'reward_model' else 'preference'} model "
+                         f"configured; using the built-in task's exact_answer reward in its place "
+                         f"(built-in default, not a learned model)[/yellow]")
+            else:
+                key = "reward_model" if name == "reward_model" else "preference_model"
+                raise RunError(f"{self.algo.name} scores with {name}(response), but no {key} is configured",
+                               hint=f"set {key}: <directory of a sequence classifier>")
+        return out
+
+    # -- per-iteration algorithm (param schedules) -----------------------------------
+    def algo_for(self, iteration: int):
+        if not self.algo.schedules:
+            return self.algo
+        if iteration not in self._algos:
+            import alignspec
+            over = {k: v for k, v in self.algo.params.items() if k not in self.algo.schedules}
+            for k, vals in self.algo.schedules.items():
+                over[k] = vals[min(iteration, len(vals) - 1)]
+            self._algos[iteration] = alignspec.compile(self.algo.spec, **over)
+        return self._algos[iteration]
+
+    # -- data and sampling ----------------------------------------------------------------
+    def _next_records(self) -> list[dict]:
+        """This process's slice of the next global batch of rows (epoch-wise seeded shuffles)."""
+        n, B = len(self.records), self.batch_size
+        rows = []
+        for j in range(self.cursor, self.cursor + B):
+            epoch, pos = divmod(j, n)
+            perm = self._perm(epoch)
+            rows.append(self.records[perm[pos]])
+        self.cursor += B
+        lo = self.rank * self.local_batch
+        return rows[lo:lo + self.local_batch]
+
+    def _perm(self, epoch: int):
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = random.Random(_mix(self.cfg.seed, epoch, 7))
+            perm = list(range(len(self.records)))
+            g.shuffle(perm)
+            self._perm_epoch, self._perm_cache = epoch, perm
+        return self._perm_cache
+
+    def _tok_prompt(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def _tok_completion(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def _kw(self, call, name, default):
+        from alignspec.dsl import ast
+        for kw in call.kwargs:
+            if kw.name == name:
+                v = kw.value
+                if isinstance(v, ast.Number):
+                    return v.value
+                if isinstance(v, ast.Name):
+                    if v.id in self.current.params:
+                        return self.current.params[v.id]
+                    return v.id
+                if isinstance(v, (ast.Str, ast.Bool)):
+                    return v.value
+                raise RunError(f"sampler argument {name} must be a number or a param name")
+        return default
+
+    def _sample(self, call, recs, seed) -> list[list[dict]]:
+        """One group (list of rows) per record, for a sampler call of the spec."""
+        f = call.func
+        if f == "demonstration":
+            return [[{"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["response"]),
+                      "text": r["response"], "rec": r}] for r in recs]
+        if f == "generate":
+            from .generation import generate_groups
+            n = int(self._kw(call, "n", 1))
+            temp = float(self._kw(call, "temperature", 1.0))
+            top_p = float(self._kw(call, "top_p", 1.0))
+            which = self._kw(call, "model", "policy")
+            max_tok = int(self._kw(call, "max_tokens", self.max_new_tokens))
+            model = self.policy
+            ctx = contextlib.nullcontext()
+            if which == "reference":
+                if self.reference is not None:
+                    model = self.reference
+                elif self.lora:
+                    ctx = self.policy.disable_adapter()
+            with ctx:
+                ro = generate_groups(model, self.tokenizer, [r["prompt"] for r in recs], n,
+                                     max_new_tokens=max_tok, temperature=temp, top_p=top_p,
+                                     generator_seed=seed)
+            groups = [[] for _ in recs]
+            pm, cm = ro.prompt_mask.cpu(), ro.completion_mask.cpu()
+            for i in range(ro.completion_ids.shape[0]):
+                gi = int(ro.prompt_index[i])
+                groups[gi].append({"p": ro.prompt_ids[i].cpu()[pm[i].bool()].tolist(),
+                                   "c": ro.completion_ids[i].cpu()[cm[i].bool()].tolist(),
+                                   "text": ro.texts[i], "rec": recs[gi]})
+            return groups
+        if f == "concat":
+            parts = [self._sample(a, recs, _mix(seed, k)) for k, a in enumerate(call.args)]
+            return [sum((p[i] for p in parts), []) for i in range(len(recs))]
+        raise RunError(f"sampler {f}(...) is not supported by this runtime yet")
+
+    def _groups_for(self, recs, seed) -> list[list[dict]]:
+        if self.sample_call is not None:
+            return self._sample(self.sample_call, recs, seed)
+        if self.kind == "pairs":
+            return [[{"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["chosen"]),
+                      "text": r["chosen"], "rec": r},
+                     {"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["rejected"]),
+                      "text": r["rejected"], "rec": r}] for r in recs]
+        from alignspec.dsl import ast
+        return self._sample(ast.Call("demonstration", (ast.Name("prompt"),)), recs, seed)
+
+    def _tensors(self, rows: list[dict]) -> dict:
+        pad = self.tokenizer.pad_token_id
+        B = len(rows)
+        P = max(len(r["p"]) for r in rows)
+        T = max(1, max(len(r["c"]) for r in rows))
+        pid = torch.full((B, P), pad, dtype=torch.long)
+        pm = torch.zeros((B, P), dtype=torch.long)
+        cid = torch.full((B, T), pad, dtype=torch.long)
+        cm = torch.zeros((B, T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            p, c = r["p"], r["c"]
+            if p:
+                pid[i, P - len(p):] = torch.tensor(p)
+                pm[i, P - len(p):] = 1
+            if c:
+                cid[i, :len(c)] = torch.tensor(c)
+                cm[i, :len(c)] = 1
+        d = self.device
+        return {"prompt_ids": pid.to(d), "prompt_mask": pm.to(d), "completion_ids": cid.to(d),
+                "completion_mask": cm.to(d), "mask": cm.to(d, torch.float32),
+                "length": cm.sum(1).to(d, torch.float32)}
+
+    # -- rollout ------------------------------------------------------------------------
+    def _rollout(self, times) -> tuple[dict | None, dict]:
+        algo = self.current
+        G = algo.group_size
+        kept_rows, carried, info = [], [], {"refill_rounds": 0, "dropped_groups": 0}
+        target = self.local_batch
+        rnd = 0
+        while True:
+            recs = self._next_records()
+            t0 = time.perf_counter()
+            groups = self._groups_for(recs, _mix(self.cfg.seed, self.step, self.rank, rnd, 11))
+            times["time/generation"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rows = [r for g in groups for r in g]
+            if rows:
+                batch = self._tensors(rows)
+                prompts = [self.tokenizer.decode(r["p"], skip_special_tokens=True) for r in rows]
+                texts = [r["text"] for r in rows]
+                rrecs = [r["rec"] for r in rows]
+                for name, scorer in self.scorers.items():
+                    batch[name] = scorer(prompts, texts, rrecs).to(self.device, torch.float32)
+                with torch.no_grad():
+                    s = algo.score(batch)
+                sel, keep = s.pop("rows"), s.pop("keep")
+                n_groups = len(rows) // algo.sample_group_size
+                idx = list(range(len(rows))) if sel is None else sel.tolist()
+                kept_groups = len(idx) // G
+                info["dropped_groups"] += n_groups - kept_groups
+                for k, v in list(batch.items()):
+                    if k in EXTERNALS:
+                        s.setdefault(k, v if sel is None else v[sel])
+                kept_rows.extend(rows[i] for i in idx)
+                carried.append(s)
+            times["time/scoring"] += time.perf_counter() - t0
+            have = len(kept_rows) // G
+            short = torch.tensor([max(0, target - have)], device=self.device, dtype=torch.float32)
+            if self.world > 1:
+                short = self.acc.reduce(short, reduction="sum")
+            if short.item() == 0:
+                break
+            if rnd >= self.cfg.max_refill_rounds:
+                info["refill_cap_hit"] = 1
+                self.say(f"[yellow]step {self.step + 1}: filters kept {have} of {target} groups after "
+                         f"{rnd} refill round(s) (max_refill_rounds = {self.cfg.max_refill_rounds}); "
+                         f"training on what was kept[/yellow]")
+                break
+            rnd += 1
+            info["refill_rounds"] = rnd
+        if not kept_rows:
+            return None, info
+        n_keep = min(len(kept_rows) // G, target) * G
+        batch = self._tensors(kept_rows[:n_keep])
+        for k in carried[0]:
+            vals = [c[k] for c in carried if k in c]
+            if all(torch.is_tensor(v) and v.dim() > 0 for v in vals):
+                batch[k] = torch.cat([v.to(self.device) for v in vals])[:n_keep]
+            else:
+                batch[k] = vals[0]
+        info["texts"] = [r["text"] for r in kept_rows[:n_keep]]
+        return batch, info
+
+    def _forward(self, model, batch, sl, *, grad, entropy=False, value=False):
+        ids = torch.cat([batch["prompt_ids"][sl], batch["completion_ids"][sl]], 1)
+        att = torch.cat([batch["prompt_mask"][sl], batch["completion_mask"][sl]], 1)
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx:
+            out = completion_logprobs(model, ids, att, batch["completion_mask"][sl],
+                                      chunk_size=self.cfg.chunk_size, with_entropy=entropy,
+                                      return_hidden=value)
+            if value:
+                out["value"] = self.model.values_from_hidden(out.pop("hidden")) * batch["mask"][sl]
+        return out
+
+    def _micro_slices(self, rows: int, G: int):
+        m = self.cfg.micro_batch_size * G
+        return [slice(s, min(s + m, rows)) for s in range(0, rows, m)]
+
+    def _no_grad_forwards(self, batch, times):
+        algo = self.current
+        G = algo.group_size
+        t0 = time.perf_counter()
+        rows = batch["mask"].shape[0]
+        need_old = "logp_old" in algo.inputs or "value_old" in algo.inputs
+        if need_old:
+            lo, vo = [], []
+            for sl in self._micro_slices(rows, G):
+                o = self._forward(self.model, batch, sl, grad=False, value="value_old" in algo.inputs)
+                lo.append(o["logp"])
+                if "value" in o:
+                    vo.append(o["value"])
+            if "logp_old" in algo.inputs:
+                batch["logp_old"] = torch.cat(lo)
+            if vo:
+                batch["value_old"] = torch.cat(vo)
+        if "logp_ref" in algo.inputs:
+            ref = self.reference if self.reference is not None else self.policy
+            ctx = self.policy.disable_adapter() if self.reference is None else contextlib.nullcontext()
+            with ctx:
+                batch["logp_ref"] = torch.cat([self._forward(ref, batch, sl, grad=False)["logp"]
+                                               for sl in self._micro_slices(rows, G)])
+        times["time/ref_old_forward"] += time.perf_counter() - t0
+
+    # -- one optimizer step ----------------------------------------------------------------
+    def _train_step(self) -> dict:
+        algo = self.current
+        times = {k: 0.0 for k in PHASES}
+        t_start = time.perf_counter()
+        batch, info = self._rollout(times)
+        metrics: dict = {}
+        if batch is None and self.world == 1:
+            self.say(f"[yellow]step {self.step + 1}: no group survived the filters; step skipped[/yellow]")
+            return {"loss": float("nan"), "skipped": 1, **times}
+        G = algo.group_size
+        if batch is not None:
+            self._no_grad_forwards(batch, times)
+            with torch.no_grad():
+                adv = algo.advantage(batch)
+            for k, v in adv.pop("metrics", {}).items():
+                metrics[k] = float(v)
+            batch.update(adv)
+            for name in EXTERNALS:
+                if name in batch:
+                    metrics[f"{name}/mean"] = float(batch[name].float().mean())
+        rows = 0 if batch is None else batch["mask"].shape[0]
+        n_groups = rows // G
+        epochs = int(algo.train.get("epochs", 1))
+        n_mb = int(algo.train.get("minibatches", 1))
+        loss_sum, updates, stat_sums, stat_n = 0.0, 0, {}, 0
+        grad_norms = []
+        for epoch in range(epochs):
+            order = list(range(n_groups))
+            if epochs > 1 or n_mb > 1:
+                random.Random(_mix(self.cfg.seed, self.step, epoch, 3)).shuffle(order)
+            chunks = [order[i * n_groups // n_mb:(i + 1) * n_groups // n_mb] for i in range(n_mb)]
+            for chunk in chunks:
+                t0 = time.perf_counter()
+                ridx = torch.tensor([g * G + j for g in chunk for j in range(G)], dtype=torch.long,
+                                    device=self.device)
+                mb = {k: (v[ridx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v)
+                      for k, v in batch.items()} if batch is not None else None
+                local = torch.tensor([0.0 if mb is None else float(mb["mask"].sum()), float(len(ridx)),
+                                      float(len(chunk))], device=self.device, dtype=torch.float64)
+                if self.world > 1:
+                    local = self.acc.reduce(local, reduction="sum")
+                totals = {"tokens": local[0].clamp(min=1).float(), "responses": local[1].clamp(min=1).float(),
+                          "groups": local[2].clamp(min=1).float()}
+                mb_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+                bad = None
+                for sl in self._micro_slices(len(ridx), G) if mb is not None else []:
+                    fw = self._forward(self.model, mb, sl, grad=True, entropy="entropy" in algo.inputs,
+                                       value="value" in algo.inputs)
+                    micro = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(ridx) else v)
+                             for k, v in mb.items()}
+                    micro.update(fw)
+                    out = algo.step_loss(micro, totals)
+                    if not torch.isfinite(torch.as_tensor(out.loss)).all():
+                        bad = next((k for k, t in out.terms.items() if not torch.isfinite(torch.as_tensor(t)).all()), "loss")
+                        break
+                    out.loss.backward()
+                    mb_loss += out.loss.detach().double()
+                    for k, v in out.metrics.items():
+                        stat_sums[k] = stat_sums.get(k, 0.0) + v
+                    stat_n += 1
+                flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
+                if self.world > 1:
+                    flag = self.acc.reduce(flag, reduction="sum")
+                if flag.item() > 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    where = f"term '{bad}'" if bad else "a term on another process"
+                    ck = self.out / "checkpoint"
+                    raise RunFailure(
+                        f"non-finite loss at step {self.step + 1}: {where} is not finite",
+                        hint=(f"the last good checkpoint is kept at {ck}" if ck.exists() else
+                              "no checkpoint was written yet") + "; lower lr or check the spec's loss")
+                times["time/policy_fwd_bwd"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if self.world > 1:
+                    mb_loss = self.acc.reduce(mb_loss, reduction="sum")
+                    self._allreduce_grads()
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                if self.cfg.max_grad_norm:
+                    gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                    grad_norms.append(float(gn))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += float(mb_loss)
+                updates += 1
+                times["time/optimizer"] += time.perf_counter() - t0
+        metrics.update({k: v / max(1, stat_n) for k, v in stat_sums.items()})
+        if self.world > 1 and metrics:
+            keys = sorted(metrics)
+            vec = torch.tensor([metrics[k] for k in keys], device=self.device, dtype=torch.float64)
+            vec = self.acc.reduce(vec, reduction="mean")
+            metrics = dict(zip(keys, vec.tolist()))
+        res = {"loss": loss_sum / max(1, updates), **metrics}
+        if grad_norms:
+            res["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        res["lr"] = self.scheduler.get_last_lr()[0]
+        res["groups"] = n_groups * self.world if self.world > 1 else n_groups
+        if info.get("refill_rounds"):
+            res["refill/rounds"] = info["refill_rounds"]
+        if info.get("dropped_groups"):
+            res["filter/dropped_groups"] = info["dropped_groups"]
+        if info.get("refill_cap_hit"):
+            res["refill/cap_hit"] = 1
+        res.update(times)
+        res["step_time"] = time.perf_counter() - t_start
+        return res
+
+    def _allreduce_grads(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = self.acc.reduce(flat, reduction="sum")
+        o = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[o:o + n].view_as(p).clone()
+            o += n
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self) -> float | None:
+        if self.task is None:
+            return None
+        return self.task.eval_score(self.policy, self.tokenizer, self.cfg.eval_size)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _trainable_state(self) -> dict:
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.named_parameters() if v.requires_grad}
+
+    def save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+        self.acc.wait_for_everyone()
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            final = self.out / "checkpoint"
+            tmp = self.out / f".checkpoint.tmp{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            lm = unwrap_causal_lm(self.model) if not self.lora else self.policy
+            lm.save_pretrained(tmp / "model", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "model")
+            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            if self.reference is not None and self.current.train.get("reference") == "iterate":
+                save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
+                          str(tmp / "reference.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            torch.save(rng, tmp / f"rng_{self.rank}.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "cursor": self.cursor,
+                                                         "spec": self.algo.name, "world": self.world,
+                                                         "seed": self.cfg.seed}))
+            old = self.out / ".checkpoint.old"
+            if final.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
+        self.acc.wait_for_everyone()
+
+    def load_checkpoint(self) -> bool:
+        from safetensors.torch import load_file
+        ck = self.out / "checkpoint"
+        if not (ck / "state.json").is_file():
+            return False
+        state = json.loads((ck / "state.json").read_text())
+        if state.get("spec") != self.algo.name:
+            raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}, not {self.algo.name!r}",
+                           hint="use another --out, or run the same spec")
+        weights = load_file(str(ck / "trainable.safetensors"))
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                if k not in named:
+                    raise RunError(f"{ck}: parameter {k} does not belong to this model (different model or LoRA settings?)")
+                named[k].copy_(v.to(named[k].device, named[k].dtype))
+        if self.reference is not None and (ck / "reference.safetensors").is_file():
+            self.reference.load_state_dict(load_file(str(ck / "reference.safetensors")))
+        opt = torch.load(ck / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        rngf = ck / f"rng_{self.rank}.pt"
+        if not rngf.is_file():
+            rngf = ck / "rng_0.pt"
+        rng = torch.load(rngf, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.cursor = int(state["step"]), int(state["cursor"])
+        return True
+
+    def save_final(self) -> None:
+        if not self.main:
+            return
+        dest = self.out / "model"
+        tmp = self.out / ".model.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        lm = unwrap_causal_lm(self.model)
+        if self.lora:
+            import copy
+            lm = copy.deepcopy(self.policy).merge_and_unload()
+        lm.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if isinstance(self.model, PolicyWithValueHead):
+            from safetensors.torch import save_file
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()},
+                      str(tmp / "value_head.safetensors"))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+
+    # -- main loop -----------------------------------------------------------------------------
+    def _log(self, rec: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        if self.cfg.log_with:
+            self.acc.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))},
+                         step=rec["step"])
+
+    def _start_iteration(self, it: int, replace: bool = True) -> None:
+        self._iter = it
+        self.current = self.algo_for(it)
+        if replace and it > 0 and self.reference is not None and self.algo.train.get("reference") == "iterate":
+            lm = unwrap_causal_lm(self.model)
+            self.reference.load_state_dict(lm.state_dict())
+            self.say(f"iteration {it}: reference replaced by the current policy")
+
+    def train(self) -> dict:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = False
+        if self.resume:
+            resumed = self.load_checkpoint()
+            self.say(f"resumed from {self.out / 'checkpoint'} at step {self.step}" if resumed
+                     else f"[yellow]--resume: no checkpoint in {self.out}; starting fresh[/yellow]")
+        if not resumed and self.main and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        if resumed and self.main and (self.out / "metrics.jsonl").exists():
+            lines = [ln for ln in (self.out / "metrics.jsonl").read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
+        if self.cfg.log_with:
+            self.acc.init_trackers("alignspec", config={k: v for k, v in self.cfg.model_dump().items()
+                                                        if isinstance(v, (int, float, str, bool))})
+        self.say(f"run: {self.algo.name} for {self.steps} steps, batch {self.batch_size} "
+                 f"({self.world} process{'es' if self.world > 1 else ''}), lr {self.lr}, "
+                 f"builds {', '.join(k for k, v in self.builds.items() if v)}{' +LoRA' if self.lora else ''}")
+        last_eval = None
+        it0 = min(self.step // self.steps_per_iter, self.iterations - 1)
+        self._start_iteration(it0, replace=self.step > 0 and self.step == it0 * self.steps_per_iter)
+        if self.task is not None and self.step == 0:
+            last_eval = self.evaluate()
+            self._log({"step": 0, "eval_score": last_eval})
+            self.say(f"step 0: eval_score {last_eval:.3f}")
+        t_run = time.perf_counter()
+        prof = None
+        if self.cfg.profile:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+            prof.__enter__()
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                            console=self.console, disable=not self.main, transient=False)
+        last = {}
+        with progress:
+            bar = progress.add_task(self.algo.name, total=self.steps, completed=self.step, info="")
+            while self.step < self.steps:
+                it = min(self.step // self.steps_per_iter, self.iterations - 1)
+                if it != self._iter:
+                    self._start_iteration(it)
+                res = self._train_step()
+                self.step += 1
+                rec = {"step": self.step, **res}
+                self._log(rec)
+                last = rec
+                if self.task is not None and self.eval_every and self.step % self.eval_every == 0 \
+                        and self.step < self.steps:
+                    last_eval = self.evaluate()
+                    self._log({"step": self.step, "eval_score": last_eval})
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:
+                    self.save_checkpoint()
+                info = f"loss {res['loss']:.4f}" + (f"  eval {last_eval:.3f}" if last_eval is not None else "")
+                progress.update(bar, completed=self.step, info=info)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            if self.main:
+                (self.out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                                                row_limit=30))
+        wall = time.perf_counter() - t_run
+        if self.task is not None:
+            last_eval = self.evaluate()
+            self._log({"step": self.step, "eval_score": last_eval})
+        self.save_checkpoint()
+        self.save_final()
+        if self.main:
+            self._plot()
+        if self.cfg.log_with:
+            self.acc.end_training()
+        summary = {"steps": self.step, "wall_s": wall, "eval_score": last_eval, "loss": last.get("loss")}
+        self.say(f"done: {self.step} steps in {wall:.1f}s" +
+                 (f", eval_score {last_eval:.3f}" if last_eval is not None else "") +
+                 f"; model saved to {self.out / 'model'}")
+        return summary
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        recs = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        ls = [(r["step"], r["loss"]) for r in recs if "loss" in r and r["loss"] == r["loss"]]
+        es = [(r["step"], r["eval_score"]) for r in recs if "eval_score" in r]
+        fig, axes = plt.subplots(1, 2 if es else 1, figsize=(10 if es else 5, 3.5), squeeze=False)
+        if ls:
+            axes[0][0].plot(*zip(*ls))
+        axes[0][0].set_title(f"{self.algo.name}: loss")
+        axes[0][0].set_xlabel("step")
+        if es:
+            axes[0][1].plot(*zip(*es), marker="o")
+            axes[0][1].set_title("eval_score")
+            axes[0][1].set_xlabel("step")
+            axes[0][1].set_ylim(-0.02, 1.02)
+        fig.tight_layout()
+        fig.savefig(self.out / "curves.png", dpi=100)
+        plt.close(fig)
+
+
+def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None, steps=None, seed=None,
+                 save_every=None, resume=False, eval_every=None, profile=False, **extra) -> Engine:
+    """Compile ``spec`` (name, path, text, Spec or CompiledAlgorithm), load the config, build."""
+    import alignspec
+    from alignspec.compiler.api import CompiledAlgorithm
+    base = spec if isinstance(spec, CompiledAlgorithm) else alignspec.compile(spec)
+    cfg = load_config(config, sets, spec_params=base.params, model=model, data=data, out=out, steps=steps,
+                      seed=seed, save_every=save_every, eval_every=eval_every,
+                      profile=True if profile else None, **extra)
+    algo = base
+    if cfg.params:
+        merged = dict(cfg.params)
+        if isinstance(spec, CompiledAlgorithm):
+            merged = {**{k: v for k, v in spec.params.items()}, **merged}
+        algo = alignspec.compile(base.spec, **merged)
+    return Engine(algo, cfg, resume=resume)
+
+
+def run_from_cli(spec, model=None, data=None, config=None, sets=(), out=None, steps=None, seed=None,
+                 save_every=None, resume=False, eval_every=None, profile=False) -> int:
+    """Entry point of ``alignspec run``: 0 ok, 2 bad input (spec, config, data, paths), 1 run failure."""
+    from alignspec import SpecError
+    try:
+        engine = build_engine(spec, model=model, data=data, config=config, sets=sets, out=out, steps=steps,
+                              seed=seed, save_every=save_every, resume=resume, eval_every=eval_every,
+                              profile=profile)
+        engine.train()
+        return 0
+    except SpecError as e:
+        print(e.format() if hasattr(e, "format") else str(e), file=sys.stderr)
+        return 2
+    except RunFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,122 @@
+"""Reward functions by name, user functions by ``module:function``, and scoring models.
+
+A reward function takes the batch's prompts, completions (decoded text) and data rows and
+returns one float per completion::
+
+    def my_reward(prompts: list[str], completions: list[str], records: list[dict]) -> list[float]
+
+Built-in names: ``exact_answer`` (1 if the completion, stripped, equals the row's
+``answer``), ``format`` (1 if the completion is a non-empty run of digits -- the built-in
+task's answer format), ``length`` (minus the completion's length in characters / 100).
+Several configured rewards are summed. ``module:function`` strings are imported only when
+the run's configuration names them (an explicit opt-in to running that code).
+
+``SequenceScorer`` wraps an ``AutoModelForSequenceClassification`` directory: the score of a
+response is the first logit on prompt + completion. It serves ``reward_model(response)``
+and, as a Bradley-Terry scorer with P(i > j) = sigmoid(s_i - s_j), ``preference(response)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from .errors import RunError
+
+
+def exact_answer(prompts, completions, records):
+    out = []
+    for c, r in zip(completions, records):
+        if "answer" not in r or r["answer"] is None:
+            raise RunError("reward 'exact_answer' needs an 'answer' field in every data row",
+                           hint="map one with fields: {answer: <your field>}")
+        out.append(1.0 if c.strip() == str(r["answer"]).strip() else 0.0)
+    return out
+
+
+def format_reward(prompts, completions, records):
+    return [1.0 if c.strip().isdigit() else 0.0 for c in completions]
+
+
+def length_reward(prompts, completions, records):
+    return [-len(c) / 100.0 for c in completions]
+
+
+REGISTRY: dict[str, Callable] = {
+    "exact_answer": exact_answer,
+    "format": format_reward,
+    "length": length_reward,
+}
+
+
+def resolve_reward(name: str) -> Callable:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        mod_name, _, fn_name = name.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception as e:
+            raise RunError(f"reward {name!r}: could not import module {mod_name!r}: {e}") from e
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise RunError(f"reward {name!r}: module {mod_name!r} has no function {fn_name!r}")
+        return fn
+    raise RunError(f"unknown reward {name!r}",
+                   hint=f"use one of {', '.join(sorted(REGISTRY))}, or 'module:function'")
+
+
+class RewardFunctions:
+    """The sum of several named reward functions."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.fns = [resolve_reward(n) for n in names]
+
+    def __call__(self, prompts, completions, records) -> torch.Tensor:
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        for name, fn in zip(self.names, self.fns):
+            vals = list(fn(prompts, completions, records))
+            if len(vals) != len(completions):
+                raise RunError(f"reward {name!r} returned {len(vals)} values for {len(completions)} completions")
+            total += torch.tensor([float(v) for v in vals], dtype=torch.float32)
+        return total
+
+
+class SequenceScorer:
+    """A scalar scorer from an ``AutoModelForSequenceClassification`` directory."""
+
+    def __init__(self, path: str, device=None, batch_size: int = 32):
+        from pathlib import Path
+
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        p = Path(path).expanduser()
+        if not (p / "config.json").is_file():
+            raise RunError(f"no scoring model in {p}: config.json is missing",
+                           hint="give a directory written by save_pretrained of a sequence classifier")
+        try:
+            self.tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(p, local_files_only=True)
+        except Exception as e:
+            raise RunError(f"could not load a sequence classifier from {p}: {type(e).__name__}: {e}") from e
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.model.eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+        self.batch_size = batch_size
+        self.path = str(p)
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, records) -> torch.Tensor:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        out = []
+        device = next(self.model.parameters()).device
+        for s in range(0, len(texts), self.batch_size):
+            enc = self.tok(texts[s:s + self.batch_size], padding=True, return_tensors="pt").to(device)
+            out.append(self.model(**enc).logits[:, 0].float().cpu())
+        return torch.cat(out)

@@ -1,0 +1,165 @@
+"""The built-in task: single-digit addition, ``"3+4="`` -> ``"7"`` + EOS.
+
+All 100 problems ``a+b`` (a, b in 0..9) are split once, by a fixed seed, into 75 training
+problems and 25 held-out evaluation problems (each held-out ``a+b`` has its mirror ``b+a``
+in the training set). The task provides
+
+- ``records(kind)``: training rows for a spec's data kind -- ``prompts`` (prompt + answer),
+  ``demonstrations`` (prompt + response), ``pairs`` (prompt + chosen + rejected, where the
+  rejected answer is a wrong sum close to the right one);
+- ``eval_score(model, tokenizer)``: greedy exact-match accuracy on the held-out problems;
+- ``builtin_model_dir(warm=...)``: the tiny built-in Llama (about 100k parameters), either
+  freshly initialized or after a short SFT warm-up on the training problems. Both are cached
+  under ``$ALIGNSPEC_CACHE`` (default ``~/.cache/alignspec``) in a directory named by a hash
+  of every setting that produced it, so changing a setting never reuses a stale model.
+
+The warm-up is deliberately short: it teaches the answer format (digits, then EOS) and only
+part of the table, so that held-out accuracy starts low and an RL spec has room to lift it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TRAIN_SIZE = 75
+SPLIT_SEED = 1234
+MODEL_SETTINGS = {"arch": "llama", "hidden": 64, "layers": 2, "heads": 4}
+WARMUP_SETTINGS = {"steps": 100, "batch": 16, "lr": 3e-3, "seed": 0}
+MAX_NEW_TOKENS = 3
+
+
+def _problems():
+    """75 training / 25 held-out problems. Held-out problems have a > b and their mirror
+    b + a is a training problem: they test whether what is learned carries over to
+    unseen prompts through the structure of addition, not a lookup of seen prompts."""
+    probs = [(a, b) for a in range(10) for b in range(10)]
+    mirrored = [(a, b) for a, b in probs if a > b]
+    random.Random(SPLIT_SEED).shuffle(mirrored)
+    held = set(mirrored[:100 - TRAIN_SIZE])
+    train = [p for p in probs if p not in held]
+    random.Random(SPLIT_SEED + 2).shuffle(train)
+    return train, sorted(held)
+
+
+def _wrong(a: int, b: int, rng: random.Random) -> str:
+    s = a + b
+    choices = [x for x in (s - 2, s - 1, s + 1, s + 2) if 0 <= x <= 18]
+    return str(rng.choice(choices))
+
+
+class ArithmeticTask:
+    """Single-digit addition (see the module docstring)."""
+
+    name = "builtin:addition"
+    max_new_tokens = MAX_NEW_TOKENS
+
+    def __init__(self):
+        self.train_problems, self.eval_problems = _problems()
+
+    def records(self, kind: str) -> list[dict]:
+        rng = random.Random(SPLIT_SEED + 1)
+        rows = []
+        for a, b in self.train_problems:
+            row = {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+            if kind == "demonstrations":
+                row["response"] = row["answer"]
+            elif kind == "pairs":
+                row["chosen"] = row["answer"]
+                row["rejected"] = _wrong(a, b, rng)
+            rows.append(row)
+        return rows
+
+    def eval_records(self, size: int | None = None) -> list[dict]:
+        rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in self.eval_problems]
+        return rows[:size] if size else rows
+
+    @torch.no_grad()
+    def eval_score(self, model, tokenizer, size: int | None = None) -> float:
+        """Greedy exact-match accuracy on the held-out problems."""
+        from .generation import generate_groups
+        rows = self.eval_records(size)
+        ro = generate_groups(model, tokenizer, [r["prompt"] for r in rows], 1,
+                             max_new_tokens=self.max_new_tokens, do_sample=False)
+        ok = sum(t.strip() == r["answer"] for t, r in zip(ro.texts, rows))
+        return ok / len(rows)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ALIGNSPEC_CACHE") or Path.home() / ".cache" / "alignspec")
+
+
+def _key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
+    """Path of the cached built-in model (building it if needed) and the settings behind it."""
+    from .tiny import build_tiny_model
+    settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": ArithmeticTask.name,
+                "train_size": TRAIN_SIZE, "split_seed": SPLIT_SEED, "version": 2}
+    if warm:
+        settings["warmup"] = WARMUP_SETTINGS
+    target = cache_root() / f"tiny-{'warm' if warm else 'init'}-{_key(settings)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target), settings
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        cfg = dict(MODEL_SETTINGS)
+        arch = cfg.pop("arch")
+        build_tiny_model(tmp, arch, seed=seed, **cfg)
+        if warm:
+            _warmup(tmp, settings)
+        (tmp / "alignspec_builtin.json").write_text(json.dumps(settings, indent=2))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target), settings
+
+
+def _warmup(path: Path, settings: dict) -> None:
+    """A short SFT on the training problems (plain cross-entropy on the answer + EOS)."""
+    from .models import load_policy
+    w = WARMUP_SETTINGS
+    model, tok = load_policy(path)
+    task = ArithmeticTask()
+    rows = task.records("demonstrations")
+    rng = random.Random(w["seed"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(w["seed"])
+        opt = torch.optim.AdamW(model.parameters(), lr=w["lr"], weight_decay=0.0)
+        model.train()
+        for _ in range(w["steps"]):
+            batch = rng.sample(rows, w["batch"])
+            seqs = []
+            for r in batch:
+                p = tok(r["prompt"])["input_ids"]
+                c = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                seqs.append((p + c, len(p)))
+            L = max(len(s) for s, _ in seqs)
+            ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
+            att = torch.zeros((len(seqs), L), dtype=torch.long)
+            lab = torch.full((len(seqs), L), -100, dtype=torch.long)
+            for i, (s, pl) in enumerate(seqs):
+                ids[i, :len(s)] = torch.tensor(s)
+                att[i, :len(s)] = 1
+                lab[i, pl:len(s)] = torch.tensor(s[pl:])
+            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
