@@ -52,6 +52,9 @@ class RunConfig(BaseModel):
     log_with: list[str] = Field(default_factory=list)
     profile: bool = False
     chunk_size: int = Field(1024, ge=1)
+    threads: int | None = Field(None, ge=0, description="torch intra-op threads per process; None: 1 for the "
+                                "built-in tiny model (more threads only add overhead there), torch's default "
+                                "otherwise; 0: torch's default")
     params: dict[str, float | int | bool | str] = Field(default_factory=dict)
 
     @field_validator("log_with", "rewards", mode="before")

@@ -122,6 +122,9 @@ class Engine:
             raise RunError(f"batch_size {self.batch_size} does not split over {self.world} processes",
                            hint=f"use a multiple of {self.world}")
         self.local_batch = self.batch_size // self.world
+        threads = cfg.threads if cfg.threads is not None else (1 if cfg.model is None else 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
         set_seed(cfg.seed)
         self.records = self._load_data()   # data first: bad data fails before any model is built
         # model
