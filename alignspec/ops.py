@@ -612,7 +612,7 @@ def local_totals(batch, n, need=("tokens", "responses", "groups")):
     Only the keys in `need` are computed (counting tokens reads the whole mask).
     """
     rows = next(v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
-    out = {"responses": rows, "groups": max(rows // n, 1)}
+    out = {"responses": max(rows, 1), "groups": max(rows // n, 1)}
     if "tokens" in need:
         mask = batch.get("mask")
         tokens = _valid(mask).sum() if mask is not None else torch.tensor(0)

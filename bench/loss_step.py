@@ -162,7 +162,7 @@ def run(names, B, T, reps, warmup, use_tc):
         p = algo.params
         raw = make_batch(name, B, T)
         prepared = algo.prepare({k: raw[k] for k in algo.inputs})
-        prepared = {k: v for k, v in prepared.items() if k not in ("_rollout_metrics", "_keep")}
+        prepared = {k: v for k, v in prepared.items() if k not in ("_rollout_metrics", "_keep", "_rows")}
         hand_batch = {**raw, **hand_rollout(name, raw, p, algo.group_size)}
         leaves = LEAVES[name]
         variants = [

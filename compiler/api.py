@@ -66,7 +66,13 @@ class CompiledAlgorithm:
         return LossOutput(total, terms, _floats(metrics))
 
     def prepare(self, batch: dict) -> dict:
-        """Run both rollout stages on a whole batch: returns the training batch."""
+        """Run both rollout stages on a whole batch: returns the training batch.
+
+        Every tensor of `batch` whose first dimension is the batch's row count is a per-row
+        value and is gathered to the kept/selected rows (keep other tensors out of `batch`).
+        The result also carries `_rows` (the row indices kept, in training order, or None for
+        all rows), `_keep` (per sampled group) and `_rollout_metrics`.
+        """
         s = self.score(batch)
         rows = s.pop("rows")
         keep = s.pop("keep")
@@ -81,6 +87,7 @@ class CompiledAlgorithm:
         out.update(adv)
         out["_rollout_metrics"] = metrics
         out["_keep"] = keep
+        out["_rows"] = rows
         return out
 
     def loss(self, batch: dict, totals: dict | None = None) -> LossOutput:
@@ -88,6 +95,7 @@ class CompiledAlgorithm:
         prepared = self.prepare(batch)
         rollout_metrics = prepared.pop("_rollout_metrics")
         prepared.pop("_keep")
+        prepared.pop("_rows")
         out = self.step_loss(prepared, totals)
         out.metrics.update(_floats(rollout_metrics))
         return out

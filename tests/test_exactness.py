@@ -677,7 +677,7 @@ CASES = {
 KNOWN_BUGS: dict[str, str] = {}  # case id → reason, for a compiler bug found and not yet fixed
 
 ALL_SPECS = sorted(DEFAULTS)
-ROLLOUT_ONLY = ("_rollout_metrics", "_keep")  # what prepare() adds that is not a batch value
+ROLLOUT_ONLY = ("_rollout_metrics", "_keep", "_rows")  # what prepare() adds that is not a batch value
 
 
 def _case_params(case_id):

@@ -108,7 +108,7 @@ def prepared(case):
     algo = alignspec.compile(spec, **overrides)
     raw = factory()
     full = algo.prepare({k: raw[k] for k in algo.inputs})
-    full = {k: v for k, v in full.items() if k not in ("_rollout_metrics", "_keep")}  # carried values stay
+    full = {k: v for k, v in full.items() if k not in ("_rollout_metrics", "_keep", "_rows")}  # carried values stay
     return algo, raw, full, wrt
 
 
