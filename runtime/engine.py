@@ -475,7 +475,7 @@ class Engine:
         n_groups = rows // G
         epochs = int(algo.train.get("epochs", 1))
         n_mb = int(algo.train.get("minibatches", 1))
-        loss_sum, updates, stat_sums, stat_n = 0.0, 0, {}, 0
+        loss_sum, updates, stat_sums, stat_n, term_sums = 0.0, 0, {}, 0, {}
         grad_norms = []
         for epoch in range(epochs):
             order = list(range(n_groups))
@@ -509,7 +509,10 @@ class Engine:
                     out.loss.backward()
                     mb_loss += out.loss.detach().double()
                     for k, v in out.metrics.items():
-                        stat_sums[k] = stat_sums.get(k, 0.0) + v
+                        if k.startswith("loss/"):  # a share of the term: micro-batches add up to it
+                            term_sums[k] = term_sums.get(k, 0.0) + v
+                        else:
+                            stat_sums[k] = stat_sums.get(k, 0.0) + v
                     stat_n += 1
                 flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
                 if self.world > 1:
@@ -538,11 +541,17 @@ class Engine:
                 updates += 1
                 times["time/optimizer"] += time.perf_counter() - t0
         metrics.update({k: v / max(1, stat_n) for k, v in stat_sums.items()})
+        terms = {k: v / max(1, updates) for k, v in term_sums.items()}  # per update, like `loss`
         if self.world > 1 and metrics:
             keys = sorted(metrics)
             vec = torch.tensor([metrics[k] for k in keys], device=self.device, dtype=torch.float64)
             vec = self.acc.reduce(vec, reduction="mean")
             metrics = dict(zip(keys, vec.tolist()))
+        if self.world > 1 and terms:
+            keys = sorted(terms)
+            vec = torch.tensor([terms[k] for k in keys], device=self.device, dtype=torch.float64)
+            terms = dict(zip(keys, self.acc.reduce(vec, reduction="sum").tolist()))
+        metrics.update(terms)
         res = {"loss": loss_sum / max(1, updates), **metrics}
         if grad_norms:
             res["grad_norm"] = sum(grad_norms) / len(grad_norms)
