@@ -810,6 +810,9 @@ def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None,
         if isinstance(spec, CompiledAlgorithm):
             merged = {**{k: v for k, v in spec.params.items()}, **merged}
         algo = alignspec.compile(base.spec, **merged)
+    if "flow" in algo.requires:  # the flow-matching policy family has its own engine
+        from .flow_engine import FlowEngine
+        return FlowEngine(algo, cfg, resume=resume)
     return Engine(algo, cfg, resume=resume)
 
 

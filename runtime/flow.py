@@ -265,7 +265,8 @@ class FlowRollout:
 
     traj      [B, T+1, D]  x at t_0 = 1 (noise) ... t_T = 0 (sample)
     classes   [B]          the class ("prompt") of each row, each repeated n times
-    logp_old  [B, T]       per-step log-prob under the sampling model (no grad)
+    logp_old  [B, T]       per-step log-prob under the sampling model (no grad; None when
+                           the rollout was drawn with ``with_logp_old=False``)
     step_std  [B, T]       sigma_t of each step (what the spec's KL divides by)
     trans_std [B, T]       sigma_t sqrt(|dt|): the std of the step's Gaussian
     mask      [B, T]       ones (every step is trained)
@@ -276,7 +277,7 @@ class FlowRollout:
 
     traj: torch.Tensor
     classes: torch.Tensor
-    logp_old: torch.Tensor
+    logp_old: torch.Tensor | None
     step_std: torch.Tensor
     trans_std: torch.Tensor
     mask: torch.Tensor
@@ -296,22 +297,27 @@ class FlowRollout:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v[rows] if f.name not in ("times", "noise") else v
+            out[f.name] = v[rows] if f.name not in ("times", "noise") and v is not None else v
         return FlowRollout(**out)
 
     def batch(self) -> dict:
         """The per-row tensors a flow spec reads from the rollout: mask, logp_old, step_std."""
-        return {"mask": self.mask, "logp_old": self.logp_old, "step_std": self.step_std}
+        out = {"mask": self.mask, "step_std": self.step_std}
+        if self.logp_old is not None:
+            out["logp_old"] = self.logp_old
+        return out
 
 
 @torch.no_grad()
 def rollout(model: nn.Module, classes: torch.Tensor, n: int, steps: int = 10, noise: float = 0.7,
-            generator: torch.Generator | None = None) -> FlowRollout:
+            generator: torch.Generator | None = None, with_logp_old: bool = True) -> FlowRollout:
     """Sample n trajectories per class with the SDE sampler (x_1 ~ N(0, I), T = ``steps``).
 
     ``logp_old`` is then recomputed from the stored trajectory by the same batched
     computation ``FlowPolicy.logprobs`` uses, so that right after a rollout, before any
     update, ``logp == logp_old`` exactly (ratio 1; the code README's on-policy check).
+    With ``with_logp_old=False`` that forward is skipped and ``logp_old`` is None (for a
+    spec that uses each rollout for one update, or a caller that computes it later).
     """
     c = torch.as_tensor(classes).repeat_interleave(n)
     ts = time_grid(steps)
@@ -327,7 +333,7 @@ def rollout(model: nn.Module, classes: torch.Tensor, n: int, steps: int = 10, no
     ro = FlowRollout(traj=traj, classes=c, logp_old=torch.empty(B, steps),
                      step_std=sig.expand(B, steps).clone(), trans_std=tstd.expand(B, steps).clone(),
                      mask=torch.ones(B, steps), samples=traj[:, -1], times=ts, noise=float(noise))
-    ro.logp_old = FlowPolicy(model).logprobs(ro)["logp"].detach()
+    ro.logp_old = FlowPolicy(model).logprobs(ro)["logp"].detach() if with_logp_old else None
     return ro
 
 

@@ -1,0 +1,696 @@
+"""The training engine for flow-matching policies: any compiled spec that requires ``flow``.
+
+``alignspec run SPEC`` hands a spec whose ``sample`` section calls ``flow_sde(prompt, ...)``
+to ``FlowEngine`` (``engine.build_engine`` dispatches on ``"flow" in algo.requires``). It is
+the LM engine's loop with the flow policy family of ``runtime/flow.py`` in place of a causal
+LM; the loss is the compiled spec's, unchanged (``algo.score`` / ``algo.advantage`` /
+``algo.step_loss``), with the per-step quantities the flow policy provides:
+
+    logp [B, T]           per-step Gaussian log-density of the sampled transition (grad)
+    logp_old [B, T]       the same under the sampling model, from a no-grad forward before the
+                          updates -- only when the spec reads it ("old_logp" in requires); a
+                          spec that uses each rollout for one update gets stopgrad(logp) from
+                          the compiler instead
+    logp_ref [B, T]       the same under the frozen reference (no grad)
+    mu_sqdist_ref [B, T]  mean over latent elements of (mu_theta - mu_ref)^2 (grad)
+    step_std [B, T]       sigma_t of each step;  mask [B, T] ones;  length [B] = T
+    reward [B]            the task's reward of the final sample (or the run's rewards)
+
+Per optimizer step: prompts (class ids, a seeded draw per step) -> ``flow_sde`` rollout with
+the call's n / steps / noise resolved from the compiled params -> reward -> ``algo.score``
+(filters and selection; refill rounds up to ``max_refill_rounds`` as in the LM engine) ->
+no-grad forwards for ``logp_old`` / ``logp_ref`` if read -> ``algo.advantage`` -> epochs x
+minibatches over whole groups (seeded shuffles), micro-batches of ``micro_batch_size``
+groups with the minibatch's global ``totals``, backward, grad clipping, AdamW + LR schedule.
+
+The built-in default: ``FlowTask`` (2-D class-conditional blob mixtures; the reward is high
+on one blob per class) and a ``VelocityNet`` pretrained by rectified flow matching, cached
+under ``$ALIGNSPEC_CACHE`` (default ``~/.cache/alignspec``) in ``flow-<hash of every
+setting>``, written atomically. ``--model DIR`` takes a directory this engine wrote
+(``config.json`` + ``model.safetensors``: the final ``OUT/model`` of an earlier run, or the
+cache entry). A frozen reference copy is built only if the spec requires ``reference``.
+
+Rewards: by default the task's; ``rewards: [module:function, ...]`` in the run config names
+user functions ``fn(samples [B, D] tensor, classes [B] long tensor) -> [B]`` (tensor or
+sequence of floats), summed; the name ``task`` is the built-in task reward.
+
+Outputs, as the LM engine's: ``metrics.jsonl`` (one line per step: step, loss, the compiled
+metrics, reward/mean, grad_norm, lr, groups, time/*, step_time; eval lines
+``{"step", "eval_score"}`` at the start, every ``eval_every`` steps and at the end),
+``checkpoint/`` (atomic; ``--resume`` reproduces an uninterrupted run: prompts, noise and
+shuffles come from generators seeded by (seed, step, ...)), ``model/`` and ``curves.png``.
+
+The metrics writer, the progress bar and the plot are small equivalents of the LM engine's,
+which are methods of ``Engine`` (not importable without refactoring ``engine.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .engine import PHASES, _mix
+from .errors import RunError, RunFailure
+from .flow import FlowPolicy, FlowRollout, FlowTask, VelocityNet, pretrain, rollout
+
+FLOW_MODEL = {"dim": 2, "num_classes": 4, "hidden": 128, "time_freqs": 16}
+FLOW_TASK = {"num_classes": 4, "k": 3, "radius": 1.5, "blob_std": 0.1, "reward_width": 0.35}
+FLOW_PRETRAIN = {"steps": 1500, "seed": 0, "batch": 256, "lr": 3e-3}
+FLOW_INIT_SEED = 0
+
+# what the flow policy provides; anything else a spec reads is an error before any model is built
+PROVIDED = {"logp", "logp_old", "logp_ref", "mu_sqdist_ref", "step_std", "mask", "length", "reward"}
+UNSUPPORTED = {"tree_search", "embedding", "generation", "critic", "reward_head"}
+
+
+# ---------------------------------------------------------------------------------------
+# models on disk: the built-in cache entry and the final model share one format
+# ---------------------------------------------------------------------------------------
+
+
+def save_flow_model(dest: Path, model: VelocityNet, task_settings: dict, extra: dict | None = None) -> None:
+    """Write ``dest/model.safetensors`` + ``dest/config.json`` atomically (tmp dir + rename)."""
+    from safetensors.torch import save_file
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary output directory
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        cfg = {"family": "flow", "class": "VelocityNet",
+               "velocity_net": {"dim": model.dim, "num_classes": model.num_classes,
+                                "hidden": model.cls.embedding_dim, "time_freqs": model.freqs.numel()},
+               "task": dict(task_settings), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        old = dest.parent / f".{dest.name}.old{os.getpid()}"
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_flow_model(path) -> tuple[VelocityNet, dict]:
+    """A ``VelocityNet`` and its config from a directory written by ``save_flow_model``."""
+    from safetensors.torch import load_file
+    p = Path(os.path.expanduser(str(path)))
+    cf = p / "config.json"
+    if not cf.is_file() or not (p / "model.safetensors").is_file():
+        raise RunError(f"no flow model in {p}: config.json and model.safetensors are needed",
+                       hint="give the model/ directory of an earlier flow run, or omit --model for the built-in one")
+    cfg = json.loads(cf.read_text())
+    if cfg.get("family") != "flow":
+        raise RunError(f"{p} holds a {cfg.get('model_type') or cfg.get('family') or 'non-flow'} model, "
+                       "but this spec samples with flow_sde(...) and needs a flow model",
+                       hint="give the model/ directory of an earlier flow run, or omit --model")
+    model = VelocityNet(**cfg["velocity_net"])
+    try:
+        model.load_state_dict(load_file(str(p / "model.safetensors")))
+    except Exception as e:
+        raise RunError(f"could not load the flow model in {p}: {e}") from e
+    return model.eval(), cfg
+
+
+def builtin_flow_model_dir() -> tuple[str, dict]:
+    """The cached pretrained built-in flow model (pretraining it on first use)."""
+    from .tasks import _key, cache_root
+    settings = {"model": FLOW_MODEL, "task": FLOW_TASK, "pretrain": FLOW_PRETRAIN,
+                "init_seed": FLOW_INIT_SEED, "version": 1}
+    target = cache_root() / f"flow-{_key(settings)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target), settings
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FLOW_INIT_SEED)
+        model = VelocityNet(**FLOW_MODEL)
+    state = pretrain(model, FlowTask(**FLOW_TASK), **FLOW_PRETRAIN)
+    model.load_state_dict(state)
+    tmp_parent = target.parent
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=target.name + ".build", dir=tmp_parent))
+    try:
+        save_flow_model(staged / "m", model, FLOW_TASK, {"builtin": settings})
+        try:
+            os.replace(staged / "m", target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return str(target), settings
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _cat_rollouts(ros: list[FlowRollout]) -> FlowRollout:
+    if len(ros) == 1:
+        return ros[0]
+    first = ros[0]
+    cat = {}
+    for k in ("traj", "classes", "logp_old", "step_std", "trans_std", "mask", "samples"):
+        vals = [getattr(r, k) for r in ros]
+        cat[k] = None if any(v is None for v in vals) else torch.cat(vals)
+    return FlowRollout(times=first.times, noise=first.noise, **cat)
+
+
+def _rows(v, n: int) -> bool:
+    return torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n
+
+
+class _UserRewards:
+    """The sum of the configured rewards: ``task`` or ``module:function``."""
+
+    def __init__(self, names: list[str], task: FlowTask):
+        from .rewards import resolve_reward
+        self.names, self.fns = list(names), []
+        for n in self.names:
+            if n == "task":
+                self.fns.append(task.reward)
+            elif ":" in n:
+                self.fns.append(resolve_reward(n))
+            else:
+                raise RunError(f"reward {n!r} is a text reward; a flow policy is scored on its samples",
+                               hint="use 'task' (the built-in task's reward) or 'module:function' taking "
+                                    "(samples [B, D], classes [B]) and returning [B] rewards")
+
+    def __call__(self, samples: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(samples.shape[0], dtype=torch.float32)
+        for name, fn in zip(self.names, self.fns):
+            vals = fn(samples, classes)
+            vals = torch.as_tensor(vals, dtype=torch.float32).reshape(-1)
+            if vals.shape[0] != samples.shape[0]:
+                raise RunError(f"reward {name!r} returned {vals.shape[0]} values for {samples.shape[0]} samples")
+            total += vals
+        return total
+
+
+# ---------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------
+
+
+class FlowEngine:
+    """A training run of one compiled flow-policy algorithm (see the module docstring)."""
+
+    family = "flow"
+
+    def __init__(self, algo, cfg: RunConfig, resume: bool = False, console=None):
+        from rich.console import Console
+        self.algo, self.cfg, self.resume = algo, cfg, resume
+        self.out = Path(cfg.out)
+        self.console = console or Console(stderr=False, highlight=False)
+        self.builds = {"policy": 0, "reference": 0}
+        self.counts = {"rollouts": 0, "logp_old": 0, "logp_ref": 0}   # no-grad forwards, for tests
+        self.acc = None
+        self._setup()
+
+    def say(self, msg: str) -> None:
+        self.console.print(msg)
+
+    # -- setup -------------------------------------------------------------------------
+    def _check_spec(self) -> None:
+        algo = self.algo
+        call = algo.graph.graph.get("sample")
+        if call is None or call.func != "flow_sde":
+            raise RunError(f"{algo.name} requires a flow policy, but its sample section is not flow_sde(prompt, ...)")
+        bad = UNSUPPORTED & set(algo.requires)
+        if bad:
+            raise RunError(f"{algo.name} needs {', '.join(sorted(bad))}, which the flow runtime does not provide")
+        missing = sorted(set(algo.inputs) - PROVIDED)
+        if missing:
+            raise RunError(f"{algo.name} reads {', '.join(missing)}, which a flow policy does not provide",
+                           hint="flow policies provide " + ", ".join(sorted(PROVIDED)))
+        self.sample_call = call
+
+    def _setup(self) -> None:
+        algo, cfg = self.algo, self.cfg
+        self._check_spec()
+        if cfg.data is not None:
+            raise RunError("flow policies train on the built-in task's class prompts; a data file is not supported",
+                           hint="omit --data")
+        if cfg.lora_r > 0:
+            raise RunError("LoRA is not supported for flow policies", hint="set lora_r: 0")
+        if cfg.dtype not in ("float32", "fp32", "auto"):
+            raise RunError(f"flow policies train in float32 (dtype {cfg.dtype!r} is not supported)",
+                           hint="set dtype: float32")
+        self.builtin = cfg.model is None
+        self.steps = cfg.steps or (60 if self.builtin else 100)
+        self.batch_size = cfg.batch_size or 8
+        self.lr = cfg.lr or (1e-3 if self.builtin else 1e-4)
+        self.eval_every = cfg.eval_every if cfg.eval_every is not None else 10
+        self.eval_per_class = cfg.eval_size or 128
+        threads = cfg.threads if cfg.threads is not None else 1
+        if threads > 0:
+            torch.set_num_threads(threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (1 << 32))
+        torch.manual_seed(cfg.seed)
+        if cfg.log_with:
+            from accelerate import Accelerator
+            self.acc = Accelerator(log_with=list(cfg.log_with), project_dir=str(self.out), cpu=True)
+        # model and task
+        if self.builtin:
+            self.model_dir, _ = builtin_flow_model_dir()
+            self.say(f"model: built-in flow VelocityNet (2-D, pretrained by flow matching), cached at {self.model_dir}")
+        else:
+            self.model_dir = cfg.model
+        self.model, mcfg = load_flow_model(self.model_dir)
+        self.task_settings = dict(mcfg.get("task") or FLOW_TASK)
+        self.task = FlowTask(**self.task_settings)
+        if self.model.num_classes != self.task.num_classes:
+            raise RunError(f"{self.model_dir}: the model has {self.model.num_classes} classes, the task "
+                           f"{self.task.num_classes}")
+        self.say(f"data: built-in flow task ({self.task.num_classes} class prompts, {self.task.k} blobs each; "
+                 "reward high on one blob per class)")
+        self.builds["policy"] += 1
+        self.model.train()
+        self.reference = None
+        if "reference" in algo.requires:
+            self.reference, _ = load_flow_model(self.model_dir)
+            self.reference.requires_grad_(False)
+            self.builds["reference"] += 1
+        self.rewards = None
+        if "reward" in algo.inputs:
+            names = list(cfg.rewards) or ["task"]
+            self.rewards = _UserRewards(names, self.task)
+            self.say(f"reward: {' + '.join(names)}")
+        for name in ("reward_model", "preference"):
+            if name in algo.inputs:
+                raise RunError(f"{algo.name} scores with {name}(response), which flow policies do not support",
+                               hint="score with reward(response)")
+        # optimizer / schedule (the LM engine's settings)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
+        self.updates_per_step = int(algo.train.get("epochs", 1)) * int(algo.train.get("minibatches", 1))
+        total = self.steps * self.updates_per_step
+        warm, kind = cfg.warmup_steps, cfg.lr_schedule
+
+        def lr_lambda(i):
+            if warm and i < warm:
+                return (i + 1) / warm
+            if kind == "constant":
+                return 1.0
+            frac = min(1.0, (i - warm) / max(1, total - warm))
+            return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.step = 0
+        self.iterations = max(1, int(algo.train.get("iterations", 1)))
+        self.steps_per_iter = math.ceil(self.steps / self.iterations)
+        self._algos = {}
+        self._iter = None
+        self.current = algo
+
+    # -- per-iteration algorithm (param schedules) -----------------------------------
+    def algo_for(self, iteration: int):
+        if not self.algo.schedules:
+            return self.algo
+        if iteration not in self._algos:
+            import alignspec
+            over = {k: v for k, v in self.algo.params.items() if k not in self.algo.schedules}
+            for k, vals in self.algo.schedules.items():
+                over[k] = vals[min(iteration, len(vals) - 1)]
+            self._algos[iteration] = alignspec.compile(self.algo.spec, **over)
+        return self._algos[iteration]
+
+    def _start_iteration(self, it: int, replace: bool = True) -> None:
+        self._iter = it
+        self.current = self.algo_for(it)
+        if replace and it > 0 and self.reference is not None and self.algo.train.get("reference") == "iterate":
+            self.reference.load_state_dict(self.model.state_dict())
+            self.say(f"iteration {it}: reference replaced by the current policy")
+
+    # -- sampling ----------------------------------------------------------------------
+    def _kw(self, name: str, default):
+        from alignspec.dsl import ast
+        for kw in self.sample_call.kwargs:
+            if kw.name == name:
+                v = kw.value
+                if isinstance(v, ast.Number):
+                    return v.value
+                if isinstance(v, ast.Name) and v.id in self.current.params:
+                    return self.current.params[v.id]
+                raise RunError(f"flow_sde argument {name} must be a number or a param name")
+        return default
+
+    def _rollout(self, times: dict) -> tuple[dict | None, FlowRollout | None, dict]:
+        """Sampled, scored and filtered groups: (batch, kept rollout, info); refills like the LM engine."""
+        algo = self.current
+        G = algo.group_size
+        n = int(self._kw("n", 1))
+        T = int(self._kw("steps", 10))
+        noise = float(self._kw("noise", 0.7))
+        target = self.batch_size
+        kept, carried, info = [], [], {"refill_rounds": 0, "dropped_groups": 0}
+        have, rnd = 0, 0
+        while True:
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(_mix(self.cfg.seed, self.step, 0, rnd, 11))
+            classes = torch.randint(0, self.task.num_classes, (target,), generator=g)
+            was = self.model.training
+            self.model.eval()
+            ro = rollout(self.model, classes, n, T, noise, generator=g, with_logp_old=False)
+            self.model.train(was)
+            self.counts["rollouts"] += 1
+            times["time/generation"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            B = len(ro)
+            batch = {"mask": ro.mask, "length": ro.mask.sum(1), "step_std": ro.step_std}
+            if self.rewards is not None:
+                batch["reward"] = self.rewards(ro.samples, ro.classes)
+            with torch.no_grad():
+                s = algo.score(batch)
+            sel, _keep = s.pop("rows"), s.pop("keep")
+            idx = torch.arange(B) if sel is None else torch.as_tensor(sel, dtype=torch.long)
+            info["dropped_groups"] += B // algo.sample_group_size - idx.numel() // G
+            if "reward" in batch:
+                s.setdefault("reward", batch["reward"][idx])
+            if idx.numel():
+                kept.append(ro.select(idx))
+                carried.append(s)
+            have += idx.numel() // G
+            times["time/scoring"] += time.perf_counter() - t0
+            if have >= target:
+                break
+            if rnd >= self.cfg.max_refill_rounds:
+                info["refill_cap_hit"] = 1
+                self.say(f"[yellow]step {self.step + 1}: filters kept {have} of {target} groups after "
+                         f"{rnd} refill round(s) (max_refill_rounds = {self.cfg.max_refill_rounds}); "
+                         f"training on what was kept[/yellow]")
+                break
+            rnd += 1
+            info["refill_rounds"] = rnd
+        if not kept:
+            return None, None, info
+        n_keep = min(have, target) * G
+        ro = _cat_rollouts(kept).select(torch.arange(n_keep))
+        batch = {"mask": ro.mask, "length": ro.mask.sum(1), "step_std": ro.step_std}
+        for k in carried[0]:
+            vals = [c[k] for c in carried if k in c]
+            if all(torch.is_tensor(v) and v.dim() > 0 for v in vals):
+                batch[k] = torch.cat(vals)[:n_keep]
+            else:
+                batch[k] = vals[0]
+        return batch, ro, info
+
+    def _no_grad_forwards(self, batch: dict, ro: FlowRollout, times: dict) -> None:
+        algo = self.current
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if "logp_old" in algo.inputs:
+                batch["logp_old"] = FlowPolicy(self.model).logprobs(ro)["logp"].detach()
+                self.counts["logp_old"] += 1
+            if "logp_ref" in algo.inputs:
+                batch["logp_ref"] = FlowPolicy(self.reference).logprobs(ro)["logp"].detach()
+                self.counts["logp_ref"] += 1
+        times["time/ref_old_forward"] += time.perf_counter() - t0
+
+    # -- one optimizer step ------------------------------------------------------------
+    def _train_step(self) -> dict:
+        algo = self.current
+        times = {k: 0.0 for k in PHASES}
+        t_start = time.perf_counter()
+        batch, ro, info = self._rollout(times)
+        if batch is None:
+            self.say(f"[yellow]step {self.step + 1}: no group survived the filters; step skipped[/yellow]")
+            return {"loss": float("nan"), "skipped": 1, **times, "step_time": time.perf_counter() - t_start}
+        self._no_grad_forwards(batch, ro, times)
+        metrics: dict = {}
+        with torch.no_grad():
+            adv = algo.advantage(batch)
+        for k, v in adv.pop("metrics", {}).items():
+            metrics[k] = float(v)
+        batch.update(adv)
+        if "reward" in batch:
+            metrics["reward/mean"] = float(batch["reward"].float().mean())
+        G = algo.group_size
+        rows = len(ro)
+        n_groups = rows // G
+        need_sq = "mu_sqdist_ref" in algo.inputs
+        policy = FlowPolicy(self.model, self.reference if need_sq else None)
+        epochs = int(algo.train.get("epochs", 1))
+        n_mb = int(algo.train.get("minibatches", 1))
+        loss_sum, updates, stat_sums, stat_n, term_sums = 0.0, 0, {}, 0, {}
+        grad_norms = []
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for epoch in range(epochs):
+            order = list(range(n_groups))
+            if epochs > 1 or n_mb > 1:
+                random.Random(_mix(self.cfg.seed, self.step, epoch, 3)).shuffle(order)
+            chunks = [order[i * n_groups // n_mb:(i + 1) * n_groups // n_mb] for i in range(n_mb)]
+            for chunk in chunks:
+                if not chunk:
+                    continue
+                t0 = time.perf_counter()
+                ridx = torch.tensor([g * G + j for g in chunk for j in range(G)], dtype=torch.long)
+                mb = {k: (v[ridx] if _rows(v, rows) else v) for k, v in batch.items()}
+                mro = ro.select(ridx)
+                totals = {"tokens": mb["mask"].sum().clamp(min=1).float(),
+                          "responses": torch.tensor(float(len(ridx))), "groups": torch.tensor(float(len(chunk)))}
+                mb_loss, bad = 0.0, None
+                m = self.cfg.micro_batch_size * G
+                for s0 in range(0, len(ridx), m):
+                    sl = slice(s0, min(s0 + m, len(ridx)))
+                    lp = policy.logprobs(mro.select(torch.arange(sl.start, sl.stop)))
+                    micro = {k: (v[sl] if _rows(v, len(ridx)) else v) for k, v in mb.items()}
+                    micro["logp"] = lp["logp"]
+                    if need_sq:
+                        micro["mu_sqdist_ref"] = lp["mu_sqdist_ref"]
+                    out = algo.step_loss(micro, totals)
+                    if not torch.isfinite(torch.as_tensor(out.loss)).all():
+                        bad = next((k for k, t in out.terms.items()
+                                    if not torch.isfinite(torch.as_tensor(t)).all()), "loss")
+                        break
+                    out.loss.backward()
+                    mb_loss += float(out.loss.detach())
+                    for k, v in out.metrics.items():
+                        if k.startswith("loss/"):  # a share of the term: micro-batches add up to it
+                            term_sums[k] = term_sums.get(k, 0.0) + v
+                        else:
+                            stat_sums[k] = stat_sums.get(k, 0.0) + v
+                    stat_n += 1
+                if bad is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    ck = self.out / "checkpoint"
+                    raise RunFailure(
+                        f"non-finite loss at step {self.step + 1}: term '{bad}' is not finite",
+                        hint=(f"the last good checkpoint is kept at {ck}" if ck.exists() else
+                              "no checkpoint was written yet") + "; lower lr or check the spec's loss")
+                times["time/policy_fwd_bwd"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if self.cfg.max_grad_norm:
+                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += mb_loss
+                updates += 1
+                times["time/optimizer"] += time.perf_counter() - t0
+        metrics.update({k: v / max(1, stat_n) for k, v in stat_sums.items()})
+        metrics.update({k: v / max(1, updates) for k, v in term_sums.items()})  # per update, like `loss`
+        res = {"loss": loss_sum / max(1, updates), **metrics}
+        if grad_norms:
+            res["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        res["lr"] = self.scheduler.get_last_lr()[0]
+        res["groups"] = n_groups
+        if info.get("refill_rounds"):
+            res["refill/rounds"] = info["refill_rounds"]
+        if info.get("dropped_groups"):
+            res["filter/dropped_groups"] = info["dropped_groups"]
+        if info.get("refill_cap_hit"):
+            res["refill/cap_hit"] = 1
+        res.update(times)
+        res["step_time"] = time.perf_counter() - t_start
+        return res
+
+    # -- evaluation --------------------------------------------------------------------
+    def evaluate(self) -> float:
+        was = self.model.training
+        self.model.eval()
+        try:
+            return self.task.evaluate(self.model, per_class=self.eval_per_class)
+        finally:
+            self.model.train(was)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+        self.out.mkdir(parents=True, exist_ok=True)
+        final = self.out / "checkpoint"
+        tmp = self.out / f".checkpoint.tmp{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        if self.reference is not None and self.algo.train.get("reference") == "iterate":
+            save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
+                      str(tmp / "reference.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                   tmp / "rng_0.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "spec": self.algo.name, "family": "flow",
+                                                     "seed": self.cfg.seed, "model": str(self.model_dir)}))
+        old = self.out / ".checkpoint.old"
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def load_checkpoint(self) -> bool:
+        from safetensors.torch import load_file
+        ck = self.out / "checkpoint"
+        if not (ck / "state.json").is_file():
+            return False
+        state = json.loads((ck / "state.json").read_text())
+        if state.get("spec") != self.algo.name or state.get("family") != "flow":
+            raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}"
+                           f"{'' if state.get('family') == 'flow' else ' (not a flow policy)'}, "
+                           f"not of {self.algo.name!r}", hint="use another --out, or run the same spec")
+        try:
+            self.model.load_state_dict(load_file(str(ck / "model.safetensors")))
+        except RuntimeError as e:
+            raise RunError(f"{ck}: the checkpoint does not fit this model: {e}") from None
+        if self.reference is not None and (ck / "reference.safetensors").is_file():
+            self.reference.load_state_dict(load_file(str(ck / "reference.safetensors")))
+        opt = torch.load(ck / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        rng = torch.load(ck / "rng_0.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        self.step = int(state["step"])
+        return True
+
+    def save_final(self) -> None:
+        save_flow_model(self.out / "model", self.model, self.task_settings,
+                        {"spec": self.algo.name, "steps": self.step, "init": str(self.model_dir)})
+
+    # -- logging -----------------------------------------------------------------------
+    def _log(self, rec: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.acc is not None:
+            self.acc.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))},
+                         step=rec["step"])
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        recs = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        ls = [(r["step"], r["loss"]) for r in recs if "loss" in r and r["loss"] == r["loss"]]
+        rs = [(r["step"], r["reward/mean"]) for r in recs if "reward/mean" in r]
+        es = [(r["step"], r["eval_score"]) for r in recs if "eval_score" in r]
+        panels = [("loss", ls, None)] + ([("reward/mean", rs, None)] if rs else []) \
+            + ([("eval_score", es, (-0.02, 1.02))] if es else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+        for ax, (name, pts, ylim) in zip(axes[0], panels):
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if name == "eval_score" else None)
+            ax.set_title(f"{self.algo.name}: {name}" if name == "loss" else name)
+            ax.set_xlabel("step")
+            if ylim:
+                ax.set_ylim(*ylim)
+        fig.tight_layout()
+        fig.savefig(self.out / "curves.png", dpi=100)
+        plt.close(fig)
+
+    # -- main loop ---------------------------------------------------------------------
+    def train(self) -> dict:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = False
+        if self.resume:
+            resumed = self.load_checkpoint()
+            self.say(f"resumed from {self.out / 'checkpoint'} at step {self.step}" if resumed
+                     else f"[yellow]--resume: no checkpoint in {self.out}; starting fresh[/yellow]")
+        mpath = self.out / "metrics.jsonl"
+        if not resumed and mpath.exists():
+            mpath.unlink()
+        if resumed and mpath.exists():
+            lines = [ln for ln in mpath.read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            mpath.write_text("".join(ln + "\n" for ln in lines))
+        if self.acc is not None:
+            self.acc.init_trackers("alignspec", config={k: v for k, v in self.cfg.model_dump().items()
+                                                        if isinstance(v, (int, float, str, bool))})
+        self.say(f"run: {self.algo.name} (flow policy) for {self.steps} steps, batch {self.batch_size} prompts, "
+                 f"lr {self.lr}, builds {', '.join(k for k, v in self.builds.items() if v)}")
+        it0 = min(self.step // self.steps_per_iter, self.iterations - 1)
+        self._start_iteration(it0, replace=self.step > 0 and self.step == it0 * self.steps_per_iter)
+        last_eval = None
+        if self.step == 0:
+            last_eval = self.evaluate()
+            self._log({"step": 0, "eval_score": last_eval})
+            self.say(f"step 0: eval_score {last_eval:.3f}")
+        t_run = time.perf_counter()
+        prof = None
+        if self.cfg.profile:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+            prof.__enter__()
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                            console=self.console, transient=False)
+        last = {}
+        with progress:
+            bar = progress.add_task(self.algo.name, total=self.steps, completed=self.step, info="")
+            while self.step < self.steps:
+                it = min(self.step // self.steps_per_iter, self.iterations - 1)
+                if it != self._iter:
+                    self._start_iteration(it)
+                res = self._train_step()
+                self.step += 1
+                rec = {"step": self.step, **res}
+                self._log(rec)
+                last = rec
+                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.steps:
+                    last_eval = self.evaluate()
+                    self._log({"step": self.step, "eval_score": last_eval})
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:
+                    self.save_checkpoint()
+                info = f"loss {res['loss']:.4f}"
+                if "reward/mean" in res:
+                    info += f"  reward {res['reward/mean']:.3f}"
+                if last_eval is not None:
+                    info += f"  eval {last_eval:.3f}"
+                progress.update(bar, completed=self.step, info=info)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            (self.out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total",
+                                                                            row_limit=30))
+        wall = time.perf_counter() - t_run
+        last_eval = self.evaluate()
+        self._log({"step": self.step, "eval_score": last_eval})
+        self.save_checkpoint()
+        self.save_final()
+        self._plot()
+        if self.acc is not None:
+            self.acc.end_training()
+        summary = {"steps": self.step, "wall_s": wall, "eval_score": last_eval, "loss": last.get("loss")}
+        self.say(f"done: {self.step} steps in {wall:.1f}s, eval_score {last_eval:.3f}; "
+                 f"model saved to {self.out / 'model'}")
+        return summary
