@@ -28,12 +28,15 @@ class RunConfig(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="our field name -> the data set's field name")
     out: str = "runs/run"
-    steps: int | None = Field(None, ge=1, description="optimizer steps (rollouts); None: 100, 300 on the built-in task")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (rollouts); None: 100, 300 on the built-in task "
+                                "(or the spec's built-in preset, runtime/presets.py)")
     seed: int = 0
-    batch_size: int | None = Field(None, ge=1, description="prompts (or pairs) per optimizer step, all processes; None: 8, 16 on the built-in task")
+    batch_size: int | None = Field(None, ge=1, description="prompts (or pairs) per optimizer step, all processes; None: 8, 16 on the "
+                                     "built-in task (or the spec's built-in preset, runtime/presets.py)")
     micro_batch_size: int = Field(8, ge=1, description="groups per forward/backward")
     max_new_tokens: int | None = Field(None, ge=1, description="None: 64, 3 on the built-in task")
-    lr: float | None = Field(None, gt=0, description="None: 1e-5, 1e-3 for the built-in model")
+    lr: float | None = Field(None, gt=0, description="None: 1e-5, 1e-3 for the built-in model (or the spec's "
+                                "built-in preset, runtime/presets.py)")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -47,11 +50,39 @@ class RunConfig(BaseModel):
                                description="registry names or module:function")
     reward_model: str | None = None
     preference_model: str | None = None
+    embedding_model: str | None = Field(None, description="local model whose mean hidden state embeds a response "
+                                        "(None: the policy's own)")
+    init_model: str | None = Field(None, description="start from these weights (a pipeline stage's input); the "
+                                   "run's model (--model or the built-in) still sets the defaults")
+    reference_model: str | None = Field(None, description="the frozen reference (None: the starting model)")
     dtype: str = "float32"
     max_refill_rounds: int = Field(4, ge=0)
     log_with: list[str] = Field(default_factory=list)
     profile: bool = False
-    chunk_size: int = Field(1024, ge=1)
+    chunk_size: int = Field(1024, ge=1, description="rows per block of the output layer's log-prob tiles (each "
+                            "block goes through the vocabulary in slices of about 2M logits)")
+    # -- performance switches: the defaults are the fast paths; the others exist so that
+    #    bench/vs_trl.py can measure each win on its own
+    reference_cache: bool = Field(True, description="offline data (pairs, demonstrations) with a fixed "
+                                  "reference: compute each distinct (prompt, completion)'s reference "
+                                  "log-probs once and reuse them in later epochs")
+    precompute_reference: bool = Field(False, description="with reference_cache: compute the reference "
+                                       "log-probs of the whole data set before step 1 (as TRL's "
+                                       "precompute_ref_log_probs), so steps only train")
+    share_prompt: bool = Field(True, description="rows with the same prompt (a group, a pair) run the prompt "
+                               "through the model once and reuse its keys/values")
+    pair_forwards: Literal[1, 2] = Field(1, description="pairs: 1 = chosen and rejected in one forward "
+                                         "(sharing the prompt), 2 = one forward each")
+    logprobs_path: Literal["chunked", "full_logits"] = Field("chunked", description="chunked: completion "
+                                                             "positions only, tiled through the output layer; "
+                                                             "full_logits: [B, L, vocab] logits and log_softmax")
+    fast_sampling: bool = Field(True, description="the lean KV-cached sampler (runtime/sampling.py) instead of "
+                                "model.generate, where the model allows it")
+    force_reference: bool = Field(False, description="build and run the reference even when the spec reads "
+                                  "no logp_ref (to measure what skipping it saves)")
+    force_old_forward: bool = Field(False, description="run the no-grad 'old' forward even when each rollout "
+                                    "is used once and the spec reads no logp_old (to measure what skipping "
+                                    "it saves)")
     threads: int | None = Field(None, ge=0, description="torch intra-op threads per process; None: 1 for the "
                                 "built-in tiny model (more threads only add overhead there), torch's default "
                                 "otherwise; 0: torch's default")

@@ -41,6 +41,7 @@ import torch
 
 from .config import RunConfig, load_config
 from .errors import RunError, RunFailure
+from .fastpath import ReferenceCache, forward_logprobs
 from .logprobs import completion_logprobs
 from .models import PolicyWithValueHead, add_value_head, load_frozen_copy, load_policy, unwrap_causal_lm
 
@@ -90,6 +91,7 @@ class Engine:
         self.device = self.acc.device
         from rich.console import Console
         self.console = console or Console(stderr=False, highlight=False)
+        self._apply_builtin_preset()
         self._setup()
 
     # -- setup -------------------------------------------------------------------------
@@ -97,10 +99,27 @@ class Engine:
         if self.main:
             self.console.print(msg)
 
+    def _apply_builtin_preset(self) -> None:
+        """Fill what the user left unset from the spec's built-in demo preset (runtime/presets.py):
+        only on the built-in task and model; ``self.cfg`` becomes a copy, the caller's is kept."""
+        from .presets import builtin_preset, describe
+        fields, params = builtin_preset(self.algo, self.cfg)
+        if not fields and not params:
+            return
+        cfg = self.cfg.model_copy(deep=True)
+        for k, v in fields.items():
+            setattr(cfg, k, v)
+        if params:
+            import alignspec
+            cfg.params = {**cfg.params, **params}
+            self.algo = alignspec.compile(self.algo.spec, **params)
+        self.cfg = cfg
+        self.say(describe(self.algo.name, fields, params))
+
     def _setup(self) -> None:
         from accelerate.utils import set_seed
         algo, cfg = self.algo, self.cfg
-        unsupported = {"tree_search", "flow", "embedding"} & set(algo.requires)
+        unsupported = {"flow"} & set(algo.requires)
         if unsupported:
             raise RunError(f"{algo.name} needs {', '.join(sorted(unsupported))}, which this runtime "
                            "does not provide yet")
@@ -109,9 +128,13 @@ class Engine:
                                        else "demonstrations" if self.sample_call is None else "prompts")
         self.builtin = cfg.data is None
         self.task = None
+        self.reward_head = "reward_head" in algo.requires   # trains a reward model (runtime/reward_head.py)
         if self.builtin:
             from .tasks import ArithmeticTask
             self.task = ArithmeticTask()
+            if "tree_search" in algo.requires:  # the step-structured task (runtime/step_task.py)
+                from .step_task import BuiltinStepTask
+                self.task = BuiltinStepTask()
         # effective settings
         self.steps = cfg.steps or (300 if self.builtin else 100)
         self.batch_size = cfg.batch_size or (16 if self.builtin else 8)
@@ -131,13 +154,22 @@ class Engine:
         if cfg.model is None:
             from .tasks import builtin_model_dir
             warm = self.kind != "demonstrations" or self.sample_call is not None
+            builtin_model_dir = getattr(self.task, "builtin_model_dir", builtin_model_dir)
             with self.acc.main_process_first():
                 self.model_dir, settings = builtin_model_dir(warm=warm, seed=0)
             self.say(f"model: built-in tiny llama ({'after a short SFT warm-up on the task' if warm else 'random init'}), "
                      f"cached at {self.model_dir}")
         else:
             self.model_dir = cfg.model
-        self.policy, self.tokenizer = load_policy(self.model_dir, dtype=cfg.dtype, device=self.device)
+        if cfg.init_model:  # a pipeline stage starts from an earlier stage's model
+            self.model_dir = cfg.init_model
+            self.say(f"init: weights from {cfg.init_model}")
+        if self.reward_head:
+            from .reward_head import load_reward_model
+            self.policy, self.tokenizer = load_reward_model(self.model_dir, dtype=cfg.dtype, device=self.device)
+            self.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
+        else:
+            self.policy, self.tokenizer = load_policy(self.model_dir, dtype=cfg.dtype, device=self.device)
         self.builds["policy"] += 1
         self.lora = cfg.lora_r > 0
         if self.lora:
@@ -146,7 +178,8 @@ class Engine:
                 raise RunError("LoRA with `reference = \"iterate\"` is not supported yet",
                                hint="set lora_r: 0 for this spec")
             lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-                              target_modules="all-linear", lora_dropout=0.0)
+                              target_modules="all-linear", lora_dropout=0.0,
+                              **({"task_type": "SEQ_CLS"} if self.reward_head else {}))
             self.policy = get_peft_model(self.policy, lcfg)
         self.model = self.policy
         if "critic" in algo.requires:
@@ -154,14 +187,21 @@ class Engine:
             self.builds["critic"] += 1
         self.model.train()
         self.reference = None
-        if "reference" in algo.requires and not self.lora:
-            self.reference = load_frozen_copy(self.model_dir, dtype=cfg.dtype, device=self.device)
+        if ("reference" in algo.requires or cfg.force_reference) and not self.lora:
+            self.reference = load_frozen_copy(cfg.reference_model or self.model_dir, dtype=cfg.dtype,
+                                              device=self.device)
+            if cfg.reference_model:
+                self.say(f"reference: {cfg.reference_model}")
             self.builds["reference"] += 1
         # scorers
         self.scorers = self._bind_scorers()
+        self.ref_cache = ReferenceCache(self)  # offline data, fixed reference (runtime/fastpath.py)
+        from .lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
+        setup_extras(self)
         # optimizer / schedule
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
+        from .fastpath import adamw
+        self.optimizer = adamw(params, lr=self.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
         self.updates_per_step = int(algo.train.get("epochs", 1)) * int(algo.train.get("minibatches", 1))
         total = self.steps * self.updates_per_step
         warm, kind = cfg.warmup_steps, cfg.lr_schedule
@@ -184,9 +224,10 @@ class Engine:
         need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
                 "pairs": ["prompt", "chosen", "rejected"]}.get(self.kind, ["prompt"])
         if self.builtin:
-            self.say(f"data: built-in task {self.task.name} ({self.kind}, "
-                     f"{len(self.task.train_problems)} training / {len(self.task.eval_problems)} held-out problems)")
-            return self.task.records(self.kind)
+            recs = self.task.records(self.kind)
+            self.say(f"data: built-in task {self.task.name} ({len(recs)} {self.kind} from "
+                     f"{len(self.task.train_problems)} training problems; {len(self.task.eval_problems)} held-out)")
+            return recs
         from .data import load_records
         recs = load_records(self.cfg.data, self.cfg.fields, required=need)
         self.say(f"data: {self.cfg.data} ({len(recs)} rows, {self.kind})")
@@ -226,10 +267,9 @@ class Engine:
             return self.algo
         if iteration not in self._algos:
             import alignspec
-            over = {k: v for k, v in self.algo.params.items() if k not in self.algo.schedules}
-            for k, vals in self.algo.schedules.items():
-                over[k] = vals[min(iteration, len(vals) - 1)]
-            self._algos[iteration] = alignspec.compile(self.algo.spec, **over)
+
+            from .iterations import iteration_params  # a param the run set replaces its schedule
+            self._algos[iteration] = alignspec.compile(self.algo.spec, **iteration_params(self.algo, iteration))
         return self._algos[iteration]
 
     # -- data and sampling ----------------------------------------------------------------
@@ -291,7 +331,7 @@ class Engine:
             top_p = float(self._kw(call, "top_p", 1.0))
             which = self._kw(call, "model", "policy")
             max_tok = int(self._kw(call, "max_tokens", self.max_new_tokens))
-            model = self.policy
+            model = self.policy if getattr(self, "iterate", None) is None else self.iterate  # pi_t (iterations.py)
             ctx = contextlib.nullcontext()
             if which == "reference":
                 if self.reference is not None:
@@ -301,7 +341,7 @@ class Engine:
             with ctx:
                 ro = generate_groups(model, self.tokenizer, [r["prompt"] for r in recs], n,
                                      max_new_tokens=max_tok, temperature=temp, top_p=top_p,
-                                     generator_seed=seed)
+                                     generator_seed=seed, fast=self.cfg.fast_sampling)
             groups = [[] for _ in recs]
             pm, cm = ro.prompt_mask.cpu(), ro.completion_mask.cpu()
             for i in range(ro.completion_ids.shape[0]):
@@ -310,6 +350,11 @@ class Engine:
                                    "c": ro.completion_ids[i].cpu()[cm[i].bool()].tolist(),
                                    "text": ro.texts[i], "rec": recs[gi]})
             return groups
+        if f == "tree_search":  # runtime/mcts_sampler.py
+            kw = {k: self._kw(call, k, d) for k, d in (("simulations", 16), ("branching", 3), ("depth", 4),
+                                                        ("c_puct", 1.5), ("temperature", 1.0))}
+            model = self.policy if getattr(self, "iterate", None) is None else self.iterate
+            return self.tree_sampler.groups(model, recs, seed=seed, **kw)
         if f == "concat":
             parts = [self._sample(a, recs, _mix(seed, k)) for k, a in enumerate(call.args)]
             return [sum((p[i] for p in parts), []) for i in range(len(recs))]
@@ -353,6 +398,7 @@ class Engine:
         algo = self.current
         G = algo.group_size
         kept_rows, carried, info = [], [], {"refill_rounds": 0, "dropped_groups": 0}
+        carried_rows = []  # kept rows per round: tells group-level carried values (one per group) apart
         target = self.local_batch
         rnd = 0
         while True:
@@ -369,6 +415,8 @@ class Engine:
                 rrecs = [r["rec"] for r in rows]
                 for name, scorer in self.scorers.items():
                     batch[name] = scorer(prompts, texts, rrecs).to(self.device, torch.float32)
+                if getattr(self, "embedder", None) is not None:  # embedding(response), runtime/embedding.py
+                    batch["embedding"] = self.embedder(batch, texts)
                 with torch.no_grad():
                     s = algo.score(batch)
                 sel, keep = s.pop("rows"), s.pop("keep")
@@ -381,6 +429,7 @@ class Engine:
                         s.setdefault(k, v if sel is None else v[sel])
                 kept_rows.extend(rows[i] for i in idx)
                 carried.append(s)
+                carried_rows.append(len(idx))
             times["time/scoring"] += time.perf_counter() - t0
             have = len(kept_rows) // G
             short = torch.tensor([max(0, target - have)], device=self.device, dtype=torch.float32)
@@ -403,20 +452,25 @@ class Engine:
         for k in carried[0]:
             vals = [c[k] for c in carried if k in c]
             if all(torch.is_tensor(v) and v.dim() > 0 for v in vals):
-                batch[k] = torch.cat([v.to(self.device) for v in vals])[:n_keep]
+                per_group = G > 1 and all(v.shape[0] * G == n and n > 0 for v, n in zip(vals, carried_rows))
+                batch[k] = torch.cat([v.to(self.device) for v in vals])[:n_keep // G if per_group else n_keep]
             else:
                 batch[k] = vals[0]
         info["texts"] = [r["text"] for r in kept_rows[:n_keep]]
+        self._batch_rows = kept_rows[:n_keep]  # token ids per row: keys of the reference cache
         return batch, info
 
     def _forward(self, model, batch, sl, *, grad, entropy=False, value=False):
         ids = torch.cat([batch["prompt_ids"][sl], batch["completion_ids"][sl]], 1)
         att = torch.cat([batch["prompt_mask"][sl], batch["completion_mask"][sl]], 1)
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        if getattr(self, "reward_head", False):  # rm_score: the reward model being trained
+            from .reward_head import sequence_scores
+            with ctx:
+                return {"rm_score": sequence_scores(model, ids, att)}
         with ctx:
-            out = completion_logprobs(model, ids, att, batch["completion_mask"][sl],
-                                      chunk_size=self.cfg.chunk_size, with_entropy=entropy,
-                                      return_hidden=value)
+            out = forward_logprobs(self.cfg, model, ids, att, batch["completion_mask"][sl], entropy=entropy,
+                                   value=value, pairs=self.kind == "pairs")  # runtime/fastpath.py
             if value:
                 out["value"] = self.model.values_from_hidden(out.pop("hidden")) * batch["mask"][sl]
         return out
@@ -430,11 +484,14 @@ class Engine:
         G = algo.group_size
         t0 = time.perf_counter()
         rows = batch["mask"].shape[0]
-        need_old = "logp_old" in algo.inputs or "value_old" in algo.inputs
+        need_old = "logp_old" in algo.inputs or "value_old" in algo.inputs or self.cfg.force_old_forward
         if need_old:
             lo, vo = [], []
+            # with self-play iterations the policy that sampled is the frozen iterate pi_t (iterations.py)
+            it = getattr(self, "iterate", None)
+            old_model = it if it is not None and "value_old" not in algo.inputs else self.model
             for sl in self._micro_slices(rows, G):
-                o = self._forward(self.model, batch, sl, grad=False, value="value_old" in algo.inputs)
+                o = self._forward(old_model, batch, sl, grad=False, value="value_old" in algo.inputs)
                 lo.append(o["logp"])
                 if "value" in o:
                     vo.append(o["value"])
@@ -442,13 +499,22 @@ class Engine:
                 batch["logp_old"] = torch.cat(lo)
             if vo:
                 batch["value_old"] = torch.cat(vo)
-        if "logp_ref" in algo.inputs:
-            ref = self.reference if self.reference is not None else self.policy
-            ctx = self.policy.disable_adapter() if self.reference is None else contextlib.nullcontext()
-            with ctx:
-                batch["logp_ref"] = torch.cat([self._forward(ref, batch, sl, grad=False)["logp"]
-                                               for sl in self._micro_slices(rows, G)])
+        if "logp_ref" in algo.inputs or (self.cfg.force_reference and self.reference is not None):
+            lr = self.ref_cache.logprobs(batch, getattr(self, "_batch_rows", None), self._reference_forward)
+            if "logp_ref" in algo.inputs:
+                batch["logp_ref"] = lr
         times["time/ref_old_forward"] += time.perf_counter() - t0
+
+    def reference_needed(self) -> bool:
+        return "logp_ref" in self.algo.inputs or (self.cfg.force_reference and self.reference is not None)
+
+    def _reference_forward(self, batch) -> torch.Tensor:
+        """``[B, T]`` reference log-probs of ``batch`` (no grad, micro-batches of whole groups)."""
+        from .fastpath import reference_model_ctx
+        ref, ctx = reference_model_ctx(self)
+        with ctx:
+            return torch.cat([self._forward(ref, batch, sl, grad=False)["logp"]
+                              for sl in self._micro_slices(batch["mask"].shape[0], self.current.group_size)])
 
     # -- one optimizer step ----------------------------------------------------------------
     def _train_step(self) -> dict:
@@ -486,7 +552,10 @@ class Engine:
                 t0 = time.perf_counter()
                 ridx = torch.tensor([g * G + j for g in chunk for j in range(G)], dtype=torch.long,
                                     device=self.device)
-                mb = {k: (v[ridx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else v)
+                gidx = torch.tensor(chunk, dtype=torch.long, device=self.device)
+                mb = {k: (v[ridx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else
+                          v[gidx] if G > 1 and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n_groups
+                          else v)  # per row, per group (one value per group), or batch-wide
                       for k, v in batch.items()} if batch is not None else None
                 local = torch.tensor([0.0 if mb is None else float(mb["mask"].sum()), float(len(ridx)),
                                       float(len(chunk))], device=self.device, dtype=torch.float64)
@@ -499,7 +568,10 @@ class Engine:
                 for sl in self._micro_slices(len(ridx), G) if mb is not None else []:
                     fw = self._forward(self.model, mb, sl, grad=True, entropy="entropy" in algo.inputs,
                                        value="value" in algo.inputs)
-                    micro = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(ridx) else v)
+                    gsl = slice(sl.start // G, sl.stop // G)  # micro-batches are whole groups
+                    micro = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(ridx) else
+                                 v[gsl] if G > 1 and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(chunk)
+                                 else v)
                              for k, v in mb.items()}
                     micro.update(fw)
                     out = algo.step_loss(micro, totals)
@@ -557,6 +629,7 @@ class Engine:
             res["grad_norm"] = sum(grad_norms) / len(grad_norms)
         res["lr"] = self.scheduler.get_last_lr()[0]
         res["groups"] = n_groups * self.world if self.world > 1 else n_groups
+        res.update(getattr(getattr(self, "tree_sampler", None), "stats", None) or {})  # search/* (mcts_sampler.py)
         if info.get("refill_rounds"):
             res["refill/rounds"] = info["refill_rounds"]
         if info.get("dropped_groups"):
@@ -607,6 +680,10 @@ class Engine:
             if self.reference is not None and self.current.train.get("reference") == "iterate":
                 save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
                           str(tmp / "reference.safetensors"))
+            from .iterations import separate_iterate
+            if separate_iterate(self) is not None:
+                save_file({k: v.contiguous() for k, v in separate_iterate(self).state_dict().items()},
+                          str(tmp / "iterate.safetensors"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        tmp / "optimizer.pt")
             torch.save(rng, tmp / f"rng_{self.rank}.pt")
@@ -641,6 +718,9 @@ class Engine:
                 named[k].copy_(v.to(named[k].device, named[k].dtype))
         if self.reference is not None and (ck / "reference.safetensors").is_file():
             self.reference.load_state_dict(load_file(str(ck / "reference.safetensors")))
+        from .iterations import separate_iterate
+        if separate_iterate(self) is not None and (ck / "iterate.safetensors").is_file():
+            separate_iterate(self).load_state_dict(load_file(str(ck / "iterate.safetensors")))
         opt = torch.load(ck / "optimizer.pt", weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
@@ -693,6 +773,9 @@ class Engine:
             lm = unwrap_causal_lm(self.model)
             self.reference.load_state_dict(lm.state_dict())
             self.say(f"iteration {it}: reference replaced by the current policy")
+        if replace and it > 0:
+            from .iterations import refresh_iterate
+            refresh_iterate(self)  # pi_t := the policy (when it is not the reference itself)
 
     def train(self) -> dict:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -721,6 +804,8 @@ class Engine:
             last_eval = self.evaluate()
             self._log({"step": 0, "eval_score": last_eval})
             self.say(f"step 0: eval_score {last_eval:.3f}")
+        if self.cfg.precompute_reference and self.reference_needed():
+            self.ref_cache.precompute(self)
         t_run = time.perf_counter()
         prof = None
         if self.cfg.profile:
@@ -821,6 +906,11 @@ def run_from_cli(spec, model=None, data=None, config=None, sets=(), out=None, st
     """Entry point of ``alignspec run``: 0 ok, 2 bad input (spec, config, data, paths), 1 run failure."""
     from alignspec import SpecError
     try:
+        from .pipeline import load_pipeline, run_pipeline
+        if load_pipeline(spec) is not None:  # a pipeline of stages (runtime/pipeline.py)
+            run_pipeline(spec, model=model, data=data, config=config, sets=sets, out=out, steps=steps, seed=seed,
+                         save_every=save_every, resume=resume, eval_every=eval_every, profile=profile)
+            return 0
         engine = build_engine(spec, model=model, data=data, config=config, sets=sets, out=out, steps=steps,
                               seed=seed, save_every=save_every, resume=resume, eval_every=eval_every,
                               profile=profile)

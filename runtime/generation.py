@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import sampling
 from .models import unwrap_causal_lm
 
 
@@ -66,11 +67,16 @@ def _eos_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate_groups(model, tokenizer, prompts: list[str], n: int, *, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                    generator_seed: int | None = None) -> Rollout:
+                    generator_seed: int | None = None, fast: bool = True) -> Rollout:
     """Sample ``n`` completions for each prompt; greedy when ``temperature == 0`` or not
     ``do_sample``. Sampling is pure temperature/top-p (no top-k). ``generator_seed`` makes
     the draw reproducible without touching the global RNG state. The model is put in eval
     mode for the call and restored afterwards.
+
+    ``fast`` (default): :func:`sampling.sample_groups` -- each prompt prefilled once, inverse-CDF
+    sampling -- when :func:`sampling.supported` says the model and its generation config allow
+    it; otherwise (or with ``fast=False``) ``model.generate``. Both sample the same
+    distribution, with different random streams.
     """
     if n < 1 or max_new_tokens < 1:
         raise ValueError("n and max_new_tokens must be >= 1")
@@ -100,14 +106,24 @@ def generate_groups(model, tokenizer, prompts: list[str], n: int, *, max_new_tok
     lm.eval()
     devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices, enabled=generator_seed is not None):
+        if fast and sampling.supported(lm):
+            gen = None
             if generator_seed is not None:
-                torch.manual_seed(generator_seed)
-            out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+                gen = torch.Generator(device=device)
+                gen.manual_seed(int(generator_seed))
+            completion_ids = sampling.sample_groups(
+                lm, enc["input_ids"].to(device), enc["attention_mask"].to(device), n,
+                max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id, temperature=float(temperature),
+                top_p=float(top_p), greedy=not (do_sample and temperature > 0), generator=gen)
+        else:
+            with torch.random.fork_rng(devices=devices, enabled=generator_seed is not None):
+                if generator_seed is not None:
+                    torch.manual_seed(generator_seed)
+                out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+            completion_ids = out[:, prompt_ids.shape[1]:]
     finally:
         lm.train(was_training)
 
-    completion_ids = out[:, prompt_ids.shape[1]:]
     if eos:
         completion_mask = completion_mask_from_ids(completion_ids, eos)
     else:

@@ -2,10 +2,10 @@
 
 ``completion_logprobs`` runs only the transformer body, keeps the hidden states at the
 positions that predict valid completion tokens, and pushes those rows through the output
-layer in chunks with :class:`ChunkedLinearLogProb`, a custom autograd Function that
-recomputes each chunk's logits in backward. Peak extra memory is one
-``[chunk_size, vocab]`` float32 buffer (two with entropy) instead of the full logits tensor
-and the log-softmax copy autograd would save for backward.
+layer in tiles (row blocks x vocabulary slices, about 8 MB each in float32) with
+:class:`ChunkedLinearLogProb`, a custom autograd Function that recomputes each tile's logits
+in backward. Peak extra memory is a tile or two instead of the full logits tensor and the
+log-softmax copy autograd would save for backward.
 
 Layout (docs/contracts.md): ``input_ids`` = prompt (left-padded) ++ completion
 (right-padded), ``[B, P + T]``; ``completion_mask`` ``[B, T]``; results are ``[B, T]``
@@ -35,45 +35,78 @@ def _chunk_logits(h, weight, bias, scale, acc):
     return z
 
 
+# Default tile of the output layer: rows x vocabulary columns such that one float32 tile is
+# about 2M elements (8 MB). At vocab 32000 and 1,024 rows that is 1,024 x 2,048.
+TILE_ELEMS = 1 << 21
+
+
+def vocab_tile(rows: int, vocab: int, tile_elems: int = TILE_ELEMS) -> int:
+    """Vocabulary columns per tile for a row block of ``rows`` rows (at least 128)."""
+    return max(128, min(vocab, tile_elems // max(1, rows)))
+
+
 class ChunkedLinearLogProb(torch.autograd.Function):
-    """``logp[i] = log_softmax(scale * (h[i] @ W.T + b))[targets[i]]`` (and entropy), by chunks.
+    """``logp[i] = log_softmax(scale * (h[i] @ W.T + b))[targets[i]]`` (and entropy), by tiles.
 
     forward(hidden [N, H], weight [V, H], bias [V] | None, targets [N], chunk_size, scale,
-    with_entropy) -> (logp [N], entropy [N] or empty). Saved for backward: hidden, weight,
-    bias, targets and per-row log-sum-exp (and entropy) -- nothing of size ``N * V``.
-    Backward recomputes each chunk's logits; d logp / d z = onehot - softmax and
-    d entropy / d z = -p * (log p + entropy). The weight gradient is returned for the weight
-    tensor itself, so a tied input embedding (GPT-2) accumulates both contributions.
+    with_entropy, vocab_chunk) -> (logp [N], entropy [N] or empty). Rows go in blocks of
+    ``chunk_size``; within a block the vocabulary goes in slices of ``vocab_chunk`` columns
+    (``None``: :func:`vocab_tile`), with an online (running-max) log-sum-exp and entropy, so
+    the largest temporary is one ``[chunk_size, vocab_chunk]`` tile. Saved for backward:
+    hidden, weight, bias, targets and per-row log-sum-exp (and entropy) -- nothing of size
+    ``N * V``. Backward recomputes each tile's logits; d logp / d z = onehot - softmax and
+    d entropy / d z = -p * (log p + entropy); each weight-gradient slice is written once per
+    row block. The weight gradient is returned for the weight tensor itself, so a tied input
+    embedding (GPT-2) accumulates both contributions.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under the same autocast
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, with_entropy, vocab_chunk=None):
         acc = _acc_dtype(hidden.dtype)
-        n = hidden.shape[0]
+        n, V = hidden.shape[0], weight.shape[0]
+        rows = max(1, min(chunk_size, n))
+        vc = min(V, vocab_chunk or vocab_tile(rows, V))
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            z = _chunk_logits(hidden[s:e], weight, bias, scale, acc)
-            target = z.gather(-1, targets[s:e, None]).squeeze(-1)
-            mx = z.amax(-1, keepdim=True)
-            z.sub_(mx)  # in place from here on: at most two [chunk, V] buffers live
-            if with_entropy:
-                ex = z.exp()
-                total = ex.sum(-1)
-                # H = log(sum e^z) - sum(e^z * z) / sum(e^z), with z shifted by its max
-                ent[s:e] = total.log() - ex.mul_(z).sum(-1) / total
-                del ex
-            else:
-                total = z.exp_().sum(-1)
-            l = total.log() + mx.squeeze(-1)
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            h, t = hidden[s:e], targets[s:e]
+            m = s_ = u = tgt = None
+            for vs in range(0, V, vc):
+                ve = min(vs + vc, V)
+                z = _chunk_logits(h, weight[vs:ve], None if bias is None else bias[vs:ve], scale, acc)
+                idx = t - vs
+                hit = (idx >= 0) & (idx < ve - vs)
+                zt = z.gather(-1, idx.clamp(0, ve - vs - 1)[:, None]).squeeze(-1)
+                tgt = torch.where(hit, zt, zt.new_zeros(()) if tgt is None else tgt)
+                zm = z.amax(-1)
+                m_new = zm if m is None else torch.maximum(m, zm)
+                z.sub_(m_new[:, None])  # in place from here on: at most two tiles live
+                if with_entropy:
+                    ex = z.exp()
+                    part_s, part_u = ex.sum(-1), ex.mul_(z).sum(-1)  # sum e^(z-m), sum e^(z-m) (z-m)
+                    del ex
+                    if m is None:
+                        s_, u = part_s, part_u
+                    else:
+                        d = m - m_new
+                        alpha = d.exp()
+                        u = alpha * (u + d * s_) + part_u
+                        s_ = alpha * s_ + part_s
+                else:
+                    part_s = z.exp_().sum(-1)
+                    s_ = part_s if m is None else (m - m_new).exp() * s_ + part_s
+                m = m_new
+                del z
+            l = s_.log() + m
             lse[s:e] = l
-            logp[s:e] = target - l
-            del z
+            logp[s:e] = tgt - l
+            if with_entropy:  # H = log(sum e^(z-m)) - sum(e^(z-m) (z-m)) / sum(e^(z-m))
+                ent[s:e] = s_.log() - u / s_
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.chunk_size, ctx.scale, ctx.with_entropy = chunk_size, scale, with_entropy
+        ctx.rows, ctx.vc, ctx.scale, ctx.with_entropy = rows, vc, scale, with_entropy
         ctx.set_materialize_grads(False)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
@@ -88,53 +121,72 @@ class ChunkedLinearLogProb(torch.autograd.Function):
         if not ctx.with_entropy:
             g_ent = None
         if g_logp is None and g_ent is None:
-            return (None,) * 7
+            return (None,) * 8
         acc = lse.dtype
-        n = hidden.shape[0]
+        n, V = hidden.shape[0], weight.shape[0]
+        rows, vc = ctx.rows, ctx.vc
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
-        for s in range(0, n, ctx.chunk_size):
-            e = min(s + ctx.chunk_size, n)
-            h = hidden[s:e]
-            logq = _chunk_logits(h, weight, bias, ctx.scale, acc).sub_(lse[s:e, None])
-            gz = None
-            if g_ent is not None:  # d entropy / dz = -p * (log p + H), built in logq's buffer
-                p = logq.exp()
-                gz = logq.add_(ent[s:e, None]).mul_(p).mul_(-g_ent[s:e, None].to(acc))
-            else:
-                p = logq.exp_()  # one [chunk, V] buffer when entropy needs no gradient
-            del logq
-            if g_logp is not None:  # d logp / dz = onehot - p
-                g = g_logp[s:e, None].to(acc)
-                if gz is None:
-                    gz = p.mul_(-g)
+        w_acc = weight if weight.dtype == acc else None
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            h, t = hidden[s:e], targets[s:e]
+            h_acc = h.to(acc)
+            gh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
+            g = g_logp[s:e, None].to(acc) if g_logp is not None else None
+            ge = -g_ent[s:e, None].to(acc) if g_ent is not None else None
+            for vs in range(0, V, vc):
+                ve = min(vs + vc, V)
+                w = weight[vs:ve]
+                logq = _chunk_logits(h, w, None if bias is None else bias[vs:ve], ctx.scale, acc)
+                logq.sub_(lse[s:e, None])
+                gz = None
+                if ge is not None:  # d entropy / dz = -p * (log p + H), built in logq's buffer
+                    p = logq.exp()
+                    gz = logq.add_(ent[s:e, None]).mul_(p).mul_(ge)
                 else:
-                    gz.sub_(p.mul_(g))
-                gz.scatter_add_(-1, targets[s:e, None], g)
-            del p
-            if ctx.scale != 1.0:
-                gz.mul_(ctx.scale)
+                    p = logq.exp_()  # one tile when entropy needs no gradient
+                del logq
+                if g is not None:  # d logp / dz = onehot - p
+                    if gz is None:
+                        gz = p.mul_(-g)
+                    else:
+                        gz.sub_(p.mul_(g))
+                    idx = t - vs
+                    hit = (idx >= 0) & (idx < ve - vs)
+                    gz.scatter_add_(-1, idx.clamp(0, ve - vs - 1)[:, None], (g * hit[:, None].to(acc)))
+                del p
+                if ctx.scale != 1.0:
+                    gz.mul_(ctx.scale)
+                if need_h:
+                    gh.addmm_(gz, w if w_acc is not None else w.to(acc))
+                if need_w:
+                    grad_w[vs:ve].addmm_(gz.t(), h_acc)
+                if need_b:
+                    grad_b[vs:ve].add_(gz.sum(0))
+                del gz
             if need_h:
-                grad_h[s:e] = (gz.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(gz.t(), h.to(acc))
-            if need_b:
-                grad_b.add_(gz.sum(0))
+                grad_h[s:e] = gh.to(hidden.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def linear_logprobs(hidden, weight, bias, targets, *, chunk_size=1024, scale=1.0,
-                    with_entropy=False):
-    """Chunked ``(logp [N], entropy [N] | None)`` of ``targets`` under a linear output layer."""
+                    with_entropy=False, vocab_chunk=None):
+    """Tiled ``(logp [N], entropy [N] | None)`` of ``targets`` under a linear output layer:
+    ``chunk_size`` rows by ``vocab_chunk`` vocabulary columns per tile (``None``: about
+    ``TILE_ELEMS`` elements per tile)."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
+    if vocab_chunk is not None and vocab_chunk < 1:
+        raise ValueError("vocab_chunk must be >= 1")
     logp, ent = ChunkedLinearLogProb.apply(hidden, weight, bias, targets, int(chunk_size),
-                                           float(scale), bool(with_entropy))
+                                           float(scale), bool(with_entropy),
+                                           None if vocab_chunk is None else int(vocab_chunk))
     return logp, (ent if with_entropy else None)
 
 
@@ -178,8 +230,56 @@ def _module_logprobs(hidden, head, targets, chunk_size, scale, softcap, with_ent
     return logp, ent
 
 
+def _shared_prompt_hidden(body, input_ids, attention_mask, position_ids, P):
+    """``[B, T, H]`` hidden states predicting the completion tokens, with one body pass per
+    *distinct* prompt: the prompt's keys/values (KV cache, part of the autograd graph) are
+    repeated for every row that shares it, then the completions run on top of them. ``None``
+    when every prompt is distinct or the body takes no cache argument."""
+    from .sampling import cache_kwarg, new_cache
+    B, L = input_ids.shape
+    key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], 1)
+    uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+    U = uniq.shape[0]
+    ck = cache_kwarg(body)
+    if U == B or ck is None:
+        return None
+    first = torch.full((U,), B, dtype=torch.long, device=input_ids.device)
+    first = first.scatter_reduce(0, inv, torch.arange(B, device=input_ids.device), "amin")
+    cache = new_cache(body)
+    out = body(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+               position_ids=position_ids[first, :P], use_cache=True, **{ck: cache})
+    h_prompt = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    parts = [h_prompt[:, -1:][inv]]  # the last prompt position predicts completion token 0
+    if L - 1 > P:
+        cache.batch_select_indices(inv)  # differentiable indexing: gradients reach the prompt pass
+        out = body(input_ids=input_ids[:, P:L - 1], attention_mask=attention_mask[:, :L - 1],
+                   position_ids=position_ids[:, P:L - 1], use_cache=True, **{ck: cache})
+        parts.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+    return torch.cat(parts, 1)
+
+
+def full_logits_logprobs(model, input_ids, attention_mask, completion_mask, *, with_entropy=False):
+    """The textbook path, kept to measure what chunking saves: logits for every position of
+    every row (``[B, L, V]`` float32), ``log_softmax``, gather. Same results as
+    :func:`completion_logprobs`, at ``O(B * L * V)`` memory."""
+    B, L = input_ids.shape
+    T = completion_mask.shape[1]
+    P = L - T
+    lm = unwrap_causal_lm(model)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False).logits
+    logq = logits.to(_acc_dtype(logits.dtype)).log_softmax(-1)[:, P - 1:L - 1]
+    m = completion_mask.to(logq.dtype)
+    result = {"logp": logq.gather(-1, input_ids[:, P:, None]).squeeze(-1) * m}
+    if with_entropy:
+        result["entropy"] = -(logq.exp() * logq).sum(-1) * m
+    return result
+
+
 def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
-                        chunk_size=1024, with_entropy=False, return_hidden=False):
+                        chunk_size=1024, with_entropy=False, return_hidden=False,
+                        share_prompt=True):
     """Log-prob of each completion token given its prefix, ``[B, T]`` (0 where masked).
 
     ``model``: a causal LM (also a ``PolicyWithValueHead`` or a PEFT model around one).
@@ -187,6 +287,10 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
     shift positions. Returns a dict with ``logp`` (float32, float64 for float64 models),
     ``entropy`` ``[B, T]`` if ``with_entropy`` (differentiable), and ``hidden`` ``[B, T, H]``
     -- the last hidden states that predict each completion token -- if ``return_hidden``.
+
+    ``share_prompt``: rows with the same prompt (a group's completions, a pair's chosen and
+    rejected) run the prompt through the body once and reuse its keys/values; the same
+    numbers up to float rounding, fewer FLOPs.
     """
     B, L = input_ids.shape
     T = completion_mask.shape[1]
@@ -196,10 +300,13 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
     lm = unwrap_causal_lm(model)
     body, head = body_and_head(lm)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    out = body(input_ids=input_ids, attention_mask=attention_mask,
-               position_ids=position_ids, use_cache=False)
-    hidden_all = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    hidden = hidden_all[:, P - 1:L - 1]  # position P-1+t predicts completion token t
+    hidden = _shared_prompt_hidden(body, input_ids, attention_mask, position_ids, P) \
+        if share_prompt and B > 1 else None
+    if hidden is None:
+        out = body(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids, use_cache=False)
+        hidden_all = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden = hidden_all[:, P - 1:L - 1]  # position P-1+t predicts completion token t
     sel = completion_mask.bool()
     rows = hidden[sel]
     targets = input_ids[:, P:][sel]

@@ -12,7 +12,8 @@ Several configured rewards are summed. ``module:function`` strings are imported 
 the run's configuration names them (an explicit opt-in to running that code).
 
 ``SequenceScorer`` wraps an ``AutoModelForSequenceClassification`` directory: the score of a
-response is the first logit on prompt + completion. It serves ``reward_model(response)``
+response is the first logit on prompt + completion (+ EOS for a reward model alignspec
+trained, whose config says ``alignspec_score_eos``: scored as it was trained). It serves ``reward_model(response)``
 and, as a Bradley-Terry scorer with P(i > j) = sigmoid(s_i - s_j), ``preference(response)``.
 """
 
@@ -113,6 +114,11 @@ class SequenceScorer:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, records) -> torch.Tensor:
+        if getattr(self.model.config, "alignspec_score_eos", False):
+            # a reward model alignspec trained (runtime/reward_head.py): scored as it was trained,
+            # at the EOS after prompt + completion
+            from .reward_head import score_texts
+            return score_texts(self.model, self.tok, list(prompts), list(completions), self.batch_size)
         texts = [p + c for p, c in zip(prompts, completions)]
         out = []
         device = next(self.model.parameters()).device

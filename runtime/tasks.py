@@ -5,8 +5,11 @@ problems and 25 held-out evaluation problems (each held-out ``a+b`` has its mirr
 in the training set). The task provides
 
 - ``records(kind)``: training rows for a spec's data kind -- ``prompts`` (prompt + answer),
-  ``demonstrations`` (prompt + response), ``pairs`` (prompt + chosen + rejected, where the
-  rejected answer is a wrong sum close to the right one);
+  ``demonstrations`` (prompt + response), ``pairs`` (prompt + chosen + rejected: one row per
+  training problem and per nearby wrong sum ``a+b-2 .. a+b+2`` in 0..18, 293 rows; these are
+  the warm model's typical mistakes, so every pair says something about the answers it
+  actually confuses -- with one fixed wrong sum per problem, DPO rarely sees the model's own
+  mistake and does not lift held-out accuracy);
 - ``eval_score(model, tokenizer)``: greedy exact-match accuracy on the held-out problems;
 - ``builtin_model_dir(warm=...)``: the tiny built-in Llama (about 100k parameters), either
   freshly initialized or after a short SFT warm-up on the training problems. Both are cached
@@ -49,10 +52,10 @@ def _problems():
     return train, sorted(held)
 
 
-def _wrong(a: int, b: int, rng: random.Random) -> str:
+def _nearby_wrong(a: int, b: int) -> list[str]:
+    """The wrong sums within 2 of ``a + b`` that are sums of two digits (0..18)."""
     s = a + b
-    choices = [x for x in (s - 2, s - 1, s + 1, s + 2) if 0 <= x <= 18]
-    return str(rng.choice(choices))
+    return [str(x) for x in (s - 2, s - 1, s + 1, s + 2) if 0 <= x <= 18]
 
 
 class ArithmeticTask:
@@ -65,15 +68,14 @@ class ArithmeticTask:
         self.train_problems, self.eval_problems = _problems()
 
     def records(self, kind: str) -> list[dict]:
-        rng = random.Random(SPLIT_SEED + 1)
         rows = []
         for a, b in self.train_problems:
             row = {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+            if kind == "pairs":
+                rows.extend({**row, "chosen": row["answer"], "rejected": w} for w in _nearby_wrong(a, b))
+                continue
             if kind == "demonstrations":
                 row["response"] = row["answer"]
-            elif kind == "pairs":
-                row["chosen"] = row["answer"]
-                row["rejected"] = _wrong(a, b, rng)
             rows.append(row)
         return rows
 

@@ -1,0 +1,145 @@
+"""A lean KV-cached sampling loop for groups of completions (the fast path of ``generate_groups``).
+
+``sample_groups(lm, prompt_ids, prompt_mask, n, ...)`` samples ``n`` completions per prompt.
+Compared with ``model.generate`` it
+
+* prefills each *distinct* prompt once and repeats its KV cache ``n`` times (a group's
+  completions share their prompt), instead of prefilling every row;
+* samples by inverse CDF (one uniform per row: ``searchsorted(cumsum(p), u)``) instead of
+  ``torch.multinomial``, which on CPU draws an exponential for every vocabulary entry of every
+  row at every step (about a third of ``generate``'s time at vocab 32000);
+* computes the output layer only at the last position and runs no logits-processor machinery.
+
+The distribution sampled is the same: ``softmax(logits / temperature)``, restricted to the
+top-p nucleus when ``top_p < 1`` (the smallest set of most likely tokens whose probability
+reaches ``top_p``, as transformers' ``TopPLogitsWarper``), greedy when ``temperature == 0``.
+The model's generation config is honoured for ``min_new_tokens`` / ``min_length`` (EOS is
+suppressed until then); :func:`supported` says when a model or generation config asks for
+anything else (repetition penalty, bad words, ...), in which case callers use ``generate``.
+Finished rows (after their first EOS) get ``pad_id``; the loop stops when every row has
+finished, so the returned width is at most ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# generation-config fields whose non-default values this loop does not implement
+_UNSUPPORTED = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
+    "exponential_decay_length_penalty": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "renormalize_logits": False, "guidance_scale": None, "watermarking_config": None,
+}
+
+
+def supported(lm) -> bool:
+    """True when ``lm`` is a decoder-only LM whose forward takes ``past_key_values``,
+    ``position_ids`` and ``logits_to_keep`` and whose generation config asks for nothing beyond
+    temperature / top-p / top-k 0 / min-new-tokens."""
+    if getattr(lm.config, "is_encoder_decoder", False):
+        return False
+    try:
+        params = inspect.signature(lm.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if cache_kwarg(lm) is None or not {"position_ids", "logits_to_keep", "attention_mask"} <= set(params):
+        return False
+    gc = getattr(lm, "generation_config", None)
+    if gc is not None:
+        for k, default in _UNSUPPORTED.items():
+            v = getattr(gc, k, default)
+            if v is not None and v != default:
+                return False
+    return True
+
+
+def cache_kwarg(lm) -> str | None:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    try:
+        params = inspect.signature(lm.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def new_cache(lm):
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=lm.config)
+    except TypeError:
+        return DynamicCache()
+
+
+def _min_new(lm, prompt_len: int) -> int:
+    gc = getattr(lm, "generation_config", None)
+    if gc is None:
+        return 0
+    m = int(getattr(gc, "min_new_tokens", None) or 0)
+    ml = int(getattr(gc, "min_length", None) or 0)
+    return max(m, ml - prompt_len)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tokens outside the top-p nucleus (ties and order as in TopPLogitsWarper)."""
+    sp, si = probs.sort(-1, descending=False)
+    cum = sp.cumsum(-1)
+    remove = cum <= (1 - top_p)
+    remove[..., -1] = False  # always keep the most likely token
+    return probs.scatter(-1, si, sp.masked_fill(remove, 0.0))
+
+
+@torch.no_grad()
+def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, *, max_new_tokens: int,
+                  eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                  greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[U * n, T]`` completion ids (``T <= max_new_tokens``) for ``U`` distinct left-padded prompts
+    ``prompt_ids``/``prompt_mask`` ``[U, P]``; rows ``i*n .. i*n+n-1`` belong to prompt ``i``."""
+    U, P = prompt_ids.shape
+    ck = cache_kwarg(lm)
+    device = prompt_ids.device
+    B = U * n
+    pos = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+    cache = new_cache(lm)
+    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
+             logits_to_keep=1, **{ck: cache})
+    logits = out.logits[:, -1].repeat_interleave(n, 0)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    att = prompt_mask.repeat_interleave(n, 0)
+    next_pos = pos[:, -1:].repeat_interleave(n, 0) + 1
+    eos = torch.tensor(eos_ids, device=device, dtype=torch.long) if eos_ids else None
+    min_new = _min_new(lm, P)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ones = torch.ones(B, 1, dtype=att.dtype, device=device)
+    toks = []
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        if eos is not None and t < min_new:
+            logits[:, eos] = float("-inf")
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
+            if top_p < 1.0:
+                probs = _top_p_filter(probs, top_p)
+            cdf = probs.cumsum_(-1)
+            u = torch.rand(B, 1, generator=generator, device=device, dtype=cdf.dtype) * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+        nxt = nxt.masked_fill(done, pad_id)
+        toks.append(nxt)
+        if eos is not None:
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+        if t + 1 == max_new_tokens:
+            break
+        att = torch.cat([att, ones], 1)
+        out = lm(input_ids=nxt[:, None], attention_mask=att, position_ids=next_pos, use_cache=True,
+                 logits_to_keep=1, **{ck: cache})
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return torch.stack(toks, 1)

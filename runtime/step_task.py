@@ -1,0 +1,157 @@
+"""The built-in step-structured task for tree-search specs: multi-step sums, one step a line.
+
+A spec whose sampler is ``tree_search(...)`` runs, on the built-in default (no
+``--model`` / ``--data``), on ``tree_search.StepTask`` with three terms: the prompt is
+``"2+3+4=\\n"``, a solution is ``"5+4=\\n9"`` (each line adds the first two terms; the last
+line is the answer, ended by EOS). All 1000 problems ``a+b+c`` (digits) are split once by a
+fixed seed into 100 held-out and 900 training problems.
+
+- ``records(kind)``: training rows ``{"prompt", "answer"}`` (``demonstrations`` add the
+  full solution as ``response``);
+- ``eval_score(model, tokenizer)``: greedy full-solution accuracy on the held-out prompts
+  (every step the right partial sum and the final answer right, ``StepTask.is_correct``);
+- ``reward(prompts, completions, records)``: 1 for a correct full solution, else 0 (the
+  value of terminal nodes and of rollouts in the search);
+- ``builtin_model_dir(warm=...)``: the same tiny Llama as the arithmetic task, after a short
+  SFT warm-up on full solutions of the training problems, cached under ``$ALIGNSPEC_CACHE``
+  in ``tiny-stepwarm-<hash of every setting>`` (built once, atomically). The warm-up is
+  short on purpose: it teaches the format and part of the tables, so held-out accuracy
+  starts low and search-guided training has room to lift it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .tree_search import StepTask
+
+TERMS = 3
+HELDOUT = 100
+SPLIT_SEED = 4321
+MAX_NEW_TOKENS = 12          # "18+9=\n27" + EOS is 9 tokens
+STEP_TOKENS = 8              # one step: "18+9=\n" is 6 tokens
+WARMUP_SETTINGS = {"steps": 200, "batch": 16, "lr": 3e-3, "seed": 0}
+
+
+def _problems():
+    probs = [(a, b, c) for a in range(10) for b in range(10) for c in range(10)]
+    random.Random(SPLIT_SEED).shuffle(probs)
+    return probs[HELDOUT:], sorted(probs[:HELDOUT])
+
+
+class BuiltinStepTask:
+    """Three-term sums solved one partial sum per line (see the module docstring)."""
+
+    name = "builtin:step_addition"
+    max_new_tokens = MAX_NEW_TOKENS
+    step_tokens = STEP_TOKENS
+
+    def __init__(self):
+        self.steps = StepTask(terms=TERMS)
+        self.train_problems, self.eval_problems = _problems()
+
+    def _row(self, xs) -> dict:
+        prompt = StepTask.prompt(list(xs))
+        return {"prompt": prompt, "answer": str(sum(xs))}
+
+    def solution(self, prompt: str) -> str:
+        return "".join(self.steps.solution(prompt))
+
+    def records(self, kind: str) -> list[dict]:
+        rows = []
+        for xs in self.train_problems:
+            row = self._row(xs)
+            if kind == "demonstrations":
+                row["response"] = self.solution(row["prompt"])
+            elif kind == "pairs":
+                sol = self.steps.solution(row["prompt"])
+                wrong = list(sol)
+                wrong[-1] = str(int(sol[-1]) + 1)
+                row["chosen"], row["rejected"] = "".join(sol), "".join(wrong)
+            rows.append(row)
+        return rows
+
+    def eval_records(self, size: int | None = None) -> list[dict]:
+        rows = [self._row(xs) for xs in self.eval_problems]
+        return rows[:size] if size else rows
+
+    def is_correct(self, prompt: str, completion: str) -> bool:
+        return self.steps.is_correct(prompt + completion)
+
+    def reward(self, prompts, completions, records) -> list[float]:
+        return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
+
+    @torch.no_grad()
+    def eval_score(self, model, tokenizer, size: int | None = None) -> float:
+        """Greedy full-solution accuracy on the held-out problems."""
+        from .generation import generate_groups
+        rows = self.eval_records(size)
+        ro = generate_groups(model, tokenizer, [r["prompt"] for r in rows], 1,
+                             max_new_tokens=self.max_new_tokens, do_sample=False)
+        return sum(self.is_correct(r["prompt"], t) for t, r in zip(ro.texts, rows)) / len(rows)
+
+    def builtin_model_dir(self, warm: bool = True, seed: int = 0) -> tuple[str, dict]:
+        from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root
+        if not warm:
+            return builtin_model_dir(warm=False, seed=seed)
+        settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": self.name, "terms": TERMS,
+                    "heldout": HELDOUT, "split_seed": SPLIT_SEED, "warmup": WARMUP_SETTINGS, "version": 1}
+        target = cache_root() / f"tiny-stepwarm-{_key(settings)}"
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            return str(target), settings
+        init_dir, _ = builtin_model_dir(warm=False, seed=seed)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+        try:
+            for f in Path(init_dir).iterdir():
+                if f.is_file() and f.name != "alignspec_builtin.json":
+                    shutil.copy2(f, tmp / f.name)
+            sft_warmup(tmp, self.records("demonstrations"), **WARMUP_SETTINGS)
+            (tmp / "alignspec_builtin.json").write_text(json.dumps(settings, indent=2))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process finished first
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(target), settings
+
+
+def sft_warmup(path: Path, rows: list[dict], steps: int, batch: int, lr: float, seed: int) -> None:
+    """Plain cross-entropy on response + EOS for ``steps`` random batches; saved in place."""
+    from .models import load_policy
+    model, tok = load_policy(path)
+    rng = random.Random(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        model.train()
+        for _ in range(steps):
+            seqs = []
+            for r in rng.sample(rows, batch):
+                p = tok(r["prompt"])["input_ids"]
+                c = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                seqs.append((p + c, len(p)))
+            L = max(len(s) for s, _ in seqs)
+            ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
+            att = torch.zeros((len(seqs), L), dtype=torch.long)
+            lab = torch.full((len(seqs), L), -100, dtype=torch.long)
+            for i, (s, pl) in enumerate(seqs):
+                ids[i, :len(s)] = torch.tensor(s)
+                att[i, :len(s)] = 1
+                lab[i, pl:len(s)] = torch.tensor(s[pl:])
+            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
