@@ -193,3 +193,39 @@ def test_two_processes_match_one(spec_text, tmp_path):
     assert any(not torch.equal(w0[k], w1[k]) for k in w1)
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
+
+
+def test_kill_9_then_resume_reproduces_uninterrupted_weights(tmp_path):
+    """A real SIGKILL mid-run (checkpoints every step), then --resume: same final weights."""
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = ["--steps", "40", "--save-every", "1", "--set", "batch_size=4", "--set", "eval_every=0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    cmd = [sys.executable, "-m", "alignspec", "run", "grpo"]
+    subprocess.run(cmd + ["--out", str(a)] + args, env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd + ["--out", str(b)] + args, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = b / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = json.loads(state.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            step = 0
+        if step >= 5:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed_at = step
+            break
+        time.sleep(0.01)
+    assert killed_at is not None and killed_at < 40, "the run finished before it could be killed"
+    assert not (b / "model").exists()
+    subprocess.run(cmd + ["--out", str(b), "--resume"] + args, env=env, check=True, capture_output=True,
+                   timeout=600)
+    wa, wb = _weights(a / "model"), _weights(b / "model")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
