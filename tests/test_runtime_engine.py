@@ -229,3 +229,15 @@ def test_kill_9_then_resume_reproduces_uninterrupted_weights(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+
+
+def test_lora_reference_is_the_adapter_free_model(tmp_path):
+    """With LoRA the reference is the same model with adapters disabled (no second copy): at the
+    first step the policy equals it, so DPO's loss is exactly log 2."""
+    import math
+    eng = build_engine("dpo", out=str(tmp_path / "lora"), steps=1, sets=["lora_r=4", "batch_size=4",
+                                                                          "eval_every=0"])
+    eng.train()
+    assert eng.builds.get("reference", 0) == 0 and eng.lora
+    first = next(r for r in _metrics(tmp_path / "lora") if "loss" in r)
+    assert abs(first["loss"] - math.log(2)) < 1e-5
