@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-trl clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/loss_step.py
+
+bench-trl: setup
+	$(PY) bench/vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

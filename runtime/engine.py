@@ -452,7 +452,7 @@ class Engine:
         for k in carried[0]:
             vals = [c[k] for c in carried if k in c]
             if all(torch.is_tensor(v) and v.dim() > 0 for v in vals):
-                per_group = G > 1 and all(v.shape[0] * G == n and n > 0 for v, n in zip(vals, carried_rows))
+                per_group = G > 1 and any(carried_rows) and all(v.shape[0] * G == n for v, n in zip(vals, carried_rows))
                 batch[k] = torch.cat([v.to(self.device) for v in vals])[:n_keep // G if per_group else n_keep]
             else:
                 batch[k] = vals[0]
@@ -537,6 +537,10 @@ class Engine:
             for name in EXTERNALS:
                 if name in batch:
                     metrics[f"{name}/mean"] = float(batch[name].float().mean())
+            lens = batch["completion_mask"].sum(1).float()  # completion tokens per row
+            metrics["length/mean"] = float(lens.mean())
+            if self.world == 1:  # (metrics are averaged over processes, which min/max are not)
+                metrics.update({"length/min": float(lens.min()), "length/max": float(lens.max())})
         rows = 0 if batch is None else batch["mask"].shape[0]
         n_groups = rows // G
         epochs = int(algo.train.get("epochs", 1))

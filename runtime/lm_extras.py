@@ -64,11 +64,14 @@ def _tree_sampler(engine):
 
 
 def _reward_model_eval(engine) -> None:
-    from .reward_head import PairwiseEval, builtin_heldout_pairs, split_heldout
+    from .reward_head import PairwiseEval, builtin_heldout_pairs, builtin_training_pairs, split_heldout
     if "logp" in engine.algo.inputs or "logp_ref" in engine.algo.inputs:
         raise RunError(f"{engine.algo.name} reads rm_score and log-probs: a reward model has no LM head",
                        hint="train the reward model and the policy in separate stages (a pipeline)")
     if engine.builtin and engine.task is not None:
+        engine.records = builtin_training_pairs(engine.task)
+        engine.say(f"reward model data: {len(engine.records)} pairs, each training problem's answer against "
+                   f"every other sum 0..18")
         pairs = builtin_heldout_pairs(engine.task)
         engine.task = PairwiseEval(pairs, engine.task)
         engine.say(f"eval: pairwise accuracy on {len(pairs)} held-out pairs (held-out problems' answer vs "

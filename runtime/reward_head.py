@@ -16,9 +16,11 @@ exactly as it was trained.
 
 ``eval_score`` of such a run is the pairwise accuracy on held-out pairs: the fraction of
 (chosen, rejected) pairs with ``s(chosen) > s(rejected)`` (a tie counts one half). On the
-built-in task the held-out pairs are every held-out problem's right answer against each
-wrong sum within 2 of it; on user data, a seeded 10 % of the pairs (at least 1, when there
-are at least 10) is held out of training.
+built-in task the reward model trains on each training problem's answer against every other
+sum 0..18 (1275 pairs; ``builtin_training_pairs`` says why), and the held-out pairs are every
+held-out problem's right answer against each wrong sum within 2 of it (99 pairs, the hard
+ones); on user data, a seeded 10 % of the pairs (at least 1, when there are at least 10) is
+held out of training.
 """
 
 from __future__ import annotations
@@ -148,6 +150,21 @@ def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     if chosen.numel() == 0:
         return float("nan")
     return float(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean())
+
+
+def builtin_training_pairs(task) -> list[dict]:
+    """Every training problem's answer against every other sum of two digits (0..18).
+
+    The reward model's pairs on the built-in task: a policy trained against the reward model
+    samples more than the nearby wrong sums the task's own pairs hold (those suit DPO), and
+    a reward model that never saw "4+8=3" may well score it above "4+8=12" -- PPO then finds
+    it. InstructGPT likewise trains on all comparisons among a prompt's ranked responses."""
+    rows = []
+    for a, b in task.train_problems:
+        s = a + b
+        rows.extend({"prompt": f"{a}+{b}=", "answer": str(s), "chosen": str(s), "rejected": str(w)}
+                    for w in range(19) if w != s)
+    return rows
 
 
 def builtin_heldout_pairs(task) -> list[dict]:
