@@ -17,7 +17,9 @@ was when the iteration began, frozen for the whole iteration. It is
 Within an iteration every visit of a prompt draws fresh samples from pi_t (the official
 code draws once per iteration and trains several epochs on the same samples; the
 distribution is the same). Per-iteration parameter values (``beta = [0.1, 0.1, 5.0]``)
-recompile the spec at each boundary (``Engine.algo_for``). With ``iterations = 1`` there
+recompile the spec at each boundary (``Engine.algo_for``); a value the run sets for a
+scheduled param (``--set beta=1.0``, a preset, ``compile(spec, beta=1.0)``) holds at every
+iteration instead of the schedule. With ``iterations = 1`` there
 is no iterate: the current policy samples and ``logp_old`` is the policy before the
 rollout's updates (PPO, GRPO).
 
