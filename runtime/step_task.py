@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .tasks import sft_warmup
 from .tree_search import StepTask
 
 TERMS = 3
@@ -126,32 +127,3 @@ class BuiltinStepTask:
         return str(target), settings
 
 
-def sft_warmup(path: Path, rows: list[dict], steps: int, batch: int, lr: float, seed: int) -> None:
-    """Plain cross-entropy on response + EOS for ``steps`` random batches; saved in place."""
-    from .models import load_policy
-    model, tok = load_policy(path)
-    rng = random.Random(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        model.train()
-        for _ in range(steps):
-            seqs = []
-            for r in rng.sample(rows, batch):
-                p = tok(r["prompt"])["input_ids"]
-                c = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                seqs.append((p + c, len(p)))
-            L = max(len(s) for s, _ in seqs)
-            ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
-            att = torch.zeros((len(seqs), L), dtype=torch.long)
-            lab = torch.full((len(seqs), L), -100, dtype=torch.long)
-            for i, (s, pl) in enumerate(seqs):
-                ids[i, :len(s)] = torch.tensor(s)
-                att[i, :len(s)] = 1
-                lab[i, pl:len(s)] = torch.tensor(s[pl:])
-            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    model.save_pretrained(path, safe_serialization=True)

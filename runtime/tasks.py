@@ -134,20 +134,22 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
 
 def _warmup(path: Path, settings: dict) -> None:
     """A short SFT on the training problems (plain cross-entropy on the answer + EOS)."""
-    from .models import load_policy
     w = WARMUP_SETTINGS
+    sft_warmup(path, ArithmeticTask().records("demonstrations"), w["steps"], w["batch"], w["lr"], w["seed"])
+
+
+def sft_warmup(path: Path, rows: list[dict], steps: int, batch: int, lr: float, seed: int) -> None:
+    """Plain cross-entropy on response + EOS for ``steps`` random batches; saved in place."""
+    from .models import load_policy
     model, tok = load_policy(path)
-    task = ArithmeticTask()
-    rows = task.records("demonstrations")
-    rng = random.Random(w["seed"])
+    rng = random.Random(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(w["seed"])
-        opt = torch.optim.AdamW(model.parameters(), lr=w["lr"], weight_decay=0.0)
+        torch.manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         model.train()
-        for _ in range(w["steps"]):
-            batch = rng.sample(rows, w["batch"])
+        for _ in range(steps):
             seqs = []
-            for r in batch:
+            for r in rng.sample(rows, batch):
                 p = tok(r["prompt"])["input_ids"]
                 c = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 seqs.append((p + c, len(p)))
