@@ -16,7 +16,7 @@ from pathlib import Path
 import networkx as nx
 
 from . import ast as A
-from .builtins import (DATA_KINDS, EXTERNAL_REQUIRES, FUNCTIONS, LEVELS, PHASES, PSEUDO, QUANTITIES,
+from .builtins import (DATA_KINDS, EXTERNAL_REQUIRES, FUNCTIONS, PHASES, PSEUDO, QUANTITIES,
                        RANK, REFERENCE_MODES, ROLES, TRAIN_KEYS, Fn)
 from .errors import Span, SpecError
 from .load import Resolved, did_you_mean, error, read_spec, resolve

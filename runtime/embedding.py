@@ -14,11 +14,9 @@ row). Two sources:
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from .errors import RunError
 
 
 @torch.no_grad()
@@ -42,21 +40,11 @@ class TextEmbedder:
     """Mean-pooled last hidden states of a separate local model over the response text."""
 
     def __init__(self, path, device=None, batch_size: int = 64):
-        from transformers import AutoModel, AutoTokenizer
-        p = Path(path).expanduser()
-        if not (p / "config.json").is_file():
-            raise RunError(f"no embedding model in {p}: config.json is missing",
-                           hint="embedding_model: a directory written by save_pretrained")
-        try:
-            self.tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-            self.model = AutoModel.from_pretrained(p, local_files_only=True)
-        except Exception as e:
-            raise RunError(f"could not load an embedding model from {p}: {type(e).__name__}: {e}") from e
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.model.eval().requires_grad_(False)
-        if device is not None:
-            self.model.to(device)
+        from transformers import AutoModel
+
+        from .models import load_frozen_local
+        self.tok, self.model, p = load_frozen_local(
+            path, AutoModel, "embedding model", "embedding_model: a directory written by save_pretrained", device)
         self.batch_size = batch_size
         self.path = str(p)
 

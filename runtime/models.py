@@ -165,3 +165,24 @@ class PolicyWithValueHead(nn.Module):
 def add_value_head(model: nn.Module) -> PolicyWithValueHead:
     """Wrap ``model`` in a :class:`PolicyWithValueHead`."""
     return PolicyWithValueHead(model)
+
+
+def load_frozen_local(path, auto_cls, what: str, hint: str, device=None):
+    """(tokenizer, model, resolved path) of a frozen helper model (scorer, embedder) in a local dir.
+
+    The model is in eval mode without gradients; a missing pad token falls back to EOS.
+    """
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise RunError(f"no {what} in {p}: config.json is missing", hint=hint)
+    try:
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        model = auto_cls.from_pretrained(p, local_files_only=True)
+    except Exception as e:
+        raise RunError(f"could not load a {what} from {p}: {type(e).__name__}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return tok, model, p

@@ -90,25 +90,14 @@ class SequenceScorer:
     """A scalar scorer from an ``AutoModelForSequenceClassification`` directory."""
 
     def __init__(self, path: str, device=None, batch_size: int = 32):
-        from pathlib import Path
+        from transformers import AutoModelForSequenceClassification
 
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        p = Path(path).expanduser()
-        if not (p / "config.json").is_file():
-            raise RunError(f"no scoring model in {p}: config.json is missing",
-                           hint="give a directory written by save_pretrained of a sequence classifier")
-        try:
-            self.tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(p, local_files_only=True)
-        except Exception as e:
-            raise RunError(f"could not load a sequence classifier from {p}: {type(e).__name__}: {e}") from e
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
+        from .models import load_frozen_local
+        self.tok, self.model, p = load_frozen_local(
+            path, AutoModelForSequenceClassification, "sequence classifier",
+            "give a directory written by save_pretrained of a sequence classifier", device)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
-        self.model.eval().requires_grad_(False)
-        if device is not None:
-            self.model.to(device)
         self.batch_size = batch_size
         self.path = str(p)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import networkx as nx
 
-from alignspec.dsl.builtins import RANK
 
 _TORCH_FN = {"exp": "torch.exp", "log": "torch.log", "abs": "torch.abs", "sqrt": "torch.sqrt",
              "square": "torch.square", "sigmoid": "torch.sigmoid", "logsigmoid": "F.logsigmoid",

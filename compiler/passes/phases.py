@@ -70,7 +70,6 @@ def phases(g: nx.DiGraph) -> nx.DiGraph:
         inputs.setdefault("mask", "action")
     if "logp_old" in inputs:
         requires.add("old_logp")
-    sample = g.graph.get("sample_call")
     requires |= set(g.graph.get("sample_requires", ()))
     g.graph["inputs"] = dict(sorted(inputs.items()))
     g.graph["requires"] = frozenset(requires)
