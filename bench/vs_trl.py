@@ -26,13 +26,18 @@ beta 0.1, sigmoid loss. GRPO: group-normalized advantages, ``loss_type="grpo"`` 
 Each run is its own process; the two frameworks alternate (TRL, alignspec, TRL, alignspec, ...).
 Step time: median over steps 2..S (alignspec: ``step_time`` of ``metrics.jsonl``, the rollout
 included; TRL: a ``TrainerCallback`` timing ``on_step_begin`` -> ``on_step_end``, which for GRPO
-includes the generation). Peak memory: the run process's ``ru_maxrss`` from ``os.wait4``.
-Tokens/s: tokens the step's forward passes see (prompt + completion) per second.
+includes the generation); also in CPU seconds (all threads: alignspec's ``step_cpu_time``, TRL's
+``time.process_time`` in the same callback), which other processes on a shared machine disturb
+less. Peak memory: the run process's ``ru_maxrss`` from ``os.wait4``. Tokens/s: tokens of the
+step's batch (prompt + completion) per second. Every run's line says how many cores other
+processes kept busy meanwhile (from /proc/stat). ``OMP_WAIT_POLICY=PASSIVE`` for every run: with
+spinning OpenMP threads, a run that loses a core to another process slows down about 10x.
 
 Extras (``--skip-extras`` leaves them out):
 * floor: an alignspec DPO step (reference log-probs precomputed, as the step itself then only
   trains) vs a bare forward + backward of the same model over the same 16 x 192 tokens, the
   output layer applied to the completion positions only (``F.cross_entropy``), no optimizer;
+  the two alternate in one process, so they see the same machine load;
 * memory of the log-prob path alone at vocab 32000 and 1,024 completion tokens: peak RSS above a
   baseline process that builds the same hidden states, alignspec's chunked path vs
   ``log_softmax`` over the full logits (forward + backward), each in its own process;
@@ -257,6 +262,7 @@ def run_alignspec(w, model, data, out: Path, steps: int, extra=None) -> dict:
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     recs = [x for x in recs if "step_time" in x]
     r["times"] = [x["step_time"] for x in recs]
+    r["cpu"] = [x.get("step_cpu_time", float("nan")) for x in recs]
     r["phases"] = {k: statistics.median(x.get(k, 0.0) for x in recs[1:]) for k in recs[0] if k.startswith("time/")}
     r["lengths"] = {int(x[k]) for x in recs for k in ("length/min", "length/max") if k in x}
     return r
@@ -289,13 +295,25 @@ def med(times: list[float]) -> float:
 
 # --------------------------------------------------------------------------- floor and memory workers
 def floor_worker(args) -> None:
-    """``_floor MODEL DATA OUT REPS``: a bare forward + backward of the model over the same DPO batch
-    (8 pairs, prompt 64 + completion 128 tokens, one forward): body over all 192 positions, output
-    layer at the completion positions only, ``F.cross_entropy``, ``backward``; no optimizer."""
-    model_dir, data, out, reps = args
+    """``_floor MODEL DATA OUT STEPS``: in one process, alternately, an alignspec DPO step (the
+    engine of ``alignspec run``, same configuration, reference log-probs precomputed) and a bare
+    forward + backward of another copy of the model over the same kind of batch (8 pairs, prompt 64 +
+    completion 128 tokens, one forward: body over all 192 positions, output layer at the completion
+    positions only, ``F.cross_entropy``, ``backward``; no optimizer). Alternating in one process
+    exposes both to the same machine load."""
+    model_dir, data, out, steps = args
+    steps = int(steps)
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignspec.runtime.engine import build_engine
+    work = Path(out).parent
+    cfg = alignspec_config(WORKLOADS["dpo32k"], work / "floor_engine", steps + 1, {"precompute_reference": True})
+    eng = build_engine("dpo", model=model_dir, data=data, config=str(cfg))
+    eng.out.mkdir(parents=True, exist_ok=True)
+    eng._start_iteration(0, replace=False)
+    eng.ref_cache.precompute(eng)
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     model.train()
@@ -307,15 +325,18 @@ def floor_worker(args) -> None:
             seqs.append(p + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     ids = torch.tensor(seqs)
     assert ids.shape == (2 * DPO_PAIRS, PROMPT + COMPLETION), ids.shape
-    times = []
-    for _ in range(int(reps) + 1):
+    ours, bare = [], []
+    for _ in range(steps):
+        res = eng._train_step()
+        eng.step += 1
+        ours.append(res["step_time"])
         t0 = time.perf_counter()
         h = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, PROMPT - 1:-1]
         loss = F.cross_entropy(model.lm_head(h).reshape(-1, model.config.vocab_size), ids[:, PROMPT:].reshape(-1))
         loss.backward()
         model.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    Path(out).write_text(json.dumps(times))
+        bare.append(time.perf_counter() - t0)
+    Path(out).write_text(json.dumps({"alignspec": ours, "bare": bare}))
 
 
 MEM_N, MEM_V = 1024, 32000
@@ -445,14 +466,16 @@ def run_extras(work: Path, S: int, inputs: dict, results: dict) -> dict:
             _say(f"wins {key}: {tag}", r)
             ex["wins"][name] = {"key": key, "switch": switch, "run": r}
             if switch.get("precompute_reference"):  # the floor, right after the precomputed run
-                out = work / "floor_bare.json"
+                out = work / "floor.json"
                 b = run_process([sys.executable, me, "_floor", str(model), str(data), str(out), str(S)],
-                                work / "floor_bare.log")
+                                work / "floor.log")
                 if b["rc"] != 0:
-                    raise SystemExit(f"floor run failed; see {work / 'floor_bare.log'}")
-                bare = json.loads(out.read_text())
-                ex["floor"] = {"alignspec": med(r["times"]), "bare": med(bare), "others": b["others"]}
-                print(f"  floor: bare forward+backward {med(bare):.3f} s", flush=True)
+                    raise SystemExit(f"floor run failed; see {work / 'floor.log'}")
+                fl = json.loads(out.read_text())
+                ex["floor"] = {"alignspec": med(fl["alignspec"]), "bare": med(fl["bare"]), "others": b["others"]}
+                print(f"  floor: alignspec step (reference precomputed) {ex['floor']['alignspec']:.3f} s, bare "
+                      f"forward+backward {ex['floor']['bare']:.3f} s, other processes {b['others']:.1f} cores busy",
+                      flush=True)
         defaults.append(run_alignspec(w, model, data, work / f"win_{key}_default_1", S))
         _say(f"wins {key}: default", defaults[1])
         ex["defaults"][key] = defaults
@@ -508,6 +531,15 @@ def table(results: dict) -> str:
         else:
             out.append(f"| {WORKLOADS[key]['label']} | - | {a_s:.2f} | - | - | {tok / a_s:,.0f} | - | "
                        f"{a_m / 1024:.2f} GB | - | - |")
+    if any(res["trl"] for res in results.values()):
+        out += ["", "The same runs in CPU seconds per step (all threads of the run's process, median of steps 2..S; "
+                "less sensitive than wall time to other processes on the machine):", "",
+                "| workload | TRL CPU s/step | alignspec CPU s/step | ratio (TRL/alignspec) |", "|---|---|---|---|"]
+        for key, res in results.items():
+            if res["trl"]:
+                t_c = statistics.median(med(r["cpu"]) for r in res["trl"])
+                a_c = statistics.median(med(r["cpu"]) for r in res["alignspec"])
+                out.append(f"| {WORKLOADS[key]['label']} | {t_c:.2f} | {a_c:.2f} | {t_c / a_c:.2f}× |")
     loads = [r["others"] for res in results.values() for r in res["trl"] + res["alignspec"]]
     out.append("")
     out.append(f"s/step: median over runs of each run's median of steps 2..S; peak RSS: max over runs. "
@@ -524,7 +556,8 @@ def extras_report(ex: dict, results: dict) -> str:
         ratio = f["alignspec"] / f["bare"]
         out += ["", "Floor (DPO, vocab 32000): alignspec step with reference log-probs precomputed vs a bare "
                 "forward + backward of the same model over the same 16 x 192 tokens (output layer at the "
-                "completion positions only, cross-entropy, no optimizer):",
+                "completion positions only, cross-entropy, no optimizer), alternating in one process, "
+                "median of steps 2..S:",
                 f"  alignspec {f['alignspec']:.3f} s/step, bare {f['bare']:.3f} s -> {ratio:.2f}x "
                 f"(goal <= 1.2x: {'met' if ratio <= 1.2 else 'MISSED'})"]
     if "memory" in ex:
@@ -538,9 +571,10 @@ def extras_report(ex: dict, results: dict) -> str:
                 f"{100 * dc / df:.1f}% (goal <= 10%: {'met' if dc <= 0.1 * df else 'MISSED'})"]
     if ex.get("wins"):
         out += ["", "Known wins, one switch at a time (alignspec; each switched run sits between two default runs "
-                "of the same workload and is compared with their mean):",
-                "| win | workload | switch | default s/step | switched s/step | time saved | default peak RSS | "
-                "switched peak RSS |", "|---|---|---|---|---|---|---|---|"]
+                "of the same workload and is compared with their mean; CPU time = all threads, less sensitive "
+                "to other processes):",
+                "| win | workload | switch | default s/step | switched s/step | time saved | CPU time saved | "
+                "default peak RSS | switched peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
         for name, key, switch in WINS:
             if name not in ex["wins"]:
                 continue
@@ -549,10 +583,13 @@ def extras_report(ex: dict, results: dict) -> str:
             d_s = statistics.mean(med(x["times"]) for x in ds)
             d_m = max(x["peak_mb"] for x in ds)
             s_s, s_m = med(r["times"]), r["peak_mb"]
+            d_c, s_c = statistics.mean(med(x["cpu"]) for x in ds), med(r["cpu"])
             fast_s, slow_s = (s_s, d_s) if switch.get("precompute_reference") else (d_s, s_s)
+            fast_c, slow_c = (s_c, d_c) if switch.get("precompute_reference") else (d_c, s_c)
             sw = ", ".join(f"{k}={v}" for k, v in switch.items())
             out.append(f"| {name} | {key} | {sw} | {d_s:.2f} | {s_s:.2f} | {100 * (1 - fast_s / slow_s):.0f}% "
-                       f"({slow_s / fast_s:.2f}x) | {d_m / 1024:.2f} GB | {s_m / 1024:.2f} GB |")
+                       f"({slow_s / fast_s:.2f}x) | {100 * (1 - fast_c / slow_c):.0f}% ({slow_c / fast_c:.2f}x) | "
+                       f"{d_m / 1024:.2f} GB | {s_m / 1024:.2f} GB |")
     return "\n".join(out)
 
 

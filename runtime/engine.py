@@ -520,7 +520,7 @@ class Engine:
     def _train_step(self) -> dict:
         algo = self.current
         times = {k: 0.0 for k in PHASES}
-        t_start = time.perf_counter()
+        t_start, c_start = time.perf_counter(), time.process_time()
         batch, info = self._rollout(times)
         metrics: dict = {}
         if batch is None and self.world == 1:
@@ -642,6 +642,7 @@ class Engine:
             res["refill/cap_hit"] = 1
         res.update(times)
         res["step_time"] = time.perf_counter() - t_start
+        res["step_cpu_time"] = time.process_time() - c_start  # all threads; less sensitive to other load
         return res
 
     def _allreduce_grads(self) -> None:
