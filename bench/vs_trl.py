@@ -30,8 +30,8 @@ includes the generation); also in CPU seconds (all threads: alignspec's ``step_c
 ``time.process_time`` in the same callback), which other processes on a shared machine disturb
 less. Peak memory: the run process's ``ru_maxrss`` from ``os.wait4``. Tokens/s: tokens of the
 step's batch (prompt + completion) per second. Every run's line says how many cores other
-processes kept busy meanwhile (from /proc/stat). ``OMP_WAIT_POLICY=PASSIVE`` for every run: with
-spinning OpenMP threads, a run that loses a core to another process slows down about 10x.
+processes kept busy meanwhile (from /proc/stat). ``GOMP_SPINCOUNT=1000`` for every run: with
+libgomp's default spinning, a run that loses a core to another process slows down about 10x.
 
 Extras (``--skip-extras`` leaves them out):
 * floor: an alignspec DPO step (reference log-probs precomputed, as the step itself then only
@@ -152,9 +152,12 @@ def build_data(path: Path, kind: str, vocab: int, rows: int) -> Path:
 # --------------------------------------------------------------------------- workers (own processes)
 def _env() -> dict:
     env = dict(os.environ)
-    # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning; on a shared machine
-    # spinning threads that lose their core turn every barrier into a scheduler wait (10x slower)
-    env.update(OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    # GOMP_SPINCOUNT=1000: an idle OpenMP thread (torch's libgomp) spins briefly, then sleeps. With
+    # the default (300,000 spins) a run that loses a core to another process turns every barrier
+    # into a scheduler wait (about 10x slower); with OMP_WAIT_POLICY=PASSIVE (no spinning) every
+    # small op pays a wake-up, which costs the framework with more, smaller ops (alignspec) ~10%.
+    env.pop("OMP_WAIT_POLICY", None)
+    env.update(OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, GOMP_SPINCOUNT="1000", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
                PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                WANDB_DISABLED="true", DISABLE_MLFLOW_INTEGRATION="TRUE")
@@ -414,7 +417,7 @@ def main(argv=None) -> int:
     S = max(3, a.steps)
     t_all = time.perf_counter()
     print(f"alignspec vs TRL: {S} steps per run, {a.reps} runs each, alternating; OMP_NUM_THREADS={THREADS}, "
-          f"OMP_WAIT_POLICY=PASSIVE; work dir {work}", flush=True)
+          f"GOMP_SPINCOUNT=1000; work dir {work}", flush=True)
     inputs, results = {}, {}
     for key in a.only.split(","):
         w = WORKLOADS[key]

@@ -71,6 +71,19 @@ def test_shared_prompt_matches_per_row(tiny_dirs, arch):
     _assert_grads_close(ga, gb)
 
 
+def test_shared_prompt_rows_in_any_order(tiny_dirs):
+    """Rows sharing a prompt need not be adjacent (or equally many per prompt)."""
+    model, _ = load_policy(tiny_dirs["llama"], dtype=torch.float64)
+    ids, att, cm = _grouped_batch(model.config.vocab_size)
+    perm = torch.tensor([3, 0, 5, 1, 4])  # drops row 2: groups of 2 and 3, interleaved
+    ids, att, cm = ids[perm], att[perm], cm[perm]
+    B, T = cm.shape
+    a, ga = _logp_and_grads(model, lambda: completion_logprobs(model, ids, att, cm, share_prompt=False), B, T)
+    b, gb = _logp_and_grads(model, lambda: completion_logprobs(model, ids, att, cm, share_prompt=True), B, T)
+    torch.testing.assert_close(b["logp"], a["logp"], rtol=0, atol=1e-10)
+    _assert_grads_close(ga, gb)
+
+
 def test_full_logits_path_matches_tiled(tiny_dirs):
     model, _ = load_policy(tiny_dirs["llama"], dtype=torch.float64)
     ids, att, cm = _grouped_batch(model.config.vocab_size)
