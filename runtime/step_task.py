@@ -99,14 +99,21 @@ class BuiltinStepTask:
         return sum(self.is_correct(r["prompt"], t) for t, r in zip(ro.texts, rows)) / len(rows)
 
     def builtin_model_dir(self, warm: bool = True, seed: int = 0) -> tuple[str, dict]:
-        from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root
+        from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root, cached_model_dir
         if not warm:
             return builtin_model_dir(warm=False, seed=seed)
         settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": self.name, "terms": TERMS,
                     "heldout": HELDOUT, "split_seed": SPLIT_SEED, "warmup": WARMUP_SETTINGS, "version": 1}
         target = cache_root() / f"tiny-stepwarm-{_key(settings)}"
-        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-            return str(target), settings
+
+        def build(tmp: Path) -> None:
+            init_dir, _ = builtin_model_dir(warm=False, seed=seed)
+            for f in Path(init_dir).iterdir():
+                if f.is_file() and f.name != "alignspec_builtin.json":
+                    shutil.copy2(f, tmp / f.name)
+            sft_warmup(tmp, self.records("demonstrations"), **WARMUP_SETTINGS)
+
+        return cached_model_dir(target, settings, build), settings
         init_dir, _ = builtin_model_dir(warm=False, seed=seed)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))

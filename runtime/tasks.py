@@ -110,16 +110,25 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
     if warm:
         settings["warmup"] = WARMUP_SETTINGS
     target = cache_root() / f"tiny-{'warm' if warm else 'init'}-{_key(settings)}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return str(target), settings
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         cfg = dict(MODEL_SETTINGS)
         arch = cfg.pop("arch")
         build_tiny_model(tmp, arch, seed=seed, **cfg)
         if warm:
             _warmup(tmp, settings)
+
+    return cached_model_dir(target, settings, build), settings
+
+
+def cached_model_dir(target: Path, settings: dict, build) -> str:
+    """`target` if a model is cached there; else `build(tmp)` and rename it into place atomically."""
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        build(tmp)
         (tmp / "alignspec_builtin.json").write_text(json.dumps(settings, indent=2))
         try:
             os.replace(tmp, target)
@@ -129,7 +138,7 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(target), settings
+    return str(target)
 
 
 def _warmup(path: Path, settings: dict) -> None:
