@@ -11,9 +11,16 @@ Layout (see docs/contracts.md):
 
 Everything works in float32 and float64 and is differentiable where the math is.
 Selectors (``select_*``) are discrete and return ``LongTensor`` within-group indices.
+
+Batch-wide statistics (``whiten``, ``batch_std``, ``batch_mean`` without a ``count``) are
+over the tensor they get, unless a runtime splits one batch over processes: inside
+``with batch_stats_reduce(sum_fn):`` their sums and counts go through ``sum_fn`` (an
+all-reduce with a sum), so every process gets the statistic of the whole batch.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -48,6 +55,32 @@ __all__ = [
     "select_opt",
     "gather_rows",
 ]
+
+_BATCH_SUM = None  # set by batch_stats_reduce: sums a tensor over processes
+
+
+@contextlib.contextmanager
+def batch_stats_reduce(sum_fn):
+    """Within the block, batch-wide statistics sum their partial sums and counts with
+    ``sum_fn(tensor) -> tensor`` (e.g. an all-reduce over processes). Every process must
+    run the same statistics in the same order (they run the same compiled code)."""
+    global _BATCH_SUM
+    prev, _BATCH_SUM = _BATCH_SUM, sum_fn
+    try:
+        yield
+    finally:
+        _BATCH_SUM = prev
+
+
+def _global_sums(*parts: torch.Tensor) -> list[torch.Tensor]:
+    """The 0-dim ``parts`` summed over processes (one reduction), or as given outside
+    :func:`batch_stats_reduce`. Gradients flow to the local parts."""
+    if _BATCH_SUM is None:
+        return list(parts)
+    local = torch.stack([p.detach().to(torch.float64) for p in parts])
+    total = _BATCH_SUM(local.clone())
+    # the other processes' share as a constant: value global, gradient local
+    return [p + (t - l).to(p.dtype) for p, t, l in zip(parts, total, local)]
 
 
 # ---------------------------------------------------------------------------
@@ -154,7 +187,8 @@ def batch_mean(x: torch.Tensor, count=None) -> torch.Tensor:
     normalise across micro-batches.
     """
     if count is None:
-        count = max(1, x.numel())
+        total, n = _global_sums(x.sum(), x.new_tensor(float(x.numel())))
+        return total / n.clamp_min(1)
     return x.sum() / count
 
 
@@ -163,9 +197,16 @@ def batch_std(x: torch.Tensor) -> torch.Tensor:
 
     ``sqrt(sum (x - mean)^2 / (N - 1))`` with ``N = x.numel()`` (ValueError if N < 2).
     """
-    if x.numel() < 2:
-        raise ValueError(f"batch_std needs at least 2 elements for the unbiased estimate, got {x.numel()}")
-    return x.std(unbiased=True)
+    if _BATCH_SUM is None:
+        if x.numel() < 2:
+            raise ValueError(f"batch_std needs at least 2 elements for the unbiased estimate, got {x.numel()}")
+        return x.std(unbiased=True)
+    total, n = _global_sums(x.sum(), x.new_tensor(float(x.numel())))
+    if n < 2:
+        raise ValueError(f"batch_std needs at least 2 elements for the unbiased estimate, got {int(n)}")
+    mean = total / n
+    (ss,) = _global_sums(((x - mean) ** 2).sum())
+    return (ss / (n - 1)).sqrt()
 
 
 # ---------------------------------------------------------------------------
@@ -344,11 +385,12 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
         valid = torch.ones(x.shape, dtype=torch.bool, device=x.device)
     else:
         valid = _valid(mask)
-    n = valid.sum().to(x.dtype)
     xm = _masked(x, valid)
-    mean = xm.sum() / n.clamp_min(1)
+    total, n = _global_sums(xm.sum(), valid.sum().to(x.dtype))
+    mean = total / n.clamp_min(1)
     centered = _masked(x - mean, valid)
-    var = (centered * centered).sum() / (n - 1).clamp_min(1)
+    (ss,) = _global_sums((centered * centered).sum())
+    var = ss / (n - 1).clamp_min(1)
     out = centered * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

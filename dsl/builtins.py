@@ -121,5 +121,6 @@ EXTERNAL_REQUIRES = {"reward": "reward", "reward_model": "reward_model",
 
 SECTIONS = ("params", "sample", "score", "filter", "select", "advantage", "loss", "train", "pipeline")
 DATA_KINDS = ("prompts", "demonstrations", "pairs")
-TRAIN_KEYS = {"epochs": int, "minibatches": int, "iterations": int, "reference": str}
+TRAIN_KEYS = {"epochs": int, "minibatches": int, "iterations": int, "reference": str,
+              "logprob_temperature": object}
 REFERENCE_MODES = ("fixed", "iterate")

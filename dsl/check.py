@@ -742,7 +742,7 @@ class _Checker:
                             "apply the nonlinearity per response or per group, inside the mean")
 
     def _train(self):
-        train = {"epochs": 1, "minibatches": 1, "iterations": 1, "reference": "fixed"}
+        train = {"epochs": 1, "minibatches": 1, "iterations": 1, "reference": "fixed", "logprob_temperature": 1}
         schedules: dict[str, list] = {}
         sec = self.res.sections.get("train")
         for st in (sec.body if sec else ()):
@@ -759,6 +759,12 @@ class _Checker:
                 if st.name == "reference" and value not in REFERENCE_MODES:
                     raise error(f"train: reference must be one of {', '.join(map(repr, REFERENCE_MODES))}",
                                 st.value.span, "type")
+                if st.name == "logprob_temperature" and not (
+                        value == "sampling" or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                and value > 0)):
+                    raise error(f"train: logprob_temperature must be \"sampling\" or a number > 0, got {value!r}",
+                                st.value.span, "type",
+                                "\"sampling\" divides the logits by the sampler's temperature (as TRL and verl do)")
                 train[st.name] = value
             elif st.name in self.params:
                 if not isinstance(value, list):

@@ -55,7 +55,7 @@ class SpecError(Exception):
         head = f"{self.span}: {self.message}" if self.span.line else f"{self.span.file}: {self.message}"
         parts = [head]
         if self.source_line is not None and self.span.line:
-            text = self.source_line.rstrip("\n")
+            text = self.source_line.rstrip("\r\n")
             if len(text) > 200:  # keep a 1 MB line readable: show a window around the column
                 start = max(0, self.span.col - 100)
                 shown = text[start:start + 200]

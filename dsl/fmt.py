@@ -20,7 +20,8 @@ Layout (what `format_spec` writes):
   on their own lines right above it. Indented comments after the last statement of a section
   (before the next item or the end of the file) stay in that section, indented; comments at
   column 0 there belong to the next item, or stay at the end of the file.
-- Output ends with exactly one newline.
+- Output ends with exactly one newline. Every line ends with "\n", whatever the input used
+  ("\r\n" and "\r" files come out with Unix line ends).
 
 The result parses to the same tree (`parse(format_text(s)) == parse(s)`), holds the same
 comments, and formatting it again changes nothing.
@@ -31,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import ast as A
-from .parser import parse
+from .parser import normalize_newlines, parse
 from .unparse import unparse, unparse_stmt
 
 INDENT = "  "
@@ -67,7 +68,7 @@ def format_text(text: str, path: str = "<string>") -> str:
 def format_spec(spec: A.SpecFile) -> str:
     """The canonical text of a parsed spec file (comments taken from `spec.comments`)."""
     units = _units(spec)
-    src = spec.source
+    src = normalize_newlines(spec.source)  # positions count lines as the parser does
     starts = _line_starts(src)
     for u in units:
         u.end = _end_line(src, starts, u.node) if src else u.start

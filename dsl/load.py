@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import ast as A
 from .errors import Span, SpecError
-from .parser import decode, parse
+from .parser import decode, parse, source_lines
 
 _SOURCES: dict[str, list[str]] = {}
 
@@ -58,9 +58,10 @@ def did_you_mean(word: str, options) -> str | None:
 
 def read_spec(ref: str | Path, *, relative_to: Path | None = None, at: Span | None = None) -> A.SpecFile:
     """Parse a spec given as text, a file path, or the name of a built-in."""
-    if isinstance(ref, str) and ("\n" in ref or ref.lstrip().startswith(("algorithm ", "library "))):
+    if isinstance(ref, str) and ("\n" in ref or "\r" in ref
+                                 or ref.lstrip().startswith(("algorithm ", "library "))):
         path = "<string>"
-        _SOURCES[path] = ref.splitlines()
+        _SOURCES[path] = source_lines(ref)
         return parse(ref, path)
     path = _locate(str(ref), relative_to, at)
     try:
@@ -72,7 +73,7 @@ def read_spec(ref: str | Path, *, relative_to: Path | None = None, at: Span | No
         raise SpecError(f"cannot read {path}: {e.strerror or e}", Span(str(path), 0, 0, 0, 0), kind="io") from None
     name = _display(path)
     text = decode(data, name)
-    _SOURCES[name] = text.splitlines()
+    _SOURCES[name] = source_lines(text)
     return parse(text, name)
 
 

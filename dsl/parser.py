@@ -244,14 +244,36 @@ def _parser() -> Lark:
                 lexer_callbacks={"COMMENT": _comments.append})
 
 
+def normalize_newlines(text: str) -> str:
+    r"""Every line end as "\n": Windows ("\r\n") and old Mac ("\r") line ends read like Unix ones,
+    as Python reads source files. parse() does this before lexing, so lark's line and column
+    numbers and the lines shown in error reports agree for every kind of line end."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def source_lines(text: str) -> list[str]:
+    r"""The lines of spec text as the parser numbers them (line 1 is `source_lines(t)[0]`).
+
+    Unlike str.splitlines, splits only at line ends ("\n", "\r\n", "\r"): a form feed or
+    another Unicode separator inside a line is not a line end for the lexer either."""
+    lines = normalize_newlines(text).split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the text ends with a line end (or is empty)
+    return lines
+
+
 def decode(data: bytes, path: str) -> str:
     """Bytes → text, or a SpecError at the first byte that is not UTF-8."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        before = data[: e.start]
-        line = before.count(b"\n") + 1
-        col = e.start - (before.rfind(b"\n") + 1) + 1
+        # everything before the bad byte is UTF-8: count lines and columns in characters, with
+        # line ends and the byte order mark treated as parse() treats them
+        before = normalize_newlines(data[: e.start].decode("utf-8").removeprefix("\ufeff"))
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
         raise SpecError(f"not UTF-8 text: byte 0x{data[e.start]:02x} cannot be decoded",
                         Span(path, line, col, line, col + 1), kind="encoding",
                         hint="save the spec as UTF-8") from None
@@ -261,8 +283,12 @@ def decode(data: bytes, path: str) -> str:
 
 
 def parse(text: str, path: str = "<string>") -> A.SpecFile:
-    """Parse one spec file's text. Raises SpecError with file:line:col on any problem."""
-    lines = text.splitlines() or [""]
+    r"""Parse one spec file's text. Raises SpecError with file:line:col on any problem.
+
+    Any line ends are accepted ("\n", "\r\n", "\r"). The SpecFile keeps the text as given in
+    `source` (so `alignspec fmt --check` sees line ends that are not canonical)."""
+    source, text = text, normalize_newlines(text)
+    lines = source_lines(text) or [""]
     for n, l in enumerate(lines, 1):
         if len(l) > MAX_LINE:
             raise SpecError(f"line {n} is {len(l):,} characters long; the limit is {MAX_LINE:,}",
@@ -298,7 +324,7 @@ def parse(text: str, path: str = "<string>") -> A.SpecFile:
         raise SpecError("expression nested too deeply", Span(path, 1, 1, 1, 1), kind="too-deep") from None
     _check_depth(tree, lines)
     return A.SpecFile(tree.kind, tree.name, tree.extends, tree.items, span=tree.span, path=path,
-                      source=text,
+                      source=source,
                       comments=tuple((c.line, c.column, str(c)) for c in _comments))
 
 

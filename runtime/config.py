@@ -55,6 +55,10 @@ class RunConfig(BaseModel):
     init_model: str | None = Field(None, description="start from these weights (a pipeline stage's input); the "
                                    "run's model (--model or the built-in) still sets the defaults")
     reference_model: str | None = Field(None, description="the frozen reference (None: the starting model)")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="prompts through the tokenizer's chat template (runtime/prompts.py): auto = "
+        "when the tokenizer has one (the built-in char tokenizer has none), on = require one, off = raw "
+        "text; a plain-string prompt becomes one user message, completions are never templated")
     dtype: str = "float32"
     max_refill_rounds: int = Field(4, ge=0)
     log_with: list[str] = Field(default_factory=list)
@@ -95,6 +99,13 @@ class RunConfig(BaseModel):
             return []
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        if isinstance(v, bool):  # YAML reads a bare on / off as a boolean
+            return "on" if v else "off"
         return v
 
     @field_validator("dtype")

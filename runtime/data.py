@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 
 from .errors import RunError
+from .prompts import check_messages, is_conversation
 
+COMPLETIONS = ("response", "chosen", "rejected")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -84,6 +86,16 @@ def _is_empty(value) -> bool:
     return False
 
 
+def _completion_text(value, where: str) -> str:
+    """A conversational completion (TRL's format: one assistant message) as its text."""
+    msgs = check_messages(value, where)
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        roles = ", ".join(m["role"] for m in msgs)
+        raise RunError(f"{where} is a list of {len(msgs)} message(s) ({roles}); a completion is text or "
+                       "one assistant message", hint="put the conversation so far in the prompt")
+    return msgs[0]["content"]
+
+
 def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
                  required: list[str] = ("prompt",)) -> list[dict]:
     """Read ``path`` and return one dict per row with our field names.
@@ -91,7 +103,10 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
     ``fields`` maps our names to the user's (``{"prompt": "question"}``: our ``prompt`` is
     their ``question``); unmapped names are taken as they are, and the row's other fields are
     kept. Every name in ``required`` must be present and not None in every row, and a
-    required ``prompt`` must not be empty.
+    required ``prompt`` must not be empty. A prompt may be a string or a list of
+    ``{"role", "content"}`` messages (TRL's conversational format; runtime/prompts.py); a
+    completion (``response``, ``chosen``, ``rejected``) a string or a list of one assistant
+    message, which becomes its text.
     """
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
@@ -117,5 +132,10 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
                     hint=f"map a field with fields={{'{name}': '<their field>'}}")
         if "prompt" in required and _is_empty(rec["prompt"]):
             raise RunError(f"{p}: row {i} has an empty prompt")
+        if is_conversation(rec.get("prompt")):
+            rec["prompt"] = check_messages(rec["prompt"], f"{p}: row {i}'s prompt")
+        for name in COMPLETIONS:
+            if name in required and is_conversation(rec[name]):
+                rec[name] = _completion_text(rec[name], f"{p}: row {i}'s {name}")
         records.append(rec)
     return records

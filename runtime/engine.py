@@ -12,13 +12,16 @@ adapters disabled; a value head only for ``critic``), then per optimizer step:
             value if read), algo.step_loss(micro, totals), backward; gradients summed over
             processes; clip; AdamW + LR schedule.
 
-Distributed runs (``accelerate launch --num_processes N``): each process takes its slice of
-every global batch of prompts; the loss normalizers (``totals``: tokens, responses, groups)
-are summed over micro-batches and processes, so the per-process losses add up to the loss
-of the whole batch, and gradients are all-reduced with a *sum* after accumulation (the same
-arithmetic as DDP, without requiring every process to run the same number of
-micro-batches, which filters and refills do not guarantee). Batch-wide rollout statistics
-that a spec computes in ``advantage`` (``whiten``) are per process.
+Distributed runs (``accelerate launch --num_processes N``): the training forward is one module
+(runtime/train_forward.py) that ``accelerator.prepare`` wraps in DDP. Each process takes its
+slice of every global batch of prompts; the loss normalizers (``totals``: tokens,
+responses, groups) are summed over micro-batches and processes, so the per-process losses
+add up to the loss of the whole batch; DDP *averages* gradients, so each process
+back-propagates ``world * loss`` and the update is the one of the whole batch. Filters can
+leave processes with different numbers of micro-batches: the count of each update is
+agreed first, and a process that has fewer runs zero-weight padding micro-batches, so every
+process joins every gradient reduction. Batch-wide statistics in ``advantage`` (``whiten``,
+``batch_std``, ``batch_mean``) are taken over all processes (``ops.batch_stats_reduce``).
 
 Reproducibility: sampling uses a seed derived from (seed, step, process, round), minibatch
 shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted one.
@@ -41,9 +44,9 @@ import torch
 
 from .config import RunConfig, load_config
 from .errors import RunError, RunFailure
-from .fastpath import ReferenceCache, forward_logprobs
-from .logprobs import completion_logprobs
+from .fastpath import ReferenceCache
 from .models import PolicyWithValueHead, add_value_head, load_frozen_copy, load_policy, unwrap_causal_lm
+from .train_forward import TrainForward, dummy_micro_batch, zero_loss
 
 PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
 EXTERNALS = ("reward", "reward_model", "preference")
@@ -61,6 +64,7 @@ class Engine:
 
     def __init__(self, algo, cfg: RunConfig, resume: bool = False, console=None):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
         try:
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
@@ -72,19 +76,19 @@ class Engine:
         self.builds = {"policy": 0, "reference": 0, "critic": 0}
         self.out = Path(cfg.out)
         log_with = list(cfg.log_with)
-        for t in log_with:
-            if t == "tensorboard":
-                try:
-                    import tensorboard  # noqa: F401
-                except ImportError:
-                    try:
-                        import tensorboardX  # noqa: F401
-                    except ImportError:
-                        raise RunError("log_with: tensorboard is not installed",
-                                       hint="pip install tensorboard, or drop log_with") from None
+        from .tracking import check_trackers
+        check_trackers(log_with)  # unknown or missing trackers: a RunError before anything is built
         # cpu=True without a GPU: accelerate then picks gloo (MULTI_CPU) under torchrun / launchers
+        # buffers (rotary tables) are the same on every process: no broadcast at each forward
         self.acc = Accelerator(log_with=log_with or None, project_dir=str(self.out),
-                               cpu=not torch.cuda.is_available())
+                               cpu=not torch.cuda.is_available(),
+                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        from accelerate.utils import DistributedType
+        if self.acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                             DistributedType.MULTI_GPU):
+            raise RunError(f"accelerate's {self.acc.distributed_type.value} mode is not supported by this runtime yet",
+                           hint="use DDP (the default of `accelerate launch --multi_gpu`); FSDP and DeepSpeed "
+                                "configurations are not wired up")
         self.rank = self.acc.process_index
         self.world = self.acc.num_processes
         self.main = self.acc.is_main_process
@@ -214,11 +218,41 @@ class Engine:
             frac = min(1.0, (i - warm) / max(1, total - warm))
             return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        # the training forward, wrapped by accelerate (DDP under `accelerate launch`; runtime/train_forward.py)
+        self.logprob_temperature = self._logprob_temperature()
+        self.train_forward = self._forwarder(self.model)
+        self.wrapped, self.optimizer = self.acc.prepare(self.train_forward, self.optimizer)
         self.step = 0
         self.cursor = 0
         self.iterations = max(1, int(algo.train.get("iterations", 1)))
         self.steps_per_iter = math.ceil(self.steps / self.iterations)
         self._algos = {}
+
+    def _logprob_temperature(self) -> float:
+        """The spec's ``train: logprob_temperature``: a number, or ``"sampling"`` = the temperature
+        its sampler draws at (TRL and verl divide the logits by it); 1 by default."""
+        t = self.algo.train.get("logprob_temperature", 1)
+        if t != "sampling":
+            return float(t)
+        from alignspec.dsl import ast
+        temps = set()
+
+        def visit(call):
+            if call.func in ("generate", "tree_search"):
+                temps.add(float(self._kw(call, "temperature", 1.0, self.algo)))
+            for a in call.args:
+                if isinstance(a, ast.Call):
+                    visit(a)
+        if self.sample_call is not None:
+            visit(self.sample_call)
+        if len(temps) != 1:
+            raise RunError(f"{self.algo.name}: logprob_temperature = \"sampling\" needs one sampling temperature, "
+                           f"found {sorted(temps) or 'none'}", hint="set train: logprob_temperature to a number")
+        return temps.pop()
+
+    def _forwarder(self, model) -> TrainForward:
+        return TrainForward(model, self.cfg, reward_head=self.reward_head, pairs=self.kind == "pairs",
+                            temperature=self.logprob_temperature)
 
     def _load_data(self) -> list[dict]:
         need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
@@ -293,8 +327,10 @@ class Engine:
             self._perm_epoch, self._perm_cache = epoch, perm
         return self._perm_cache
 
-    def _tok_prompt(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+    def _tok_prompt(self, prompt) -> list[int]:
+        """A prompt (string or list of messages) as the policy's token ids: through the chat
+        template when the run uses one (``self.prompt_format``, runtime/prompts.py)."""
+        return self.prompt_format.ids(prompt)
 
     def _tok_completion(self, text: str) -> list[int]:
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -302,16 +338,17 @@ class Engine:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    def _kw(self, call, name, default):
+    def _kw(self, call, name, default, algo=None):
         from alignspec.dsl import ast
+        params = (algo or self.current).params
         for kw in call.kwargs:
             if kw.name == name:
                 v = kw.value
                 if isinstance(v, ast.Number):
                     return v.value
                 if isinstance(v, ast.Name):
-                    if v.id in self.current.params:
-                        return self.current.params[v.id]
+                    if v.id in params:
+                        return params[v.id]
                     return v.id
                 if isinstance(v, (ast.Str, ast.Bool)):
                     return v.value
@@ -341,7 +378,8 @@ class Engine:
             with ctx:
                 ro = generate_groups(model, self.tokenizer, [r["prompt"] for r in recs], n,
                                      max_new_tokens=max_tok, temperature=temp, top_p=top_p,
-                                     generator_seed=seed, fast=self.cfg.fast_sampling)
+                                     generator_seed=seed, fast=self.cfg.fast_sampling,
+                                     prompt_format=self.prompt_format)
             groups = [[] for _ in recs]
             pm, cm = ro.prompt_mask.cpu(), ro.completion_mask.cpu()
             for i in range(ro.completion_ids.shape[0]):
@@ -370,6 +408,17 @@ class Engine:
                       "text": r["rejected"], "rec": r}] for r in recs]
         from alignspec.dsl import ast
         return self._sample(ast.Call("demonstration", (ast.Name("prompt"),)), recs, seed)
+
+    def _scorer_prompt(self, row: dict):
+        """The prompt that scorers (rewards, reward and preference models) get for a row: the
+        row's own ``prompt`` (a tree-search prefix), else its data record's -- as written in the
+        data, a string or a list of messages, not the chat-templated text the policy saw."""
+        if "prompt" in row:
+            return row["prompt"]
+        rec = row.get("rec") or {}
+        if "prompt" in rec:
+            return rec["prompt"]
+        return self.tokenizer.decode(row["p"], skip_special_tokens=True)
 
     def _tensors(self, rows: list[dict]) -> dict:
         pad = self.tokenizer.pad_token_id
@@ -410,14 +459,14 @@ class Engine:
             rows = [r for g in groups for r in g]
             if rows:
                 batch = self._tensors(rows)
-                prompts = [self.tokenizer.decode(r["p"], skip_special_tokens=True) for r in rows]
+                prompts = [self._scorer_prompt(r) for r in rows]  # as in the data, not templated
                 texts = [r["text"] for r in rows]
                 rrecs = [r["rec"] for r in rows]
                 for name, scorer in self.scorers.items():
                     batch[name] = scorer(prompts, texts, rrecs).to(self.device, torch.float32)
                 if getattr(self, "embedder", None) is not None:  # embedding(response), runtime/embedding.py
                     batch["embedding"] = self.embedder(batch, texts)
-                with torch.no_grad():
+                with torch.no_grad(), self._batch_stats_context():
                     s = algo.score(batch)
                 sel, keep = s.pop("rows"), s.pop("keep")
                 n_groups = len(rows) // algo.sample_group_size
@@ -461,23 +510,41 @@ class Engine:
         return batch, info
 
     def _forward(self, model, batch, sl, *, grad, entropy=False, value=False):
-        ids = torch.cat([batch["prompt_ids"][sl], batch["completion_ids"][sl]], 1)
-        att = torch.cat([batch["prompt_mask"][sl], batch["completion_mask"][sl]], 1)
-        ctx = contextlib.nullcontext() if grad else torch.no_grad()
-        if getattr(self, "reward_head", False):  # rm_score: the reward model being trained
-            from .reward_head import sequence_scores
-            with ctx:
-                return {"rm_score": sequence_scores(model, ids, att)}
-        with ctx:
-            out = forward_logprobs(self.cfg, model, ids, att, batch["completion_mask"][sl], entropy=entropy,
-                                   value=value, pairs=self.kind == "pairs")  # runtime/fastpath.py
-            if value:
-                out["value"] = self.model.values_from_hidden(out.pop("hidden")) * batch["mask"][sl]
-        return out
+        """Outputs of ``model`` on rows ``sl`` of ``batch``: with ``grad``, through the wrapped
+        training forward (``model`` must be ``self.model``); without, a plain forward of any model
+        (old, reference, iterate; runtime/train_forward.py)."""
+        args = [batch[k][sl] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+        if grad:
+            assert model is self.model
+            return self.wrapped(*args, entropy=entropy, value=value)
+        fwd = self.train_forward if model is self.model else self._forwarder(model)
+        with torch.no_grad():
+            return fwd(*args, entropy=entropy, value=value)
 
     def _micro_slices(self, rows: int, G: int):
         m = self.cfg.micro_batch_size * G
         return [slice(s, min(s + m, rows)) for s in range(0, rows, m)]
+
+    def _batch_stats_context(self, have_batch: bool = True):
+        """Batch-wide statistics (whiten, batch_std, batch_mean) of ``score`` and ``advantage``
+        over all processes' rows (``ops.batch_stats_reduce``). Every process scores every
+        round; when some process kept no rows at all it runs no ``advantage``, so then every
+        process keeps its own statistics there (said in yellow)."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        flag = self.acc.reduce(torch.tensor([0.0 if have_batch else 1.0], device=self.device), reduction="sum")
+        if flag.item() > 0:
+            self.say(f"[yellow]step {self.step + 1}: a process kept no rows; batch statistics of this step's "
+                     "advantages are per process[/yellow]")
+            return contextlib.nullcontext()
+        import torch.distributed as dist
+
+        from alignspec import ops
+
+        def all_sum(t):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t
+        return ops.batch_stats_reduce(all_sum)
 
     def _no_grad_forwards(self, batch, times):
         algo = self.current
@@ -527,9 +594,10 @@ class Engine:
             self.say(f"[yellow]step {self.step + 1}: no group survived the filters; step skipped[/yellow]")
             return {"loss": float("nan"), "skipped": 1, **times}
         G = algo.group_size
+        stats = self._batch_stats_context(batch is not None)
         if batch is not None:
             self._no_grad_forwards(batch, times)
-            with torch.no_grad():
+            with torch.no_grad(), stats:
                 adv = algo.advantage(batch)
             for k, v in adv.pop("metrics", {}).items():
                 metrics[k] = float(v)
@@ -561,28 +629,46 @@ class Engine:
                           v[gidx] if G > 1 and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n_groups
                           else v)  # per row, per group (one value per group), or batch-wide
                       for k, v in batch.items()} if batch is not None else None
+                slices = self._micro_slices(len(ridx), G) if mb is not None else []
+                # global normalizers and the update's micro-batch count, agreed over processes
                 local = torch.tensor([0.0 if mb is None else float(mb["mask"].sum()), float(len(ridx)),
-                                      float(len(chunk))], device=self.device, dtype=torch.float64)
-                if self.world > 1:
-                    local = self.acc.reduce(local, reduction="sum")
-                totals = {"tokens": local[0].clamp(min=1).float(), "responses": local[1].clamp(min=1).float(),
-                          "groups": local[2].clamp(min=1).float()}
+                                      float(len(chunk)), float(len(slices))], device=self.device, dtype=torch.float64)
+                every = self.acc.gather(local[None]) if self.world > 1 else local[None]
+                tot = every[:, :3].sum(0)
+                totals = {"tokens": tot[0].clamp(min=1).float(), "responses": tot[1].clamp(min=1).float(),
+                          "groups": tot[2].clamp(min=1).float()}
+                n_micro = int(every[:, 3].max())
+                if n_micro == 0:  # nothing to learn from on any process: no update
+                    continue
                 mb_loss = torch.zeros((), dtype=torch.float64, device=self.device)
                 bad = None
-                for sl in self._micro_slices(len(ridx), G) if mb is not None else []:
-                    fw = self._forward(self.model, mb, sl, grad=True, entropy="entropy" in algo.inputs,
-                                       value="value" in algo.inputs)
-                    gsl = slice(sl.start // G, sl.stop // G)  # micro-batches are whole groups
-                    micro = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(ridx) else
-                                 v[gsl] if G > 1 and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(chunk)
-                                 else v)
-                             for k, v in mb.items()}
-                    micro.update(fw)
-                    out = algo.step_loss(micro, totals)
-                    if not torch.isfinite(torch.as_tensor(out.loss)).all():
-                        bad = next((k for k, t in out.terms.items() if not torch.isfinite(torch.as_tensor(t)).all()), "loss")
-                        break
-                    out.loss.backward()
+                for i in range(n_micro):
+                    # DDP reduces gradients at the last backward of the update only
+                    sync = contextlib.nullcontext() if i == n_micro - 1 else self.acc.no_sync(self.wrapped)
+                    with sync:
+                        if i >= len(slices) or bad is not None:  # padding: this process has no more rows
+                            dummy = dummy_micro_batch(self.tokenizer.pad_token_id or 0, self.device)
+                            fw = self._forward(self.model, dummy, slice(0, 1), grad=True,
+                                               entropy="entropy" in algo.inputs, value="value" in algo.inputs)
+                            self.acc.backward(zero_loss(fw))
+                            continue
+                        sl = slices[i]
+                        fw = self._forward(self.model, mb, sl, grad=True, entropy="entropy" in algo.inputs,
+                                           value="value" in algo.inputs)
+                        gsl = slice(sl.start // G, sl.stop // G)  # micro-batches are whole groups
+                        micro = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(ridx) else
+                                     v[gsl] if G > 1 and torch.is_tensor(v) and v.dim() > 0
+                                     and v.shape[0] == len(chunk) else v)
+                                 for k, v in mb.items()}
+                        micro.update(fw)
+                        out = algo.step_loss(micro, totals)
+                        if not torch.isfinite(torch.as_tensor(out.loss)).all():
+                            bad = next((k for k, t in out.terms.items()
+                                        if not torch.isfinite(torch.as_tensor(t)).all()), "loss")
+                            self.acc.backward(zero_loss(fw))  # keeps the processes in step; no update follows
+                            continue
+                        # DDP averages gradients over processes; the losses are shares of one sum
+                        self.acc.backward(out.loss * self.world if self.world > 1 else out.loss)
                     mb_loss += out.loss.detach().double()
                     for k, v in out.metrics.items():
                         if k.startswith("loss/"):  # a share of the term: micro-batches add up to it
@@ -605,10 +691,8 @@ class Engine:
                 t0 = time.perf_counter()
                 if self.world > 1:
                     mb_loss = self.acc.reduce(mb_loss, reduction="sum")
-                    self._allreduce_grads()
-                params = [p for p in self.model.parameters() if p.requires_grad]
                 if self.cfg.max_grad_norm:
-                    gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                    gn = self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
                     grad_norms.append(float(gn))
                 self.optimizer.step()
                 self.scheduler.step()
@@ -645,21 +729,12 @@ class Engine:
         res["step_cpu_time"] = time.process_time() - c_start  # all threads; less sensitive to other load
         return res
 
-    def _allreduce_grads(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        flat = self.acc.reduce(flat, reduction="sum")
-        o = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[o:o + n].view_as(p).clone()
-            o += n
-
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> float | None:
         if self.task is None:
             return None
-        return self.task.eval_score(self.policy, self.tokenizer, self.cfg.eval_size)
+        return self.task.eval_score(self.policy, self.tokenizer, self.cfg.eval_size,
+                                    prompt_format=self.prompt_format)
 
     # -- checkpoints -----------------------------------------------------------------------
     def _trainable_state(self) -> dict:
@@ -797,8 +872,8 @@ class Engine:
                      if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
             (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
         if self.cfg.log_with:
-            self.acc.init_trackers("alignspec", config={k: v for k, v in self.cfg.model_dump().items()
-                                                        if isinstance(v, (int, float, str, bool))})
+            from .tracking import hparams  # values every tracker accepts (TensorBoard: no None)
+            self.acc.init_trackers("alignspec", config=hparams(self))
         self.say(f"run: {self.algo.name} for {self.steps} steps, batch {self.batch_size} "
                  f"({self.world} process{'es' if self.world > 1 else ''}), lr {self.lr}, "
                  f"builds {', '.join(k for k, v in self.builds.items() if v)}{' +LoRA' if self.lora else ''}")

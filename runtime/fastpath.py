@@ -23,18 +23,20 @@ import torch
 from .logprobs import completion_logprobs, full_logits_logprobs
 
 
-def forward_logprobs(cfg, model, ids, att, cm, *, entropy=False, value=False, pairs=False) -> dict:
+def forward_logprobs(cfg, model, ids, att, cm, *, entropy=False, value=False, pairs=False,
+                     temperature=1.0) -> dict:
     """``completion_logprobs`` under the run configuration's performance switches."""
     if cfg.logprobs_path == "full_logits" and not value:
-        return full_logits_logprobs(model, ids, att, cm, with_entropy=entropy)
+        return full_logits_logprobs(model, ids, att, cm, with_entropy=entropy, temperature=temperature)
     B = ids.shape[0]
     if pairs and cfg.pair_forwards == 2 and B > 1 and B % 2 == 0:  # chosen rows, then rejected rows
         halves = [forward_logprobs(cfg.model_copy(update={"pair_forwards": 1}), model, ids[k::2], att[k::2],
-                                   cm[k::2], entropy=entropy, value=value) for k in (0, 1)]
+                                   cm[k::2], entropy=entropy, value=value, temperature=temperature)
+                  for k in (0, 1)]
         return {k: torch.stack([halves[0][k], halves[1][k]], 1).reshape(B, *halves[0][k].shape[1:])
                 for k in halves[0]}
     return completion_logprobs(model, ids, att, cm, chunk_size=cfg.chunk_size, with_entropy=entropy,
-                               return_hidden=value, share_prompt=cfg.share_prompt)
+                               return_hidden=value, share_prompt=cfg.share_prompt, temperature=temperature)
 
 
 def _offline(engine) -> bool:

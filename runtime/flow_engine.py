@@ -263,6 +263,9 @@ class FlowEngine:
         torch.manual_seed(cfg.seed)
         if cfg.log_with:
             from accelerate import Accelerator
+
+            from .tracking import check_trackers
+            check_trackers(cfg.log_with)
             self.acc = Accelerator(log_with=list(cfg.log_with), project_dir=str(self.out), cpu=True)
         # model and task
         if self.builtin:
@@ -636,8 +639,8 @@ class FlowEngine:
                      if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
             mpath.write_text("".join(ln + "\n" for ln in lines))
         if self.acc is not None:
-            self.acc.init_trackers("alignspec", config={k: v for k, v in self.cfg.model_dump().items()
-                                                        if isinstance(v, (int, float, str, bool))})
+            from .tracking import hparams  # values every tracker accepts (TensorBoard: no None)
+            self.acc.init_trackers("alignspec", config=hparams(self))
         self.say(f"run: {self.algo.name} (flow policy) for {self.steps} steps, batch {self.batch_size} prompts, "
                  f"lr {self.lr}, builds {', '.join(k for k, v in self.builds.items() if v)}")
         it0 = min(self.step // self.steps_per_iter, self.iterations - 1)

@@ -65,9 +65,9 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_groups(model, tokenizer, prompts: list[str], n: int, *, max_new_tokens: int,
+def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                    generator_seed: int | None = None, fast: bool = True) -> Rollout:
+                    generator_seed: int | None = None, fast: bool = True, prompt_format=None) -> Rollout:
     """Sample ``n`` completions for each prompt; greedy when ``temperature == 0`` or not
     ``do_sample``. Sampling is pure temperature/top-p (no top-k). ``generator_seed`` makes
     the draw reproducible without touching the global RNG state. The model is put in eval
@@ -77,17 +77,17 @@ def generate_groups(model, tokenizer, prompts: list[str], n: int, *, max_new_tok
     sampling -- when :func:`sampling.supported` says the model and its generation config allow
     it; otherwise (or with ``fast=False``) ``model.generate``. Both sample the same
     distribution, with different random streams.
+
+    ``prompt_format`` (a :class:`prompts.PromptFormat` of ``tokenizer``) renders each prompt --
+    a string or a list of messages -- as the policy sees it (the chat template when the run
+    uses one); None: the raw strings, with the tokenizer's special tokens.
     """
     if n < 1 or max_new_tokens < 1:
         raise ValueError("n and max_new_tokens must be >= 1")
     lm = unwrap_causal_lm(model)
     device = next(lm.parameters()).device
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(list(prompts), padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = old_side
+    from .prompts import PromptFormat
+    enc = (prompt_format or PromptFormat.raw(tokenizer)).encode(list(prompts))
     prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0).to(device)
     prompt_mask = enc["attention_mask"].repeat_interleave(n, dim=0).to(device)
     prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(n)

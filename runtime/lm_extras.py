@@ -2,6 +2,10 @@
 
 ``setup_extras(engine)`` runs at the end of ``Engine._setup`` and sets
 
+- ``engine.prompt_format``: how prompts become the policy's input -- the tokenizer's chat
+  template or the raw text, per the ``chat_template`` setting (``prompts.py``); checked
+  against the data's prompts here, so a conversational prompt without a template fails
+  before training;
 - ``engine.iterate``: the frozen iterate pi_t of self-play iterations (``iterations.py``),
   or None;
 - ``engine.embedder``: ``embedding(response)`` for the active selectors
@@ -18,6 +22,15 @@ from .errors import RunError
 
 def setup_extras(engine) -> None:
     algo, cfg = engine.algo, engine.cfg
+    from .prompts import PromptFormat
+    engine.prompt_format = PromptFormat(engine.tokenizer, getattr(cfg, "chat_template", "auto"),
+                                        source=engine.model_dir)
+    engine.prompt_format.check_records(engine.records, cfg.data or "the built-in task")
+    if engine.prompt_format.templated:
+        engine.say(f"prompts: through the chat template of the tokenizer in {engine.model_dir}")
+    if engine.reward_head:  # scored downstream as trained (rewards.SequenceScorer)
+        from .reward_head import mark_template
+        mark_template(engine.policy, engine.prompt_format.templated)
     from .iterations import build_iterate
     engine.iterate = build_iterate(engine)
     if engine.iterate is not None:
@@ -60,7 +73,7 @@ def _tree_sampler(engine):
     engine.say(f"tree search: steps end at a newline or EOS (at most {step_tokens} tokens); leaf values: {what} "
                f"at terminal nodes, one sampled rollout's reward elsewhere")
     return TreeSampler(engine.tokenizer, reward, step_tokens=step_tokens, max_new_tokens=engine.max_new_tokens,
-                       device=engine.device)
+                       device=engine.device, prompt_format=engine.prompt_format)
 
 
 def _reward_model_eval(engine) -> None:

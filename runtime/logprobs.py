@@ -201,15 +201,18 @@ def _logit_transform(config) -> tuple[float, float | None]:
     return scale, softcap
 
 
-def _module_logprobs(hidden, head, targets, chunk_size, scale, softcap, with_entropy):
+def _module_logprobs(hidden, head, targets, chunk_size, scale, softcap, with_entropy, temperature=1.0):
     """Fallback for output layers that are not a plain ``nn.Linear`` (e.g. LoRA-wrapped) or
-    that soft-cap logits: same chunking, with activation checkpointing per chunk."""
+    that soft-cap logits: same chunking, with activation checkpointing per chunk. The
+    sampling temperature divides the final (soft-capped) logits."""
     acc = _acc_dtype(hidden.dtype)
 
     def one_chunk(h, t):
         z = head(h).to(acc) * scale
         if softcap is not None:
             z = torch.tanh(z / softcap) * softcap
+        if temperature != 1.0:
+            z = z / temperature
         logq = z.log_softmax(-1)
         lp = logq.gather(-1, t[:, None]).squeeze(-1)
         en = -(logq.exp() * logq).sum(-1) if with_entropy else lp.new_empty(0)
@@ -258,7 +261,8 @@ def _shared_prompt_hidden(body, input_ids, attention_mask, position_ids, P):
     return torch.cat(parts, 1)
 
 
-def full_logits_logprobs(model, input_ids, attention_mask, completion_mask, *, with_entropy=False):
+def full_logits_logprobs(model, input_ids, attention_mask, completion_mask, *, with_entropy=False,
+                         temperature=1.0):
     """The textbook path, kept to measure what chunking saves: logits for every position of
     every row (``[B, L, V]`` float32), ``log_softmax``, gather. Same results as
     :func:`completion_logprobs`, at ``O(B * L * V)`` memory."""
@@ -269,7 +273,7 @@ def full_logits_logprobs(model, input_ids, attention_mask, completion_mask, *, w
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False).logits
-    logq = logits.to(_acc_dtype(logits.dtype)).log_softmax(-1)[:, P - 1:L - 1]
+    logq = (logits.to(_acc_dtype(logits.dtype)) / temperature).log_softmax(-1)[:, P - 1:L - 1]
     m = completion_mask.to(logq.dtype)
     result = {"logp": logq.gather(-1, input_ids[:, P:, None]).squeeze(-1) * m}
     if with_entropy:
@@ -279,7 +283,7 @@ def full_logits_logprobs(model, input_ids, attention_mask, completion_mask, *, w
 
 def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
                         chunk_size=1024, with_entropy=False, return_hidden=False,
-                        share_prompt=True):
+                        share_prompt=True, temperature=1.0):
     """Log-prob of each completion token given its prefix, ``[B, T]`` (0 where masked).
 
     ``model``: a causal LM (also a ``PolicyWithValueHead`` or a PEFT model around one).
@@ -291,6 +295,9 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
     ``share_prompt``: rows with the same prompt (a group's completions, a pair's chosen and
     rejected) run the prompt through the body once and reuse its keys/values; the same
     numbers up to float rounding, fewer FLOPs.
+
+    ``temperature``: log-probs (and entropy) of ``softmax(logits / temperature)``, the
+    distribution a sampler at that temperature draws from (as TRL and verl compute them).
     """
     B, L = input_ids.shape
     T = completion_mask.shape[1]
@@ -312,13 +319,15 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
     targets = input_ids[:, P:][sel]
 
     scale, softcap = _logit_transform(lm.config)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(head, nn.Linear) and softcap is None:
         logp_rows, ent_rows = linear_logprobs(rows, head.weight, head.bias, targets,
-                                              chunk_size=chunk_size, scale=scale,
+                                              chunk_size=chunk_size, scale=scale / temperature,
                                               with_entropy=with_entropy)
     else:
         logp_rows, ent_rows = _module_logprobs(rows, head, targets, chunk_size, scale,
-                                               softcap, with_entropy)
+                                               softcap, with_entropy, temperature)
     result = {"logp": logp_rows.new_zeros(B, T).masked_scatter(sel, logp_rows)}
     if with_entropy:
         result["entropy"] = ent_rows.new_zeros(B, T).masked_scatter(sel, ent_rows)

@@ -20,6 +20,10 @@ every step is the right partial sum and the answer is right); with ``--data``, t
 ``rewards`` (required), called as ``fn(prompts, completions, records)`` with the
 completion = everything after the prompt.
 
+Prompts go through the run's ``prompt_format`` (runtime/prompts.py): the tree's root is the
+prompt's text as the policy sees it (chat-templated when the run uses a template), steps are
+appended to that text, and the reward gets the data row's prompt as written.
+
 All prompts of a batch are searched in lockstep -- simulation ``s`` of every tree, then
 ``s + 1`` -- so each simulation costs one batched ``generate`` for the expansions and one
 for the rollouts. Trees never interact, and each tree's sequence of select / expand /
@@ -70,8 +74,12 @@ def search_many(prompts, propose_many, value_many, simulations: int, branching: 
 class TreeSampler:
     """The engine's ``tree_search`` sampler (see the module docstring)."""
 
-    def __init__(self, tokenizer, reward, *, step_tokens: int, max_new_tokens: int, device=None):
+    def __init__(self, tokenizer, reward, *, step_tokens: int, max_new_tokens: int, device=None,
+                 prompt_format=None):
+        from .prompts import PromptFormat
         self.tok = tokenizer
+        self.fmt = prompt_format or PromptFormat.raw(tokenizer)
+        self.special = self.fmt.add_special_tokens  # a templated root holds its special tokens
         self.reward = reward               # fn(prompts, completions, records) -> list/tensor of floats
         self.step_tokens = int(step_tokens)
         self.max_new_tokens = int(max_new_tokens)
@@ -96,7 +104,7 @@ class TreeSampler:
 
     # -- model calls ----------------------------------------------------------------------
     def _encode(self, texts: list[str]):
-        seqs = [list(self.tok(t)["input_ids"]) for t in texts]
+        seqs = [list(self.tok(t, add_special_tokens=self.special)["input_ids"]) for t in texts]
         L = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
         att = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -174,7 +182,7 @@ class TreeSampler:
             if idx:
                 rows = [recs[items[j][0]] for j in idx]
                 prompts = [r["prompt"] for r in rows]
-                comps = [items[j][1][len(r["prompt"]):] + texts[j] for j, r in zip(idx, rows)]
+                comps = [items[j][1][len(self.fmt.text(r["prompt"])):] + texts[j] for j, r in zip(idx, rows)]
                 r = self.reward(prompts, comps, rows)
                 r = r.tolist() if torch.is_tensor(r) else list(r)
                 for j, v in zip(idx, r):
@@ -191,7 +199,7 @@ class TreeSampler:
             counter[0] += 1
             return (int(seed) * 1000003 + counter[0]) % (1 << 31)
 
-        prompts = [r["prompt"] for r in recs]
+        prompts = [self.fmt.text(r["prompt"]) for r in recs]  # the roots
         return search_many(prompts, self._propose_many(model, temperature, next_seed),
                            self._value_many(model, recs, temperature, next_seed),
                            int(simulations), int(branching), int(depth), float(c_puct), rule)
@@ -200,7 +208,11 @@ class TreeSampler:
         c = list(self.tok(step, add_special_tokens=False)["input_ids"])
         if terminal and self.eos is not None:
             c.append(self.eos)
-        return {"p": list(self.tok(prefix)["input_ids"]), "c": c, "text": step, "rec": rec}
+        row = {"p": list(self.tok(prefix, add_special_tokens=self.special)["input_ids"]), "c": c, "text": step,
+               "rec": rec}
+        if isinstance(rec["prompt"], str):  # scorers get the data's prompt + the steps before
+            row["prompt"] = rec["prompt"] + prefix[len(self.fmt.text(rec["prompt"])):]
+        return row
 
     def groups(self, model, recs, *, simulations, branching, depth, c_puct, temperature=1.0, seed=0,
                rule="puct") -> list[list[dict]]:

@@ -11,8 +11,9 @@ the prompt, right of the response) never moves it.
 
 The saved model (``OUT/model``) loads with ``AutoModelForSequenceClassification``; its
 config carries ``alignspec_score_eos = True``, which tells ``rewards.SequenceScorer`` to
-append EOS before scoring, so a downstream ``reward_model(response)`` scores a response
-exactly as it was trained.
+append EOS before scoring, and ``alignspec_chat_template`` (whether the prompts went through
+the tokenizer's chat template, runtime/prompts.py), so a downstream
+``reward_model(response)`` scores a response exactly as it was trained.
 
 ``eval_score`` of such a run is the pairwise accuracy on held-out pairs: the fraction of
 (chosen, rejected) pairs with ``s(chosen) > s(rejected)`` (a tie counts one half). On the
@@ -33,6 +34,7 @@ import torch
 from .errors import RunError
 
 SCORE_EOS_FLAG = "alignspec_score_eos"
+TEMPLATE_FLAG = "alignspec_chat_template"
 HELDOUT_FRACTION = 0.1
 
 
@@ -81,6 +83,11 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def mark_template(model, templated: bool) -> None:
+    """Record in the reward model's config whether its prompts are chat-templated."""
+    setattr(_unwrap(model).config, TEMPLATE_FLAG, bool(templated))
+
+
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` float32: the classifier's first logit at each row's last valid token.
 
@@ -107,9 +114,13 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return head(h)[:, 0].float()
 
 
-def encode(tokenizer, prompt: str, response: str, eos: bool = True) -> list[int]:
-    """prompt (with the tokenizer's special tokens) ++ response ++ EOS, as the engine tokenizes rows."""
-    ids = list(tokenizer(prompt)["input_ids"]) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
+def encode(tokenizer, prompt, response: str, eos: bool = True, prompt_format=None) -> list[int]:
+    """prompt ++ response ++ EOS, as the engine tokenizes rows: the prompt through
+    ``prompt_format`` (runtime/prompts.py; None: the raw string with the tokenizer's special
+    tokens), the response without special tokens."""
+    from .prompts import PromptFormat
+    fmt = prompt_format or PromptFormat.raw(tokenizer)
+    ids = fmt.ids(prompt) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids
@@ -127,8 +138,10 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts, responses, batch_size: int = 64, eos: bool = True) -> torch.Tensor:
-    """``[N]`` scores of prompt + response (+ EOS) under a sequence classifier."""
+def score_texts(model, tokenizer, prompts, responses, batch_size: int = 64, eos: bool = True,
+                prompt_format=None) -> torch.Tensor:
+    """``[N]`` scores of prompt + response (+ EOS) under a sequence classifier (prompts
+    through ``prompt_format``, as in :func:`encode`)."""
     m = _unwrap(model)
     device = next(m.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -137,7 +150,8 @@ def score_texts(model, tokenizer, prompts, responses, batch_size: int = 64, eos:
     try:
         out = []
         for s in range(0, len(prompts), batch_size):
-            seqs = [encode(tokenizer, p, r, eos) for p, r in zip(prompts[s:s + batch_size], responses[s:s + batch_size])]
+            seqs = [encode(tokenizer, p, r, eos, prompt_format)
+                    for p, r in zip(prompts[s:s + batch_size], responses[s:s + batch_size])]
             ids, att = left_pad(seqs, pad, device)
             out.append(sequence_scores(model, ids, att).cpu())
     finally:
@@ -206,15 +220,15 @@ class PairwiseEval:
             raise AttributeError(item)
         return getattr(task, item)
 
-    def scores(self, model, tokenizer, size=None):
+    def scores(self, model, tokenizer, size=None, prompt_format=None):
         pairs = self.pairs[:size] if size else self.pairs
         prompts = [p["prompt"] for p in pairs]
-        c = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs])
-        r = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs])
+        c = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], prompt_format=prompt_format)
+        r = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], prompt_format=prompt_format)
         return c, r
 
-    def eval_score(self, model, tokenizer, size=None) -> float:
-        c, r = self.scores(model, tokenizer, size)
+    def eval_score(self, model, tokenizer, size=None, prompt_format=None) -> float:
+        c, r = self.scores(model, tokenizer, size, prompt_format)
         return pairwise_accuracy(c, r)
 
 

@@ -5,6 +5,9 @@ returns one float per completion::
 
     def my_reward(prompts: list[str], completions: list[str], records: list[dict]) -> list[float]
 
+A prompt is the data row's prompt as written -- a string, or a list of ``{"role", "content"}``
+messages for conversational data -- never the chat-templated text the policy was given.
+
 Built-in names: ``exact_answer`` (1 if the completion, stripped, equals the row's
 ``answer``), ``format`` (1 if the completion is a non-empty run of digits -- the built-in
 task's answer format), ``length`` (minus the completion's length in characters / 100).
@@ -13,7 +16,10 @@ the run's configuration names them (an explicit opt-in to running that code).
 
 ``SequenceScorer`` wraps an ``AutoModelForSequenceClassification`` directory: the score of a
 response is the first logit on prompt + completion (+ EOS for a reward model alignspec
-trained, whose config says ``alignspec_score_eos``: scored as it was trained). It serves ``reward_model(response)``
+trained, whose config says ``alignspec_score_eos``: scored as it was trained, its prompts through
+its tokenizer's chat template when they went through it in training). A conversational prompt
+(a list of messages) is scored with the classifier's own chat template: the messages plus
+an assistant message holding the completion. It serves ``reward_model(response)``
 and, as a Bradley-Terry scorer with P(i > j) = sigmoid(s_i - s_j), ``preference(response)``.
 """
 
@@ -103,15 +109,37 @@ class SequenceScorer:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, records) -> torch.Tensor:
+        from .prompts import PromptFormat, is_conversation
         if getattr(self.model.config, "alignspec_score_eos", False):
             # a reward model alignspec trained (runtime/reward_head.py): scored as it was trained,
-            # at the EOS after prompt + completion
-            from .reward_head import score_texts
-            return score_texts(self.model, self.tok, list(prompts), list(completions), self.batch_size)
-        texts = [p + c for p, c in zip(prompts, completions)]
+            # at the EOS after prompt + completion, the prompt templated as in training
+            from .reward_head import TEMPLATE_FLAG, score_texts
+            templated = getattr(self.model.config, TEMPLATE_FLAG, None)
+            fmt = PromptFormat(self.tok, "auto" if templated is None else "on" if templated else "off",
+                               source=self.path)
+            return score_texts(self.model, self.tok, list(prompts), list(completions), self.batch_size,
+                               prompt_format=fmt)
+        chat = any(is_conversation(p) for p in prompts)
+        texts = [self._chat_text(p, c) if chat else p + c for p, c in zip(prompts, completions)]
         out = []
         device = next(self.model.parameters()).device
         for s in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[s:s + self.batch_size], padding=True, return_tensors="pt").to(device)
+            enc = self.tok(texts[s:s + self.batch_size], padding=True, return_tensors="pt",
+                           add_special_tokens=not chat).to(device)
             out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out)
+
+    def _chat_text(self, prompt, completion: str) -> str:
+        """A conversational prompt + completion through the classifier's chat template."""
+        from .prompts import has_chat_template
+        if not has_chat_template(self.tok):
+            raise RunError(f"the prompts are lists of messages, but the tokenizer of the sequence classifier "
+                           f"in {self.path} has no chat template",
+                           hint="give its tokenizer a chat template, or write the prompts as plain text")
+        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
+        messages.append({"role": "assistant", "content": completion})
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False)
+        except Exception as e:
+            raise RunError(f"the chat template of the sequence classifier in {self.path} failed: "
+                           f"{type(e).__name__}: {e}") from e

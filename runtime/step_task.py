@@ -90,12 +90,13 @@ class BuiltinStepTask:
         return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
 
     @torch.no_grad()
-    def eval_score(self, model, tokenizer, size: int | None = None) -> float:
-        """Greedy full-solution accuracy on the held-out problems."""
+    def eval_score(self, model, tokenizer, size: int | None = None, prompt_format=None) -> float:
+        """Greedy full-solution accuracy on the held-out problems (prompts through ``prompt_format``,
+        runtime/prompts.py, as in training; None: the raw text)."""
         from .generation import generate_groups
         rows = self.eval_records(size)
         ro = generate_groups(model, tokenizer, [r["prompt"] for r in rows], 1,
-                             max_new_tokens=self.max_new_tokens, do_sample=False)
+                             max_new_tokens=self.max_new_tokens, do_sample=False, prompt_format=prompt_format)
         return sum(self.is_correct(r["prompt"], t) for t, r in zip(ro.texts, rows)) / len(rows)
 
     def builtin_model_dir(self, warm: bool = True, seed: int = 0) -> tuple[str, dict]:

@@ -84,12 +84,13 @@ class ArithmeticTask:
         return rows[:size] if size else rows
 
     @torch.no_grad()
-    def eval_score(self, model, tokenizer, size: int | None = None) -> float:
-        """Greedy exact-match accuracy on the held-out problems."""
+    def eval_score(self, model, tokenizer, size: int | None = None, prompt_format=None) -> float:
+        """Greedy exact-match accuracy on the held-out problems (prompts through ``prompt_format``,
+        runtime/prompts.py, as in training; None: the raw text)."""
         from .generation import generate_groups
         rows = self.eval_records(size)
         ro = generate_groups(model, tokenizer, [r["prompt"] for r in rows], 1,
-                             max_new_tokens=self.max_new_tokens, do_sample=False)
+                             max_new_tokens=self.max_new_tokens, do_sample=False, prompt_format=prompt_format)
         ok = sum(t.strip() == r["answer"] for t, r in zip(ro.texts, rows))
         return ok / len(rows)
 

@@ -20,7 +20,6 @@ independent reference, and a short run of each through the CLI entry.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 from pathlib import Path
@@ -30,29 +29,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rich.console import Console  # noqa: E402
-
 import alignspec  # noqa: E402
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
 from alignspec.runtime.models import unwrap_causal_lm  # noqa: E402
+from helpers import QUIET, quiet, read_metrics, read_weights, silent_console  # noqa: E402
 
-QUIET = ["eval_every=0"]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "alignspec-cache"
-    monkeypatch.setenv("ALIGNSPEC_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def _quiet(engine):
-    engine.console = Console(file=io.StringIO())
-    return engine
-
-
-def _metrics(out):
-    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+pytestmark = pytest.mark.usefixtures("alignspec_cache")  # conftest: a shared model cache, offline
 
 
 def _state(model) -> dict:
@@ -62,11 +44,6 @@ def _state(model) -> dict:
 def _same(a: dict, b: dict, keys=None) -> bool:
     keys = keys if keys is not None else a.keys()
     return all(torch.equal(a[k], b[k]) for k in keys)
-
-
-def _weights(path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(Path(path) / "model.safetensors"))
 
 
 # -- a short run of each algorithm through the CLI entry ---------------------------------
@@ -82,7 +59,7 @@ def _weights(path) -> dict:
 def test_short_run_through_cli(spec, sets, tmp_path):
     out = tmp_path / spec
     assert run_from_cli(spec, out=str(out), steps=3, sets=sets + QUIET) == 0
-    recs = _metrics(out)
+    recs = read_metrics(out)
     steps = [r for r in recs if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] for r in steps)
@@ -143,7 +120,7 @@ def test_reward_model_eval_is_heldout_pairwise_accuracy_and_saved_model_loads(tm
     from alignspec.runtime.rewards import SequenceScorer
     from alignspec.runtime.tasks import ArithmeticTask
     out = tmp_path / "rm"
-    eng = _quiet(build_engine("reward_model", out=str(out), steps=3, sets=["batch_size=8"] + QUIET))
+    eng = quiet(build_engine("reward_model", out=str(out), steps=3, sets=["batch_size=8"] + QUIET))
     summary = eng.train()
     pairs = builtin_heldout_pairs(ArithmeticTask())
     train_prompts = {r["prompt"] for r in eng.records}
@@ -190,7 +167,7 @@ def _track_iterations(engine):
 @pytest.mark.parametrize("spec", ["spin", "sppo"])
 def test_iterate_reference_is_replaced_by_the_policy_at_each_boundary(spec, tmp_path, monkeypatch):
     import alignspec.runtime.generation as generation
-    eng = _quiet(build_engine(spec, out=str(tmp_path / spec), steps=3,
+    eng = quiet(build_engine(spec, out=str(tmp_path / spec), steps=3,
                               sets=["batch_size=4"] + QUIET + (["k=3"] if spec == "sppo" else [])))
     assert eng.iterations > 1 and eng.algo.train["reference"] == "iterate"
     eng.steps_per_iter = 1  # three iterations of one step each
@@ -217,7 +194,7 @@ def test_iterate_reference_is_replaced_by_the_policy_at_each_boundary(spec, tmp_
 
 def test_rspo_keeps_the_initial_reference_and_reads_logp_old_under_the_iterate(tmp_path):
     from alignspec.runtime.logprobs import completion_logprobs
-    eng = _quiet(build_engine("rspo", out=str(tmp_path / "rspo"), steps=4, sets=["batch_size=4", "k=3"] + QUIET))
+    eng = quiet(build_engine("rspo", out=str(tmp_path / "rspo"), steps=4, sets=["batch_size=4", "k=3"] + QUIET))
     eng.steps_per_iter = 2  # iterations 0, 0, 1, 1: the second step of each is after an update
     initial = _state(eng.model)
     log = _track_iterations(eng)
@@ -253,18 +230,18 @@ def test_rspo_keeps_the_initial_reference_and_reads_logp_old_under_the_iterate(t
 
 def test_iterate_is_checkpointed_and_restored(tmp_path):
     out = tmp_path / "rspo"
-    eng = _quiet(build_engine("rspo", out=str(out), steps=2, sets=["batch_size=4", "k=3"] + QUIET))
+    eng = quiet(build_engine("rspo", out=str(out), steps=2, sets=["batch_size=4", "k=3"] + QUIET))
     eng.steps_per_iter = 1
     eng.train()
     assert (out / "checkpoint" / "iterate.safetensors").is_file()
     it = _state(eng.iterate)
-    again = _quiet(build_engine("rspo", out=str(out), steps=2, resume=True, sets=["batch_size=4", "k=3"] + QUIET))
+    again = quiet(build_engine("rspo", out=str(out), steps=2, resume=True, sets=["batch_size=4", "k=3"] + QUIET))
     assert again.load_checkpoint()
     assert _same(_state(again.iterate), it)
 
 
 def test_a_param_set_for_the_run_replaces_its_schedule(tmp_path):
-    eng = _quiet(build_engine("spin", out=str(tmp_path / "a"), steps=4, sets=["batch_size=4", "beta=0.7"] + QUIET))
+    eng = quiet(build_engine("spin", out=str(tmp_path / "a"), steps=4, sets=["batch_size=4", "beta=0.7"] + QUIET))
     assert [eng.algo_for(i).params["beta"] for i in range(4)] == [0.7] * 4
     from alignspec.runtime.iterations import iteration_params
     spin = alignspec.compile("spin")
@@ -276,7 +253,7 @@ def test_group_level_values_follow_micro_batches(tmp_path):
     give the same update."""
     finals = []
     for mb in (1, 8):
-        eng = _quiet(build_engine("sppo", out=str(tmp_path / f"m{mb}"), steps=1,
+        eng = quiet(build_engine("sppo", out=str(tmp_path / f"m{mb}"), steps=1,
                                   sets=["batch_size=4", "k=3", f"micro_batch_size={mb}"] + QUIET))
         eng.train()
         finals.append(_state(eng.model))
@@ -292,11 +269,11 @@ def test_rlhf_stage_hand_offs_and_resume(tmp_path):
     seen = {}
 
     def on_engine(stage, engine):
-        _quiet(engine)
+        quiet(engine)
         seen[stage] = {"engine": engine, "model": copy.deepcopy(engine.model.state_dict())}
     run_pipeline("rlhf", out=str(out), steps=2, sets=["batch_size=4"] + QUIET, on_engine=on_engine,
-                 console=Console(file=io.StringIO()))
-    sft = _weights(out / "sft" / "model")
+                 console=silent_console())
+    sft = read_weights(out / "sft" / "model")
     # the RM stage's body starts from the SFT stage's final weights (new score head)
     rm0 = seen["rm"]["model"]
     body = {k: v for k, v in sft.items() if k.startswith("model.")}
@@ -310,18 +287,18 @@ def test_rlhf_stage_hand_offs_and_resume(tmp_path):
     assert all(torch.equal(ref[k], v) for k, v in sft.items())
     # ... and its reward_model(response) is the RM stage's output
     assert Path(ppo.scorers["reward_model"].path) == (out / "rm" / "model")
-    rm_saved = _weights(out / "rm" / "model")
+    rm_saved = read_weights(out / "rm" / "model")
     scorer_w = ppo.scorers["reward_model"].model.state_dict()
     assert all(torch.equal(scorer_w[k], v) for k, v in rm_saved.items())
     # --resume: finished stages are not run again
     seen.clear()
     s = run_pipeline("rlhf", out=str(out), steps=2, sets=["batch_size=4"] + QUIET, resume=True,
-                     on_engine=on_engine, console=Console(file=io.StringIO()))
+                     on_engine=on_engine, console=silent_console())
     assert seen == {} and all(st["skipped"] for st in s["stages"])
     # an unfinished stage (no marker) is the only one that runs
     (out / "policy" / "stage_done.json").unlink()
     s = run_pipeline("rlhf", out=str(out), steps=2, sets=["batch_size=4"] + QUIET, resume=True,
-                     on_engine=on_engine, console=Console(file=io.StringIO()))
+                     on_engine=on_engine, console=silent_console())
     assert list(seen) == ["policy"] and [st["skipped"] for st in s["stages"]] == [True, True, False]
 
 
@@ -340,7 +317,7 @@ def test_pipeline_routes_settings_to_stages(tmp_path):
 
 def test_embedding_is_the_policys_mean_hidden_state_over_the_response(tmp_path):
     from alignspec.runtime.embedding import Embeddings
-    eng = _quiet(build_engine("ampo", out=str(tmp_path / "a"), steps=1, sets=["batch_size=2", "n=4", "k=2"] + QUIET))
+    eng = quiet(build_engine("ampo", out=str(tmp_path / "a"), steps=1, sets=["batch_size=2", "n=4", "k=2"] + QUIET))
     eng._start_iteration(0, replace=False)
     captured = {}
     score = eng.current.score
@@ -390,7 +367,7 @@ def test_lockstep_search_equals_tree_search_per_prompt():
 
 def test_tree_sampler_steps_and_pairs(tmp_path):
     from alignspec.runtime.tree_search import sibling_pairs
-    eng = _quiet(build_engine("mcts", out=str(tmp_path / "m"), steps=1, sets=["batch_size=2"] + QUIET))
+    eng = quiet(build_engine("mcts", out=str(tmp_path / "m"), steps=1, sets=["batch_size=2"] + QUIET))
     ts = eng.tree_sampler
     recs = eng.records[:3]
     props = ts._propose_many(eng.policy, 1.0, iter(range(100, 200)).__next__)([r["prompt"] for r in recs], 3)
@@ -434,7 +411,7 @@ def test_group_level_score_values_survive_refills_and_micro_batches(tmp_path):
     and 1 or 8 groups per micro-batch give the same update."""
     finals, seen = [], []
     for mb in (1, 8):
-        eng = _quiet(build_engine(GROUP_SCORE_SPEC, out=str(tmp_path / f"g{mb}"), steps=2,
+        eng = quiet(build_engine(GROUP_SCORE_SPEC, out=str(tmp_path / f"g{mb}"), steps=2,
                                   sets=["batch_size=8", "k=3", f"micro_batch_size={mb}"] + QUIET))
         eng._start_iteration(0, replace=False)
         adv = eng.current.advantage
@@ -445,7 +422,7 @@ def test_group_level_score_values_survive_refills_and_micro_batches(tmp_path):
         eng.algo_for = lambda it, eng=eng, spy=spy: _with_advantage(eng, it, spy)
         eng.train()
         finals.append(_state(eng.model))
-        assert any("refill/rounds" in r for r in _metrics(tmp_path / f"g{mb}"))
+        assert any("refill/rounds" in r for r in read_metrics(tmp_path / f"g{mb}"))
     assert seen and all(g == n and pos for g, n, pos in seen)
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-5)

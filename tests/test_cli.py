@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -128,6 +127,23 @@ def test_fmt_write(tmp_path):
     assert again.returncode == 0, again.stderr
     unchanged = cli("fmt", "--write", p)  # already canonical: nothing to write
     assert unchanged.returncode == 0 and unchanged.stdout == ""
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_fmt_line_ends(tmp_path, eol):
+    """A canonical spec saved with Windows or old Mac line ends: not canonical; --write makes it so."""
+    canonical = (ROOT / "algorithms" / "grpo.align").read_text()
+    p = tmp_path / "grpo_eol.align"
+    p.write_bytes(canonical.replace("\n", eol).encode())
+    assert cli("check", p).returncode == 0
+    r = cli("fmt", p)
+    assert r.returncode == 0 and r.stdout == canonical, r.stderr
+    r = cli("fmt", "--check", p)
+    assert r.returncode == 1 and "not canonical" in r.stderr, r.stdout + r.stderr
+    r = cli("fmt", "--write", p)
+    assert r.returncode == 0 and "formatted" in r.stdout, r.stderr
+    assert p.read_bytes() == canonical.encode()
+    assert cli("fmt", "--check", p).returncode == 0
 
 
 def test_fmt_bad_file():

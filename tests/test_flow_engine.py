@@ -6,7 +6,6 @@ import json
 import os
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,27 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import alignspec  # noqa: E402
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
 from alignspec.runtime.flow_engine import FlowEngine, load_flow_model  # noqa: E402
+from helpers import QUIET, read_metrics, read_weights  # noqa: E402
 
-QUIET = ["eval_every=0"]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "alignspec-cache"
-    monkeypatch.setenv("ALIGNSPEC_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)   # the engine sets one intra-op thread for the built-in model
-
-
-def _metrics(out):
-    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def _weights(path):
-    from safetensors.torch import load_file
-    return load_file(str(Path(path) / "model.safetensors"))
+# conftest: a shared model cache, offline; torch's thread count put back (the engine sets one
+# intra-op thread for the built-in model)
+pytestmark = pytest.mark.usefixtures("alignspec_cache", "restore_torch_threads")
 
 
 def test_default_run_learns(tmp_path):
@@ -44,7 +27,7 @@ def test_default_run_learns(tmp_path):
     t0 = time.perf_counter()
     assert run_from_cli("flow_grpo", out=str(out)) == 0
     wall = time.perf_counter() - t0
-    recs = _metrics(out)
+    recs = read_metrics(out)
     evals = [r for r in recs if "eval_score" in r]
     steps = [r for r in recs if "loss" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == steps[-1]["step"] == 60
@@ -79,7 +62,7 @@ def test_beta_zero_builds_no_reference(tmp_path):
     assert isinstance(eng, FlowEngine)
     assert eng.reference is None and eng.builds == {"policy": 1, "reference": 0}
     eng.train()
-    rec = [r for r in _metrics(tmp_path / "b0") if "loss" in r][0]
+    rec = [r for r in read_metrics(tmp_path / "b0") if "loss" in r][0]
     assert rec.get("loss/kl_penalty", 0.0) == 0.0 and "kl/mean" not in rec
     eng2 = build_engine("flow_grpo", out=str(tmp_path / "b1"), steps=1, sets=["beta=0.04", *QUIET])
     assert eng2.reference is not None and eng2.builds["reference"] == 1
@@ -106,14 +89,14 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert json.loads((b / "checkpoint" / "state.json").read_text())["step"] == 2
     assert run_from_cli("flow_grpo", out=str(b), steps=6, sets=sets, resume=True) == 0
 
-    wa, wb = _weights(a / "model"), _weights(b / "model")
+    wa, wb = read_weights(a / "model"), read_weights(b / "model")
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 
     def same(r):
         return {k: v for k, v in r.items() if not k.startswith("time/") and k != "step_time"}
-    ma, mb = _metrics(a), _metrics(b)
+    ma, mb = read_metrics(a), read_metrics(b)
     assert [same(r) for r in ma] == [same(r) for r in mb]
     assert [r["step"] for r in mb if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
@@ -132,7 +115,7 @@ def test_epochs_two_computes_logp_old(tmp_path):
     assert isinstance(eng, FlowEngine)
     eng.train()
     assert eng.counts["logp_old"] == 2      # one no-grad forward per rollout
-    steps = [r for r in _metrics(tmp_path / "e2") if "loss" in r]
+    steps = [r for r in read_metrics(tmp_path / "e2") if "loss" in r]
     assert all(r["ratio/mean"] != 1.0 for r in steps)  # the second epoch sees the updated policy
 
 
@@ -143,7 +126,7 @@ def test_single_update_uses_stopgrad_logp(tmp_path):
     eng = build_engine(algo, out=str(tmp_path / "o"), steps=2, sets=["batch_size=4", "n=6", *QUIET])
     eng.train()
     assert eng.counts["logp_old"] == 0 and eng.counts["rollouts"] == 2
-    steps = [r for r in _metrics(tmp_path / "o") if "loss" in r]
+    steps = [r for r in read_metrics(tmp_path / "o") if "loss" in r]
     assert all(r["ratio/mean"] == 1.0 and r["pg/clip_fraction"] == 0.0 for r in steps)
 
 
@@ -166,6 +149,6 @@ def test_user_reward_function(tmp_path, monkeypatch):
     rc = run_from_cli("flow_grpo", out=str(out), steps=2,
                       sets=["batch_size=2", "n=4", "rewards=[flow_user_reward:right]", *QUIET])
     assert rc == 0
-    assert all("reward/mean" in r for r in _metrics(out) if "loss" in r)
+    assert all("reward/mean" in r for r in read_metrics(out) if "loss" in r)
     # a text reward makes no sense for a flow policy: bad input, exit 2
     assert run_from_cli("flow_grpo", out=str(tmp_path / "v"), steps=1, sets=["rewards=[exact_answer]"]) == 2

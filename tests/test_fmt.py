@@ -429,12 +429,14 @@ def test_strings_with_hash_are_not_comments():
     assert [c[2] for c in parse(out).comments] == ["# real"]
 
 
-def test_crlf_input():
-    # the parser keeps a CR at the end of a comment (COMMENT is `#[^\n]*`); fmt keeps comment
-    # texts exactly, so that CR survives, while the code lines get plain LF endings
-    src = "algorithm t\r\n# c\r\nloss\r\n  x = f(a,\r\n    b)  # t\r\n"
+@pytest.mark.parametrize("eol", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_crlf_and_cr_input(eol):
+    # the parser reads "\r\n" and a lone "\r" as line ends; fmt writes "\n" everywhere, and
+    # the wrapped statement's end (found in the source text) is right with either
+    src = "algorithm t\n# c\nloss\n  x = f(a,\n    b)  # t\n  # end\n".replace("\n", eol)
     out = check_format_properties(src)
-    assert out.replace("\r", "") == "algorithm t\n\n# c\nloss\n  x = f(a, b)  # t\n"
+    assert out == "algorithm t\n\n# c\nloss\n  x = f(a, b)  # t\n  # end\n"
+    assert parse(src).source == src  # the text as given: `fmt --check` sees the line ends
 
 
 def test_params_section_alignment_is_per_section():

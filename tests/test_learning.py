@@ -14,34 +14,24 @@ to what the user left unset, announced on the console, the caller's config left 
 
 from __future__ import annotations
 
-import io
 import json
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rich.console import Console  # noqa: E402
-
 import alignspec  # noqa: E402
-from alignspec.compiler.api import CompiledAlgorithm  # noqa: E402
 from alignspec.runtime import presets  # noqa: E402
 from alignspec.runtime.config import load_config  # noqa: E402
 from alignspec.runtime.engine import Engine, build_engine  # noqa: E402
+from helpers import quiet, read_metrics, silent_console  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "alignspec-cache"
-    monkeypatch.setenv("ALIGNSPEC_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("alignspec_cache")  # conftest: a shared model cache, offline
 
 
 def _evals(out) -> list[float]:
-    recs = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return [r["eval_score"] for r in recs if "eval_score" in r]
+    return [r["eval_score"] for r in read_metrics(out) if "eval_score" in r]
 
 
 # spec, steps, least rise over the start, least end score (None: rise only)
@@ -55,8 +45,7 @@ CASES = [
 
 @pytest.mark.parametrize("spec,steps,rise,target", CASES, ids=[c[0] for c in CASES])
 def test_spec_learns_on_builtin_default(spec, steps, rise, target, tmp_path):
-    eng = build_engine(spec, out=str(tmp_path / spec), steps=steps, seed=0, eval_every=0)
-    eng.console = Console(file=io.StringIO())
+    eng = quiet(build_engine(spec, out=str(tmp_path / spec), steps=steps, seed=0, eval_every=0))
     eng.train()
     ev = _evals(tmp_path / spec)
     start, end = ev[0], ev[-1]
@@ -83,7 +72,7 @@ def test_preset_fills_unset_fields_and_says_so(tmp_path, capsys):
     assert "built-in preset for ppo" in said and f"lr={want['lr']}" in said
     algo = alignspec.compile("ppo")
     cfg = load_config(None, (), spec_params=algo.params, out=str(tmp_path / "c"), steps=1)
-    eng = Engine(algo, cfg, console=Console(file=io.StringIO()))
+    eng = Engine(algo, cfg, console=silent_console())
     assert eng.lr == want["lr"]
     assert cfg.lr is None and cfg.batch_size is None and cfg.lr_schedule == "constant"  # the caller's is kept
 

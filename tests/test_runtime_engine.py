@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,23 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import alignspec  # noqa: E402
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
-from alignspec.runtime.errors import RunError, RunFailure  # noqa: E402
+from alignspec.runtime.errors import RunError  # noqa: E402
+from helpers import read_metrics as _metrics, read_weights as _weights  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "alignspec-cache"
-    monkeypatch.setenv("ALIGNSPEC_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def _metrics(out):
-    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def _weights(path):
-    from safetensors.torch import load_file
-    return load_file(str(Path(path) / "model.safetensors"))
+pytestmark = pytest.mark.usefixtures("alignspec_cache")  # conftest: a shared model cache, offline
 
 
 @pytest.mark.parametrize("spec", ["sft", "dpo", "grpo", "ppo"])
@@ -134,67 +120,6 @@ def test_spec_param_override_via_set(tmp_path):
     assert eng.reference is None
 
 
-# -- two processes == one process ---------------------------------------------------------
-
-TOKEN_MEAN_SPEC = """\
-algorithm tm
-data demonstrations
-loss
-  minimize -token_mean_all(logp)
-"""
-SEQ_MEAN_SPEC = """\
-algorithm sm
-data demonstrations
-loss
-  minimize -mean(mean_tokens(logp))
-"""
-
-_DDP_SCRIPT = r"""
-import json, os, sys
-os.environ["HF_HUB_OFFLINE"] = "1"
-from alignspec.runtime.engine import build_engine
-spec_text, out, data, model = sys.argv[1:5]
-spec_text = open(spec_text).read()
-eng = build_engine(spec_text, model=model, data=data, out=out, steps=1,
-                   sets=["batch_size=4", "micro_batch_size=1", "lr=1e-2", "eval_every=0"])
-eng.train()
-"""
-
-
-def _launch(nproc, script, args, env):
-    port = str(29500 + (os.getpid() % 1000) + nproc)
-    # torchrun sets RANK/WORLD_SIZE; accelerate's state then runs gloo (MULTI_CPU) on CPU
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", port, script, *args]
-    if nproc == 1:
-        cmd = [sys.executable, script, *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
-@pytest.mark.parametrize("spec_text", [TOKEN_MEAN_SPEC, SEQ_MEAN_SPEC], ids=["token_mean", "seq_mean"])
-def test_two_processes_match_one(spec_text, tmp_path):
-    from alignspec.runtime.tiny import build_tiny_model
-    model_dir = build_tiny_model(tmp_path / "m", "llama", seed=2)
-    data = tmp_path / "demos.jsonl"
-    # responses of different lengths, so token-mean and sequence-mean weightings differ
-    answers = ["1", "22", "333", "4444"]
-    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "response": a}) + "\n"
-                            for i, a in enumerate(answers)))
-    spec_file = tmp_path / "spec.align"
-    spec_file.write_text(spec_text)
-    script = tmp_path / "run.py"
-    script.write_text(_DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    _launch(1, str(script), [str(spec_file), str(tmp_path / "one"), str(data), model_dir], env)
-    _launch(2, str(script), [str(spec_file), str(tmp_path / "two"), str(data), model_dir], env)
-    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["world"] == 2
-    w1, w2, w0 = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model"), _weights(model_dir)
-    assert any(not torch.equal(w0[k], w1[k]) for k in w1)
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
-
-
 def test_kill_9_then_resume_reproduces_uninterrupted_weights(tmp_path):
     """A real SIGKILL mid-run (checkpoints every step), then --resume: same final weights."""
     import signal
@@ -241,3 +166,17 @@ def test_lora_reference_is_the_adapter_free_model(tmp_path):
     assert eng.builds.get("reference", 0) == 0 and eng.lora
     first = next(r for r in _metrics(tmp_path / "lora") if "loss" in r)
     assert abs(first["loss"] - math.log(2)) < 1e-5
+
+
+def test_logprob_temperature_follows_the_spec(tmp_path):
+    """ppo says logprob_temperature = "sampling" (TRL/verl): its sampler's 0.7; grpo: 1; a spec
+    that asks for the sampling temperature without a sampler is a clear error."""
+    ppo = build_engine("ppo", out=str(tmp_path / "p"), steps=1, sets=["batch_size=2"])
+    assert ppo.logprob_temperature == 0.7 and ppo.train_forward.temperature == 0.7
+    grpo = build_engine("grpo", out=str(tmp_path / "g"), steps=1, sets=["batch_size=2"])
+    assert grpo.logprob_temperature == 1.0
+    spec = tmp_path / "t.align"
+    spec.write_text("algorithm t\ndata demonstrations\nloss\n  minimize -token_mean_all(logp)\n"
+                    "train\n  logprob_temperature = \"sampling\"\n")
+    with pytest.raises(RunError, match="one sampling temperature"):
+        build_engine(str(spec), out=str(tmp_path / "t"), steps=1)

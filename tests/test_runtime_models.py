@@ -117,11 +117,12 @@ def _batch(vocab, dtype, seed=0):
     return ids, attn, comp_mask, w, we
 
 
-def _naive(model, ids, attn, comp_mask):
-    """Reference: full logits, log_softmax, gather."""
+def _naive(model, ids, attn, comp_mask, temperature=1.0):
+    """Reference: full logits (divided by the sampling temperature, as TRL does), log_softmax, gather."""
     T = comp_mask.shape[1]
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -T - 1:-1]
+    logits = logits / temperature
     logq = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     logp = logq.gather(-1, ids[:, -T:, None]).squeeze(-1) * comp_mask
     ent = -(logq.exp() * logq).sum(-1) * comp_mask
@@ -403,6 +404,34 @@ def test_load_records_errors(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # raised inside peft/transformers
+@pytest.mark.parametrize("path", ["linear", "module", "full_logits"])
+def test_logprobs_at_a_sampling_temperature(tiny_dirs, path):
+    """temperature t gives log_softmax(logits / t), value and gradient, on every path."""
+    from alignspec.runtime.logprobs import full_logits_logprobs
+    model, _ = load_policy(tiny_dirs["llama"], dtype=torch.float64)
+    if path == "module":  # a LoRA-wrapped output layer takes the per-module path
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"],
+                                                           init_lora_weights=False))
+    ids, attn, cm, w, we = _batch(model.config.vocab_size, torch.float64, seed=4)
+
+    def ours():
+        if path == "full_logits":
+            r = full_logits_logprobs(model, ids, attn, cm, with_entropy=True, temperature=0.7)
+        else:
+            r = completion_logprobs(model, ids, attn, cm, chunk_size=3, with_entropy=True, temperature=0.7)
+        return r["logp"], r["entropy"]
+
+    lp_n, ent_n, g_n = _value_and_grads(model, lambda: _naive(model, ids, attn, cm, 0.7), w, we)
+    lp_c, ent_c, g_c = _value_and_grads(model, ours, w, we)
+    torch.testing.assert_close(lp_c, lp_n, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ent_c, ent_n, atol=1e-9, rtol=0)
+    for name in g_n:
+        torch.testing.assert_close(g_c[name], g_n[name], atol=1e-9, rtol=0, msg=name)
+    lp_1 = completion_logprobs(model, ids, attn, cm)["logp"].detach()
+    assert not torch.allclose(lp_1, lp_c)  # the temperature changes the numbers
+
+
 def test_lora_wrapped_head_uses_fallback_path(tiny_dirs):
     """A PEFT model whose lm_head is LoRA-wrapped (not a plain Linear) still matches naive."""
     peft = pytest.importorskip("peft")

@@ -1,0 +1,138 @@
+"""Two processes (torchrun, gloo on CPU) against one process with the whole batch.
+
+One optimizer step on 2 processes with the global batch split between them must give the
+parameters of 1 process with the whole batch (to 1e-5): a token-mean spec, a sequence-mean
+spec, a filter that leaves the processes uneven, and whiten over the batch.
+
+The engine wraps its training forward in DDP through ``accelerator.prepare``; these tests
+check the parts of that which silent bugs hide in: processes that end an update with
+different numbers of micro-batches (filters without refill), batch-wide statistics in the
+advantage stage (``whiten``), and that every process ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import read_metrics, read_weights
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOKEN_MEAN_SPEC = """\
+algorithm tm
+data demonstrations
+loss
+  minimize -token_mean_all(logp)
+"""
+
+SEQ_MEAN_SPEC = """\
+algorithm sm
+data demonstrations
+loss
+  minimize -mean(mean_tokens(logp))
+"""
+
+# reward = number of characters of the response; kept when it is not 4 characters long
+REWARD_MODULE = """
+def length(prompts, completions, records):
+    return [float(len(c)) for c in completions]
+"""
+
+FILTER_SPEC = """\
+algorithm filt
+data pairs
+score
+  r = reward(response)
+filter
+  keep groups where group_max(r) < 4
+loss
+  minimize -token_mean_all(logp)
+"""
+
+WHITEN_SPEC = """\
+algorithm wh
+data demonstrations
+score
+  r = reward(response)
+advantage
+  A = whiten(r)
+loss
+  minimize -mean(A * mean_tokens(logp))
+"""
+
+SCRIPT = r"""
+import json, os, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+from alignspec.runtime.engine import build_engine
+spec_file, out, data, model = sys.argv[1:5]
+eng = build_engine(open(spec_file).read(), model=model, data=data, out=out, steps=2,
+                   sets=["batch_size=4", "micro_batch_size=1", "lr=1e-3", "eval_every=0",
+                         "max_refill_rounds=0", "rewards=[rewardmod:length]"])
+eng.train()
+flat = torch.cat([p.detach().reshape(-1) for p in eng.model.parameters()])
+torch.save({"flat": flat, "wrapped": type(eng.wrapped).__name__},
+           os.path.join(out, f"rank{eng.rank}.pt"))
+"""
+
+
+def _launch(nproc: int, args: list[str], env: dict, cwd: Path) -> None:
+    script = cwd / "run.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, str(script), *args]
+    if nproc > 1:
+        port = str(29600 + (os.getpid() % 1000))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", port, str(script), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("spec_text", [TOKEN_MEAN_SPEC, SEQ_MEAN_SPEC, FILTER_SPEC, WHITEN_SPEC],
+                         ids=["token_mean", "seq_mean", "uneven_micro_batches", "whiten"])
+def test_two_processes_match_one_process(spec_text, tmp_path):
+    from alignspec.runtime.tiny import build_tiny_model
+    model_dir = build_tiny_model(tmp_path / "m", "llama", seed=3)
+    data = tmp_path / "rows.jsonl"
+    # four rows per step; the pair with a 4-character response is filtered out, so one
+    # process ends the update with one micro-batch (one pair) fewer than the other
+    answers = ["1", "22", "333", "4444"]
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "response": a, "chosen": a, "rejected": a[:1]})
+                            + "\n" for i, a in enumerate(answers)))
+    (tmp_path / "spec.align").write_text(spec_text)
+    (tmp_path / "rewardmod.py").write_text(REWARD_MODULE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    one, two = tmp_path / "one", tmp_path / "two"
+    _launch(1, [str(tmp_path / "spec.align"), str(one), str(data), model_dir], env, tmp_path)
+    _launch(2, [str(tmp_path / "spec.align"), str(two), str(data), model_dir], env, tmp_path)
+    r1 = torch.load(one / "rank0.pt")
+    r20, r21 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
+    assert r20["wrapped"] == "DistributedDataParallel" and r1["wrapped"] == "TrainForward"
+    assert torch.equal(r20["flat"], r21["flat"])  # the processes agree
+    w0 = torch.cat([p.reshape(-1) for p in _initial_params(model_dir)])
+    assert not torch.allclose(w0, r1["flat"])    # a real update happened
+    assert torch.allclose(r1["flat"], r20["flat"], atol=1e-5, rtol=0)
+    assert json.loads((two / "checkpoint" / "state.json").read_text())["world"] == 2
+    w1, w2 = read_weights(one / "model"), read_weights(two / "model")  # what rank 0 saved
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), k
+    # Adam's first steps barely depend on the gradient's scale: compare the gradient itself
+    m1, m2 = ([r for r in read_metrics(o) if "loss" in r] for o in (one, two))
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    if spec_text is FILTER_SPEC:
+        assert all(r.get("refill/cap_hit") == 1 for r in m2)
+
+
+def _initial_params(model_dir):
+    from alignspec.runtime.models import load_policy
+    model, _ = load_policy(model_dir)
+    return [p.detach() for p in model.parameters()]
