@@ -25,41 +25,37 @@ process joins every gradient reduction. Batch-wide statistics in ``advantage`` (
 
 Reproducibility: sampling uses a seed derived from (seed, step, process, round), minibatch
 shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted one.
+
+The run around the steps -- resume, metrics.jsonl and trackers, evaluations, the LR schedule,
+the progress bar, atomic checkpoint / model directories, curves.png -- is ``TrainingLoop``'s
+(runtime/loop.py, shared with the flow engine); ``Engine`` provides the hooks: the step, the
+evaluation, and what its checkpoint and final model hold (``checkpoint/``: ``model/`` with the
+tokenizer, ``trainable.safetensors``, the reference / iterate when they change, optimizer,
+RNG states, ``state.json`` with step and data cursor; ``model/``: the LM, LoRA merged, plus
+``value_head.safetensors`` for a critic).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import RunConfig, load_config
 from .errors import RunError, RunFailure
 from .fastpath import ReferenceCache
+from .loop import PHASES, TrainingLoop, _mix
 from .models import PolicyWithValueHead, add_value_head, load_frozen_copy, load_policy, unwrap_causal_lm
 from .train_forward import TrainForward, dummy_micro_batch, zero_loss
 
-PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
 EXTERNALS = ("reward", "reward_model", "preference")
 
 
-def _mix(*xs) -> int:
-    h = 1469598103934665603
-    for x in xs:
-        h = ((h ^ (int(x) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
-    return h % (1 << 31)
-
-
-class Engine:
+class Engine(TrainingLoop):
     """A training run of one compiled algorithm (see the module docstring)."""
 
     def __init__(self, algo, cfg: RunConfig, resume: bool = False, console=None):
@@ -99,10 +95,6 @@ class Engine:
         self._setup()
 
     # -- setup -------------------------------------------------------------------------
-    def say(self, msg: str) -> None:
-        if self.main:
-            self.console.print(msg)
-
     def _apply_builtin_preset(self) -> None:
         """Fill what the user left unset from the spec's built-in demo preset (runtime/presets.py):
         only on the built-in task and model; ``self.cfg`` becomes a copy, the caller's is kept."""
@@ -149,9 +141,7 @@ class Engine:
             raise RunError(f"batch_size {self.batch_size} does not split over {self.world} processes",
                            hint=f"use a multiple of {self.world}")
         self.local_batch = self.batch_size // self.world
-        threads = cfg.threads if cfg.threads is not None else (1 if cfg.model is None else 0)
-        if threads > 0:
-            torch.set_num_threads(threads)
+        self._set_threads(1 if cfg.model is None else 0)
         set_seed(cfg.seed)
         self.records = self._load_data()   # data first: bad data fails before any model is built
         # model
@@ -206,27 +196,13 @@ class Engine:
         params = [p for p in self.model.parameters() if p.requires_grad]
         from .fastpath import adamw
         self.optimizer = adamw(params, lr=self.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
-        self.updates_per_step = int(algo.train.get("epochs", 1)) * int(algo.train.get("minibatches", 1))
-        total = self.steps * self.updates_per_step
-        warm, kind = cfg.warmup_steps, cfg.lr_schedule
-
-        def lr_lambda(i):
-            if warm and i < warm:
-                return (i + 1) / warm
-            if kind == "constant":
-                return 1.0
-            frac = min(1.0, (i - warm) / max(1, total - warm))
-            return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self._build_scheduler()  # warmup + lr_schedule (runtime/loop.py)
         # the training forward, wrapped by accelerate (DDP under `accelerate launch`; runtime/train_forward.py)
         self.logprob_temperature = self._logprob_temperature()
         self.train_forward = self._forwarder(self.model)
         self.wrapped, self.optimizer = self.acc.prepare(self.train_forward, self.optimizer)
-        self.step = 0
+        self._init_iterations()
         self.cursor = 0
-        self.iterations = max(1, int(algo.train.get("iterations", 1)))
-        self.steps_per_iter = math.ceil(self.steps / self.iterations)
-        self._algos = {}
 
     def _logprob_temperature(self) -> float:
         """The spec's ``train: logprob_temperature``: a number, or ``"sampling"`` = the temperature
@@ -295,16 +271,19 @@ class Engine:
                                hint=f"set {key}: <directory of a sequence classifier>")
         return out
 
-    # -- per-iteration algorithm (param schedules) -----------------------------------
-    def algo_for(self, iteration: int):
-        if not self.algo.schedules:
-            return self.algo
-        if iteration not in self._algos:
-            import alignspec
+    # -- per-iteration algorithm (param schedules; TrainingLoop.algo_for) ---------------
+    def _iteration_params(self, iteration: int) -> dict:
+        from .iterations import iteration_params  # a param the run set replaces its schedule
+        return iteration_params(self.algo, iteration)
 
-            from .iterations import iteration_params  # a param the run set replaces its schedule
-            self._algos[iteration] = alignspec.compile(self.algo.spec, **iteration_params(self.algo, iteration))
-        return self._algos[iteration]
+    def _policy_state(self) -> dict:
+        return unwrap_causal_lm(self.model).state_dict()
+
+    def _start_iteration(self, it: int, replace: bool = True) -> None:
+        super()._start_iteration(it, replace)
+        if replace and it > 0:
+            from .iterations import refresh_iterate
+            refresh_iterate(self)  # pi_t := the policy (when it is not the reference itself)
 
     # -- data and sampling ----------------------------------------------------------------
     def _next_records(self) -> list[dict]:
@@ -468,7 +447,8 @@ class Engine:
                     batch["embedding"] = self.embedder(batch, texts)
                 with torch.no_grad(), self._batch_stats_context():
                     s = algo.score(batch)
-                sel, keep = s.pop("rows"), s.pop("keep")
+                sel = s.pop("rows")
+                s.pop("keep")  # the row mask; `rows` already applies it
                 n_groups = len(rows) // algo.sample_group_size
                 idx = list(range(len(rows))) if sel is None else sel.tolist()
                 kept_groups = len(idx) // G
@@ -486,11 +466,7 @@ class Engine:
                 short = self.acc.reduce(short, reduction="sum")
             if short.item() == 0:
                 break
-            if rnd >= self.cfg.max_refill_rounds:
-                info["refill_cap_hit"] = 1
-                self.say(f"[yellow]step {self.step + 1}: filters kept {have} of {target} groups after "
-                         f"{rnd} refill round(s) (max_refill_rounds = {self.cfg.max_refill_rounds}); "
-                         f"training on what was kept[/yellow]")
+            if self._refill_capped(info, have, target, rnd):
                 break
             rnd += 1
             info["refill_rounds"] = rnd
@@ -611,95 +587,77 @@ class Engine:
                 metrics.update({"length/min": float(lens.min()), "length/max": float(lens.max())})
         rows = 0 if batch is None else batch["mask"].shape[0]
         n_groups = rows // G
-        epochs = int(algo.train.get("epochs", 1))
-        n_mb = int(algo.train.get("minibatches", 1))
         loss_sum, updates, stat_sums, stat_n, term_sums = 0.0, 0, {}, 0, {}
         grad_norms = []
-        for epoch in range(epochs):
-            order = list(range(n_groups))
-            if epochs > 1 or n_mb > 1:
-                random.Random(_mix(self.cfg.seed, self.step, epoch, 3)).shuffle(order)
-            chunks = [order[i * n_groups // n_mb:(i + 1) * n_groups // n_mb] for i in range(n_mb)]
-            for chunk in chunks:
-                t0 = time.perf_counter()
-                ridx = torch.tensor([g * G + j for g in chunk for j in range(G)], dtype=torch.long,
-                                    device=self.device)
-                gidx = torch.tensor(chunk, dtype=torch.long, device=self.device)
-                mb = {k: (v[ridx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else
-                          v[gidx] if G > 1 and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n_groups
-                          else v)  # per row, per group (one value per group), or batch-wide
-                      for k, v in batch.items()} if batch is not None else None
-                slices = self._micro_slices(len(ridx), G) if mb is not None else []
-                # global normalizers and the update's micro-batch count, agreed over processes
-                local = torch.tensor([0.0 if mb is None else float(mb["mask"].sum()), float(len(ridx)),
-                                      float(len(chunk)), float(len(slices))], device=self.device, dtype=torch.float64)
-                every = self.acc.gather(local[None]) if self.world > 1 else local[None]
-                tot = every[:, :3].sum(0)
-                totals = {"tokens": tot[0].clamp(min=1).float(), "responses": tot[1].clamp(min=1).float(),
-                          "groups": tot[2].clamp(min=1).float()}
-                n_micro = int(every[:, 3].max())
-                if n_micro == 0:  # nothing to learn from on any process: no update
-                    continue
-                mb_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-                bad = None
-                for i in range(n_micro):
-                    # DDP reduces gradients at the last backward of the update only
-                    sync = contextlib.nullcontext() if i == n_micro - 1 else self.acc.no_sync(self.wrapped)
-                    with sync:
-                        if i >= len(slices) or bad is not None:  # padding: this process has no more rows
-                            dummy = dummy_micro_batch(self.tokenizer.pad_token_id or 0, self.device)
-                            fw = self._forward(self.model, dummy, slice(0, 1), grad=True,
-                                               entropy="entropy" in algo.inputs, value="value" in algo.inputs)
-                            self.acc.backward(zero_loss(fw))
-                            continue
-                        sl = slices[i]
-                        fw = self._forward(self.model, mb, sl, grad=True, entropy="entropy" in algo.inputs,
-                                           value="value" in algo.inputs)
-                        gsl = slice(sl.start // G, sl.stop // G)  # micro-batches are whole groups
-                        micro = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(ridx) else
-                                     v[gsl] if G > 1 and torch.is_tensor(v) and v.dim() > 0
-                                     and v.shape[0] == len(chunk) else v)
-                                 for k, v in mb.items()}
-                        micro.update(fw)
-                        out = algo.step_loss(micro, totals)
-                        if not torch.isfinite(torch.as_tensor(out.loss)).all():
-                            bad = next((k for k, t in out.terms.items()
-                                        if not torch.isfinite(torch.as_tensor(t)).all()), "loss")
-                            self.acc.backward(zero_loss(fw))  # keeps the processes in step; no update follows
-                            continue
-                        # DDP averages gradients over processes; the losses are shares of one sum
-                        self.acc.backward(out.loss * self.world if self.world > 1 else out.loss)
-                    mb_loss += out.loss.detach().double()
-                    for k, v in out.metrics.items():
-                        if k.startswith("loss/"):  # a share of the term: micro-batches add up to it
-                            term_sums[k] = term_sums.get(k, 0.0) + v
-                        else:
-                            stat_sums[k] = stat_sums.get(k, 0.0) + v
-                    stat_n += 1
-                flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
-                if self.world > 1:
-                    flag = self.acc.reduce(flag, reduction="sum")
-                if flag.item() > 0:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    where = f"term '{bad}'" if bad else "a term on another process"
-                    ck = self.out / "checkpoint"
-                    raise RunFailure(
-                        f"non-finite loss at step {self.step + 1}: {where} is not finite",
-                        hint=(f"the last good checkpoint is kept at {ck}" if ck.exists() else
-                              "no checkpoint was written yet") + "; lower lr or check the spec's loss")
-                times["time/policy_fwd_bwd"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if self.world > 1:
-                    mb_loss = self.acc.reduce(mb_loss, reduction="sum")
-                if self.cfg.max_grad_norm:
-                    gn = self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
-                    grad_norms.append(float(gn))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += float(mb_loss)
-                updates += 1
-                times["time/optimizer"] += time.perf_counter() - t0
+        for chunk in self._minibatches(algo, n_groups):
+            t0 = time.perf_counter()
+            ridx = torch.tensor([g * G + j for g in chunk for j in range(G)], dtype=torch.long,
+                                device=self.device)
+            gidx = torch.tensor(chunk, dtype=torch.long, device=self.device)
+            mb = {k: (v[ridx] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows else
+                      v[gidx] if G > 1 and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n_groups
+                      else v)  # per row, per group (one value per group), or batch-wide
+                  for k, v in batch.items()} if batch is not None else None
+            slices = self._micro_slices(len(ridx), G) if mb is not None else []
+            # global normalizers and the update's micro-batch count, agreed over processes
+            local = torch.tensor([0.0 if mb is None else float(mb["mask"].sum()), float(len(ridx)),
+                                  float(len(chunk)), float(len(slices))], device=self.device, dtype=torch.float64)
+            every = self.acc.gather(local[None]) if self.world > 1 else local[None]
+            tot = every[:, :3].sum(0)
+            totals = {"tokens": tot[0].clamp(min=1).float(), "responses": tot[1].clamp(min=1).float(),
+                      "groups": tot[2].clamp(min=1).float()}
+            n_micro = int(every[:, 3].max())
+            if n_micro == 0:  # nothing to learn from on any process: no update
+                continue
+            mb_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+            bad = None
+            for i in range(n_micro):
+                # DDP reduces gradients at the last backward of the update only
+                sync = contextlib.nullcontext() if i == n_micro - 1 else self.acc.no_sync(self.wrapped)
+                with sync:
+                    if i >= len(slices) or bad is not None:  # padding: this process has no more rows
+                        dummy = dummy_micro_batch(self.tokenizer.pad_token_id or 0, self.device)
+                        fw = self._forward(self.model, dummy, slice(0, 1), grad=True,
+                                           entropy="entropy" in algo.inputs, value="value" in algo.inputs)
+                        self.acc.backward(zero_loss(fw))
+                        continue
+                    sl = slices[i]
+                    fw = self._forward(self.model, mb, sl, grad=True, entropy="entropy" in algo.inputs,
+                                       value="value" in algo.inputs)
+                    gsl = slice(sl.start // G, sl.stop // G)  # micro-batches are whole groups
+                    micro = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == len(ridx) else
+                                 v[gsl] if G > 1 and torch.is_tensor(v) and v.dim() > 0
+                                 and v.shape[0] == len(chunk) else v)
+                             for k, v in mb.items()}
+                    micro.update(fw)
+                    out = algo.step_loss(micro, totals)
+                    bad = self._bad_term(out)
+                    if bad is not None:
+                        self.acc.backward(zero_loss(fw))  # keeps the processes in step; no update follows
+                        continue
+                    # DDP averages gradients over processes; the losses are shares of one sum
+                    self.acc.backward(out.loss * self.world if self.world > 1 else out.loss)
+                mb_loss += out.loss.detach().double()
+                self._add_metrics(out.metrics, term_sums, stat_sums)
+                stat_n += 1
+            flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
+            if self.world > 1:
+                flag = self.acc.reduce(flag, reduction="sum")
+            if flag.item() > 0:
+                raise self._non_finite(f"term '{bad}'" if bad else "a term on another process")
+            times["time/policy_fwd_bwd"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if self.world > 1:
+                mb_loss = self.acc.reduce(mb_loss, reduction="sum")
+            if self.cfg.max_grad_norm:
+                gn = self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
+                grad_norms.append(float(gn))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += float(mb_loss)
+            updates += 1
+            times["time/optimizer"] += time.perf_counter() - t0
         metrics.update({k: v / max(1, stat_n) for k, v in stat_sums.items()})
         terms = {k: v / max(1, updates) for k, v in term_sums.items()}  # per update, like `loss`
         if self.world > 1 and metrics:
@@ -712,20 +670,9 @@ class Engine:
             vec = torch.tensor([terms[k] for k in keys], device=self.device, dtype=torch.float64)
             terms = dict(zip(keys, self.acc.reduce(vec, reduction="sum").tolist()))
         metrics.update(terms)
-        res = {"loss": loss_sum / max(1, updates), **metrics}
-        if grad_norms:
-            res["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        res["lr"] = self.scheduler.get_last_lr()[0]
-        res["groups"] = n_groups * self.world if self.world > 1 else n_groups
-        res.update(getattr(getattr(self, "tree_sampler", None), "stats", None) or {})  # search/* (mcts_sampler.py)
-        if info.get("refill_rounds"):
-            res["refill/rounds"] = info["refill_rounds"]
-        if info.get("dropped_groups"):
-            res["filter/dropped_groups"] = info["dropped_groups"]
-        if info.get("refill_cap_hit"):
-            res["refill/cap_hit"] = 1
-        res.update(times)
-        res["step_time"] = time.perf_counter() - t_start
+        res = self._step_record(loss_sum / max(1, updates), metrics, grad_norms,
+                                n_groups * self.world if self.world > 1 else n_groups, info, times, t_start,
+                                extra=getattr(getattr(self, "tree_sampler", None), "stats", None))  # search/*
         res["step_cpu_time"] = time.process_time() - c_start  # all threads; less sensitive to other load
         return res
 
@@ -736,59 +683,40 @@ class Engine:
         return self.task.eval_score(self.policy, self.tokenizer, self.cfg.eval_size,
                                     prompt_format=self.prompt_format)
 
-    # -- checkpoints -----------------------------------------------------------------------
+    # -- checkpoints and the final model (written by TrainingLoop: runtime/loop.py) ----------
     def _trainable_state(self) -> dict:
         return {k: v.detach().cpu().contiguous() for k, v in self.model.named_parameters() if v.requires_grad}
 
-    def save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
-        self.acc.wait_for_everyone()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            final = self.out / "checkpoint"
-            tmp = self.out / f".checkpoint.tmp{os.getpid()}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            lm = unwrap_causal_lm(self.model) if not self.lora else self.policy
-            lm.save_pretrained(tmp / "model", safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp / "model")
-            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-            if self.reference is not None and self.current.train.get("reference") == "iterate":
-                save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
-                          str(tmp / "reference.safetensors"))
-            from .iterations import separate_iterate
-            if separate_iterate(self) is not None:
-                save_file({k: v.contiguous() for k, v in separate_iterate(self).state_dict().items()},
-                          str(tmp / "iterate.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       tmp / "optimizer.pt")
-            torch.save(rng, tmp / f"rng_{self.rank}.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "cursor": self.cursor,
-                                                         "spec": self.algo.name, "world": self.world,
-                                                         "seed": self.cfg.seed}))
-            old = self.out / ".checkpoint.old"
-            if final.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old.exists():
-                shutil.rmtree(old)
+    def _barrier(self) -> None:
         self.acc.wait_for_everyone()
 
-    def load_checkpoint(self) -> bool:
-        from safetensors.torch import load_file
-        ck = self.out / "checkpoint"
-        if not (ck / "state.json").is_file():
-            return False
-        state = json.loads((ck / "state.json").read_text())
+    def _save_weights(self, tmp: Path) -> None:
+        """``model/`` (the LM, or its LoRA adapters, + tokenizer), the trainable parameters, and
+        the reference / iterate when iterations change them."""
+        from safetensors.torch import save_file
+        lm = unwrap_causal_lm(self.model) if not self.lora else self.policy
+        lm.save_pretrained(tmp / "model", safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp / "model")
+        save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+        if self.reference is not None and self.current.train.get("reference") == "iterate":
+            save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
+                      str(tmp / "reference.safetensors"))
+        from .iterations import separate_iterate
+        if separate_iterate(self) is not None:
+            save_file({k: v.contiguous() for k, v in separate_iterate(self).state_dict().items()},
+                      str(tmp / "iterate.safetensors"))
+
+    def _checkpoint_state(self) -> dict:
+        return {"step": self.step, "cursor": self.cursor, "spec": self.algo.name, "world": self.world,
+                "seed": self.cfg.seed}
+
+    def _check_checkpoint(self, ck: Path, state: dict) -> None:
         if state.get("spec") != self.algo.name:
             raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}, not {self.algo.name!r}",
                            hint="use another --out, or run the same spec")
+
+    def _load_weights(self, ck: Path) -> None:
+        from safetensors.torch import load_file
         weights = load_file(str(ck / "trainable.safetensors"))
         named = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -801,28 +729,12 @@ class Engine:
         from .iterations import separate_iterate
         if separate_iterate(self) is not None and (ck / "iterate.safetensors").is_file():
             separate_iterate(self).load_state_dict(load_file(str(ck / "iterate.safetensors")))
-        opt = torch.load(ck / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        rngf = ck / f"rng_{self.rank}.pt"
-        if not rngf.is_file():
-            rngf = ck / "rng_0.pt"
-        rng = torch.load(rngf, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step, self.cursor = int(state["step"]), int(state["cursor"])
-        return True
 
-    def save_final(self) -> None:
-        if not self.main:
-            return
-        dest = self.out / "model"
-        tmp = self.out / ".model.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    def _restore_position(self, state: dict) -> None:
+        self.step, self.cursor = int(state["step"]), int(state["cursor"])
+
+    def _write_model(self, tmp: Path) -> None:
+        """The final model: the LM (LoRA merged into it) + tokenizer, and a critic's value head."""
         lm = unwrap_causal_lm(self.model)
         if self.lora:
             import copy
@@ -833,131 +745,19 @@ class Engine:
             from safetensors.torch import save_file
             save_file({k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()},
                       str(tmp / "value_head.safetensors"))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
 
-    # -- main loop -----------------------------------------------------------------------------
-    def _log(self, rec: dict) -> None:
-        if self.main:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-        if self.cfg.log_with:
-            self.acc.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))},
-                         step=rec["step"])
+    # -- hooks of the run (TrainingLoop.train) -----------------------------------------------
+    def _evaluates(self) -> bool:
+        return self.task is not None
 
-    def _start_iteration(self, it: int, replace: bool = True) -> None:
-        self._iter = it
-        self.current = self.algo_for(it)
-        if replace and it > 0 and self.reference is not None and self.algo.train.get("reference") == "iterate":
-            lm = unwrap_causal_lm(self.model)
-            self.reference.load_state_dict(lm.state_dict())
-            self.say(f"iteration {it}: reference replaced by the current policy")
-        if replace and it > 0:
-            from .iterations import refresh_iterate
-            refresh_iterate(self)  # pi_t := the policy (when it is not the reference itself)
+    def _run_line(self) -> str:
+        return (f"run: {self.algo.name} for {self.steps} steps, batch {self.batch_size} "
+                f"({self.world} process{'es' if self.world > 1 else ''}), lr {self.lr}, "
+                f"builds {', '.join(k for k, v in self.builds.items() if v)}{' +LoRA' if self.lora else ''}")
 
-    def train(self) -> dict:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-        self.out.mkdir(parents=True, exist_ok=True)
-        resumed = False
-        if self.resume:
-            resumed = self.load_checkpoint()
-            self.say(f"resumed from {self.out / 'checkpoint'} at step {self.step}" if resumed
-                     else f"[yellow]--resume: no checkpoint in {self.out}; starting fresh[/yellow]")
-        if not resumed and self.main and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
-        if resumed and self.main and (self.out / "metrics.jsonl").exists():
-            lines = [ln for ln in (self.out / "metrics.jsonl").read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-            (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
-        if self.cfg.log_with:
-            from .tracking import hparams  # values every tracker accepts (TensorBoard: no None)
-            self.acc.init_trackers("alignspec", config=hparams(self))
-        self.say(f"run: {self.algo.name} for {self.steps} steps, batch {self.batch_size} "
-                 f"({self.world} process{'es' if self.world > 1 else ''}), lr {self.lr}, "
-                 f"builds {', '.join(k for k, v in self.builds.items() if v)}{' +LoRA' if self.lora else ''}")
-        last_eval = None
-        it0 = min(self.step // self.steps_per_iter, self.iterations - 1)
-        self._start_iteration(it0, replace=self.step > 0 and self.step == it0 * self.steps_per_iter)
-        if self.task is not None and self.step == 0:
-            last_eval = self.evaluate()
-            self._log({"step": 0, "eval_score": last_eval})
-            self.say(f"step 0: eval_score {last_eval:.3f}")
+    def _before_steps(self) -> None:
         if self.cfg.precompute_reference and self.reference_needed():
             self.ref_cache.precompute(self)
-        t_run = time.perf_counter()
-        prof = None
-        if self.cfg.profile:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
-            prof.__enter__()
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                            console=self.console, disable=not self.main, transient=False)
-        last = {}
-        with progress:
-            bar = progress.add_task(self.algo.name, total=self.steps, completed=self.step, info="")
-            while self.step < self.steps:
-                it = min(self.step // self.steps_per_iter, self.iterations - 1)
-                if it != self._iter:
-                    self._start_iteration(it)
-                res = self._train_step()
-                self.step += 1
-                rec = {"step": self.step, **res}
-                self._log(rec)
-                last = rec
-                if self.task is not None and self.eval_every and self.step % self.eval_every == 0 \
-                        and self.step < self.steps:
-                    last_eval = self.evaluate()
-                    self._log({"step": self.step, "eval_score": last_eval})
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:
-                    self.save_checkpoint()
-                info = f"loss {res['loss']:.4f}" + (f"  eval {last_eval:.3f}" if last_eval is not None else "")
-                progress.update(bar, completed=self.step, info=info)
-        if prof is not None:
-            prof.__exit__(None, None, None)
-            if self.main:
-                (self.out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total",
-                                                                                row_limit=30))
-        wall = time.perf_counter() - t_run
-        if self.task is not None:
-            last_eval = self.evaluate()
-            self._log({"step": self.step, "eval_score": last_eval})
-        self.save_checkpoint()
-        self.save_final()
-        if self.main:
-            self._plot()
-        if self.cfg.log_with:
-            self.acc.end_training()
-        summary = {"steps": self.step, "wall_s": wall, "eval_score": last_eval, "loss": last.get("loss")}
-        self.say(f"done: {self.step} steps in {wall:.1f}s" +
-                 (f", eval_score {last_eval:.3f}" if last_eval is not None else "") +
-                 f"; model saved to {self.out / 'model'}")
-        return summary
-
-    def _plot(self) -> None:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        recs = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        ls = [(r["step"], r["loss"]) for r in recs if "loss" in r and r["loss"] == r["loss"]]
-        es = [(r["step"], r["eval_score"]) for r in recs if "eval_score" in r]
-        fig, axes = plt.subplots(1, 2 if es else 1, figsize=(10 if es else 5, 3.5), squeeze=False)
-        if ls:
-            axes[0][0].plot(*zip(*ls))
-        axes[0][0].set_title(f"{self.algo.name}: loss")
-        axes[0][0].set_xlabel("step")
-        if es:
-            axes[0][1].plot(*zip(*es), marker="o")
-            axes[0][1].set_title("eval_score")
-            axes[0][1].set_xlabel("step")
-            axes[0][1].set_ylim(-0.02, 1.02)
-        fig.tight_layout()
-        fig.savefig(self.out / "curves.png", dpi=100)
-        plt.close(fig)
 
 
 def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None, steps=None, seed=None,

@@ -38,16 +38,20 @@ Outputs, as the LM engine's: ``metrics.jsonl`` (one line per step: step, loss, t
 metrics, reward/mean, grad_norm, lr, groups, time/*, step_time; eval lines
 ``{"step", "eval_score"}`` at the start, every ``eval_every`` steps and at the end),
 ``checkpoint/`` (atomic; ``--resume`` reproduces an uninterrupted run: prompts, noise and
-shuffles come from generators seeded by (seed, step, ...)), ``model/`` and ``curves.png``.
+shuffles come from generators seeded by (seed, step, ...)), ``model/`` and ``curves.png``
+(loss, reward/mean, eval_score).
 
-The metrics writer, the progress bar and the plot are small equivalents of the LM engine's,
-which are methods of ``Engine`` (not importable without refactoring ``engine.py``).
+``FlowEngine`` subclasses ``TrainingLoop`` (runtime/loop.py), the run plumbing it shares with
+the LM engine: the ``train()`` loop, resume, the metrics writer and trackers, the LR schedule,
+the progress bar, atomic checkpoint / model directories and the plot. What is its own: the
+flow model and task, rollouts, the optimizer step, and what its checkpoint and model hold
+(``model.safetensors``, the reference when iterations replace it; the final ``model/`` in
+``save_flow_model``'s format). It runs on one process, on the CPU.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -59,9 +63,9 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .engine import PHASES, _mix
-from .errors import RunError, RunFailure
+from .errors import RunError
 from .flow import FlowPolicy, FlowRollout, FlowTask, VelocityNet, pretrain, rollout
+from .loop import PHASES, TrainingLoop, _mix, replace_dir
 
 FLOW_MODEL = {"dim": 2, "num_classes": 4, "hidden": 128, "time_freqs": 16}
 FLOW_TASK = {"num_classes": 4, "k": 3, "radius": 1.5, "blob_std": 0.1, "reward_width": 0.35}
@@ -78,27 +82,27 @@ UNSUPPORTED = {"tree_search", "embedding", "generation", "critic", "reward_head"
 # ---------------------------------------------------------------------------------------
 
 
+def write_flow_model(path: Path, model: VelocityNet, task_settings: dict, extra: dict | None = None) -> None:
+    """Write ``path/model.safetensors`` + ``path/config.json`` into the existing directory ``path``."""
+    from safetensors.torch import save_file
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(path / "model.safetensors"))
+    cfg = {"family": "flow", "class": "VelocityNet",
+           "velocity_net": {"dim": model.dim, "num_classes": model.num_classes,
+                            "hidden": model.cls.embedding_dim, "time_freqs": model.freqs.numel()},
+           "task": dict(task_settings), **(extra or {})}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
 def save_flow_model(dest: Path, model: VelocityNet, task_settings: dict, extra: dict | None = None) -> None:
     """Write ``dest/model.safetensors`` + ``dest/config.json`` atomically (tmp dir + rename)."""
-    from safetensors.torch import save_file
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary output directory
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        cfg = {"family": "flow", "class": "VelocityNet",
-               "velocity_net": {"dim": model.dim, "num_classes": model.num_classes,
-                                "hidden": model.cls.embedding_dim, "time_freqs": model.freqs.numel()},
-               "task": dict(task_settings), **(extra or {})}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        old = dest.parent / f".{dest.name}.old{os.getpid()}"
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old.exists():
-            shutil.rmtree(old)
+        write_flow_model(tmp, model, task_settings, extra)
+        replace_dir(tmp, dest, dest.parent / f".{dest.name}.old{os.getpid()}")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -205,10 +209,13 @@ class _UserRewards:
 # ---------------------------------------------------------------------------------------
 
 
-class FlowEngine:
+class FlowEngine(TrainingLoop):
     """A training run of one compiled flow-policy algorithm (see the module docstring)."""
 
     family = "flow"
+    bar_metrics = (("reward/mean", "reward"),)
+    curve_metrics = ("reward/mean", "eval_score")
+    cuda_rng = False  # the flow policy runs on the CPU: checkpoints hold the CPU generators only
 
     def __init__(self, algo, cfg: RunConfig, resume: bool = False, console=None):
         from rich.console import Console
@@ -219,9 +226,6 @@ class FlowEngine:
         self.counts = {"rollouts": 0, "logp_old": 0, "logp_ref": 0}   # no-grad forwards, for tests
         self.acc = None
         self._setup()
-
-    def say(self, msg: str) -> None:
-        self.console.print(msg)
 
     # -- setup -------------------------------------------------------------------------
     def _check_spec(self) -> None:
@@ -246,6 +250,9 @@ class FlowEngine:
                            hint="omit --data")
         if cfg.lora_r > 0:
             raise RunError("LoRA is not supported for flow policies", hint="set lora_r: 0")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RunError("flow policies train on one process; this run was launched on "
+                           f"{os.environ['WORLD_SIZE']}", hint="run it without accelerate launch / torchrun")
         if cfg.dtype not in ("float32", "fp32", "auto"):
             raise RunError(f"flow policies train in float32 (dtype {cfg.dtype!r} is not supported)",
                            hint="set dtype: float32")
@@ -255,9 +262,7 @@ class FlowEngine:
         self.lr = cfg.lr or (1e-3 if self.builtin else 1e-4)
         self.eval_every = cfg.eval_every if cfg.eval_every is not None else 10
         self.eval_per_class = cfg.eval_size or 128
-        threads = cfg.threads if cfg.threads is not None else 1
-        if threads > 0:
-            torch.set_num_threads(threads)
+        self._set_threads(1)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % (1 << 32))
         torch.manual_seed(cfg.seed)
@@ -300,43 +305,21 @@ class FlowEngine:
         # optimizer / schedule (the LM engine's settings)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
-        self.updates_per_step = int(algo.train.get("epochs", 1)) * int(algo.train.get("minibatches", 1))
-        total = self.steps * self.updates_per_step
-        warm, kind = cfg.warmup_steps, cfg.lr_schedule
-
-        def lr_lambda(i):
-            if warm and i < warm:
-                return (i + 1) / warm
-            if kind == "constant":
-                return 1.0
-            frac = min(1.0, (i - warm) / max(1, total - warm))
-            return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
-        self.step = 0
-        self.iterations = max(1, int(algo.train.get("iterations", 1)))
-        self.steps_per_iter = math.ceil(self.steps / self.iterations)
-        self._algos = {}
+        self._build_scheduler()
+        self._init_iterations()
         self._iter = None
         self.current = algo
 
-    # -- per-iteration algorithm (param schedules) -----------------------------------
-    def algo_for(self, iteration: int):
-        if not self.algo.schedules:
-            return self.algo
-        if iteration not in self._algos:
-            import alignspec
-            over = {k: v for k, v in self.algo.params.items() if k not in self.algo.schedules}
-            for k, vals in self.algo.schedules.items():
-                over[k] = vals[min(iteration, len(vals) - 1)]
-            self._algos[iteration] = alignspec.compile(self.algo.spec, **over)
-        return self._algos[iteration]
+    # -- per-iteration algorithm (param schedules; TrainingLoop.algo_for) ---------------
+    def _iteration_params(self, iteration: int) -> dict:
+        """Every scheduled param at its entry for ``iteration`` (the last one past the end)."""
+        over = {k: v for k, v in self.algo.params.items() if k not in self.algo.schedules}
+        for k, vals in self.algo.schedules.items():
+            over[k] = vals[min(iteration, len(vals) - 1)]
+        return over
 
-    def _start_iteration(self, it: int, replace: bool = True) -> None:
-        self._iter = it
-        self.current = self.algo_for(it)
-        if replace and it > 0 and self.reference is not None and self.algo.train.get("reference") == "iterate":
-            self.reference.load_state_dict(self.model.state_dict())
-            self.say(f"iteration {it}: reference replaced by the current policy")
+    def _policy_state(self) -> dict:
+        return self.model.state_dict()
 
     # -- sampling ----------------------------------------------------------------------
     def _kw(self, name: str, default):
@@ -378,7 +361,8 @@ class FlowEngine:
                 batch["reward"] = self.rewards(ro.samples, ro.classes)
             with torch.no_grad():
                 s = algo.score(batch)
-            sel, _keep = s.pop("rows"), s.pop("keep")
+            sel = s.pop("rows")
+            s.pop("keep")  # the row mask; `rows` already applies it
             idx = torch.arange(B) if sel is None else torch.as_tensor(sel, dtype=torch.long)
             info["dropped_groups"] += B // algo.sample_group_size - idx.numel() // G
             if "reward" in batch:
@@ -390,11 +374,7 @@ class FlowEngine:
             times["time/scoring"] += time.perf_counter() - t0
             if have >= target:
                 break
-            if rnd >= self.cfg.max_refill_rounds:
-                info["refill_cap_hit"] = 1
-                self.say(f"[yellow]step {self.step + 1}: filters kept {have} of {target} groups after "
-                         f"{rnd} refill round(s) (max_refill_rounds = {self.cfg.max_refill_rounds}); "
-                         f"training on what was kept[/yellow]")
+            if self._refill_capped(info, have, target, rnd):
                 break
             rnd += 1
             info["refill_rounds"] = rnd
@@ -446,80 +426,50 @@ class FlowEngine:
         n_groups = rows // G
         need_sq = "mu_sqdist_ref" in algo.inputs
         policy = FlowPolicy(self.model, self.reference if need_sq else None)
-        epochs = int(algo.train.get("epochs", 1))
-        n_mb = int(algo.train.get("minibatches", 1))
         loss_sum, updates, stat_sums, stat_n, term_sums = 0.0, 0, {}, 0, {}
         grad_norms = []
         params = [p for p in self.model.parameters() if p.requires_grad]
-        for epoch in range(epochs):
-            order = list(range(n_groups))
-            if epochs > 1 or n_mb > 1:
-                random.Random(_mix(self.cfg.seed, self.step, epoch, 3)).shuffle(order)
-            chunks = [order[i * n_groups // n_mb:(i + 1) * n_groups // n_mb] for i in range(n_mb)]
-            for chunk in chunks:
-                if not chunk:
-                    continue
-                t0 = time.perf_counter()
-                ridx = torch.tensor([g * G + j for g in chunk for j in range(G)], dtype=torch.long)
-                mb = {k: (v[ridx] if _rows(v, rows) else v) for k, v in batch.items()}
-                mro = ro.select(ridx)
-                totals = {"tokens": mb["mask"].sum().clamp(min=1).float(),
-                          "responses": torch.tensor(float(len(ridx))), "groups": torch.tensor(float(len(chunk)))}
-                mb_loss, bad = 0.0, None
-                m = self.cfg.micro_batch_size * G
-                for s0 in range(0, len(ridx), m):
-                    sl = slice(s0, min(s0 + m, len(ridx)))
-                    lp = policy.logprobs(mro.select(torch.arange(sl.start, sl.stop)))
-                    micro = {k: (v[sl] if _rows(v, len(ridx)) else v) for k, v in mb.items()}
-                    micro["logp"] = lp["logp"]
-                    if need_sq:
-                        micro["mu_sqdist_ref"] = lp["mu_sqdist_ref"]
-                    out = algo.step_loss(micro, totals)
-                    if not torch.isfinite(torch.as_tensor(out.loss)).all():
-                        bad = next((k for k, t in out.terms.items()
-                                    if not torch.isfinite(torch.as_tensor(t)).all()), "loss")
-                        break
-                    out.loss.backward()
-                    mb_loss += float(out.loss.detach())
-                    for k, v in out.metrics.items():
-                        if k.startswith("loss/"):  # a share of the term: micro-batches add up to it
-                            term_sums[k] = term_sums.get(k, 0.0) + v
-                        else:
-                            stat_sums[k] = stat_sums.get(k, 0.0) + v
-                    stat_n += 1
+        for chunk in self._minibatches(algo, n_groups):
+            if not chunk:
+                continue
+            t0 = time.perf_counter()
+            ridx = torch.tensor([g * G + j for g in chunk for j in range(G)], dtype=torch.long)
+            mb = {k: (v[ridx] if _rows(v, rows) else v) for k, v in batch.items()}
+            mro = ro.select(ridx)
+            totals = {"tokens": mb["mask"].sum().clamp(min=1).float(),
+                      "responses": torch.tensor(float(len(ridx))), "groups": torch.tensor(float(len(chunk)))}
+            mb_loss, bad = 0.0, None
+            m = self.cfg.micro_batch_size * G
+            for s0 in range(0, len(ridx), m):
+                sl = slice(s0, min(s0 + m, len(ridx)))
+                lp = policy.logprobs(mro.select(torch.arange(sl.start, sl.stop)))
+                micro = {k: (v[sl] if _rows(v, len(ridx)) else v) for k, v in mb.items()}
+                micro["logp"] = lp["logp"]
+                if need_sq:
+                    micro["mu_sqdist_ref"] = lp["mu_sqdist_ref"]
+                out = algo.step_loss(micro, totals)
+                bad = self._bad_term(out)
                 if bad is not None:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    ck = self.out / "checkpoint"
-                    raise RunFailure(
-                        f"non-finite loss at step {self.step + 1}: term '{bad}' is not finite",
-                        hint=(f"the last good checkpoint is kept at {ck}" if ck.exists() else
-                              "no checkpoint was written yet") + "; lower lr or check the spec's loss")
-                times["time/policy_fwd_bwd"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if self.cfg.max_grad_norm:
-                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += mb_loss
-                updates += 1
-                times["time/optimizer"] += time.perf_counter() - t0
+                    break
+                out.loss.backward()
+                mb_loss += float(out.loss.detach())
+                self._add_metrics(out.metrics, term_sums, stat_sums)
+                stat_n += 1
+            if bad is not None:
+                raise self._non_finite(f"term '{bad}'")
+            times["time/policy_fwd_bwd"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if self.cfg.max_grad_norm:
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += mb_loss
+            updates += 1
+            times["time/optimizer"] += time.perf_counter() - t0
         metrics.update({k: v / max(1, stat_n) for k, v in stat_sums.items()})
         metrics.update({k: v / max(1, updates) for k, v in term_sums.items()})  # per update, like `loss`
-        res = {"loss": loss_sum / max(1, updates), **metrics}
-        if grad_norms:
-            res["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        res["lr"] = self.scheduler.get_last_lr()[0]
-        res["groups"] = n_groups
-        if info.get("refill_rounds"):
-            res["refill/rounds"] = info["refill_rounds"]
-        if info.get("dropped_groups"):
-            res["filter/dropped_groups"] = info["dropped_groups"]
-        if info.get("refill_cap_hit"):
-            res["refill/cap_hit"] = 1
-        res.update(times)
-        res["step_time"] = time.perf_counter() - t_start
-        return res
+        return self._step_record(loss_sum / max(1, updates), metrics, grad_norms, n_groups, info, times, t_start)
 
     # -- evaluation --------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -530,170 +480,40 @@ class FlowEngine:
         finally:
             self.model.train(was)
 
-    # -- checkpoints -------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    # -- checkpoints and the final model (written by TrainingLoop: runtime/loop.py) --------
+    def _save_weights(self, tmp: Path) -> None:
         from safetensors.torch import save_file
-        self.out.mkdir(parents=True, exist_ok=True)
-        final = self.out / "checkpoint"
-        tmp = self.out / f".checkpoint.tmp{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         if self.reference is not None and self.algo.train.get("reference") == "iterate":
             save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
                       str(tmp / "reference.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   tmp / "optimizer.pt")
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                   tmp / "rng_0.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "spec": self.algo.name, "family": "flow",
-                                                     "seed": self.cfg.seed, "model": str(self.model_dir)}))
-        old = self.out / ".checkpoint.old"
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
 
-    def load_checkpoint(self) -> bool:
-        from safetensors.torch import load_file
-        ck = self.out / "checkpoint"
-        if not (ck / "state.json").is_file():
-            return False
-        state = json.loads((ck / "state.json").read_text())
+    def _checkpoint_state(self) -> dict:
+        return {"step": self.step, "spec": self.algo.name, "family": "flow", "seed": self.cfg.seed,
+                "model": str(self.model_dir)}
+
+    def _check_checkpoint(self, ck: Path, state: dict) -> None:
         if state.get("spec") != self.algo.name or state.get("family") != "flow":
             raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}"
                            f"{'' if state.get('family') == 'flow' else ' (not a flow policy)'}, "
                            f"not of {self.algo.name!r}", hint="use another --out, or run the same spec")
+
+    def _load_weights(self, ck: Path) -> None:
+        from safetensors.torch import load_file
         try:
             self.model.load_state_dict(load_file(str(ck / "model.safetensors")))
         except RuntimeError as e:
             raise RunError(f"{ck}: the checkpoint does not fit this model: {e}") from None
         if self.reference is not None and (ck / "reference.safetensors").is_file():
             self.reference.load_state_dict(load_file(str(ck / "reference.safetensors")))
-        opt = torch.load(ck / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        rng = torch.load(ck / "rng_0.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        self.step = int(state["step"])
-        return True
 
-    def save_final(self) -> None:
-        save_flow_model(self.out / "model", self.model, self.task_settings,
-                        {"spec": self.algo.name, "steps": self.step, "init": str(self.model_dir)})
+    def _write_model(self, tmp: Path) -> None:
+        """The final model, in ``save_flow_model``'s format (``--model`` of a later run)."""
+        write_flow_model(tmp, self.model, self.task_settings,
+                         {"spec": self.algo.name, "steps": self.step, "init": str(self.model_dir)})
 
-    # -- logging -----------------------------------------------------------------------
-    def _log(self, rec: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.acc is not None:
-            self.acc.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))},
-                         step=rec["step"])
-
-    def _plot(self) -> None:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        recs = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        ls = [(r["step"], r["loss"]) for r in recs if "loss" in r and r["loss"] == r["loss"]]
-        rs = [(r["step"], r["reward/mean"]) for r in recs if "reward/mean" in r]
-        es = [(r["step"], r["eval_score"]) for r in recs if "eval_score" in r]
-        panels = [("loss", ls, None)] + ([("reward/mean", rs, None)] if rs else []) \
-            + ([("eval_score", es, (-0.02, 1.02))] if es else [])
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-        for ax, (name, pts, ylim) in zip(axes[0], panels):
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if name == "eval_score" else None)
-            ax.set_title(f"{self.algo.name}: {name}" if name == "loss" else name)
-            ax.set_xlabel("step")
-            if ylim:
-                ax.set_ylim(*ylim)
-        fig.tight_layout()
-        fig.savefig(self.out / "curves.png", dpi=100)
-        plt.close(fig)
-
-    # -- main loop ---------------------------------------------------------------------
-    def train(self) -> dict:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-        self.out.mkdir(parents=True, exist_ok=True)
-        resumed = False
-        if self.resume:
-            resumed = self.load_checkpoint()
-            self.say(f"resumed from {self.out / 'checkpoint'} at step {self.step}" if resumed
-                     else f"[yellow]--resume: no checkpoint in {self.out}; starting fresh[/yellow]")
-        mpath = self.out / "metrics.jsonl"
-        if not resumed and mpath.exists():
-            mpath.unlink()
-        if resumed and mpath.exists():
-            lines = [ln for ln in mpath.read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-            mpath.write_text("".join(ln + "\n" for ln in lines))
-        if self.acc is not None:
-            from .tracking import hparams  # values every tracker accepts (TensorBoard: no None)
-            self.acc.init_trackers("alignspec", config=hparams(self))
-        self.say(f"run: {self.algo.name} (flow policy) for {self.steps} steps, batch {self.batch_size} prompts, "
-                 f"lr {self.lr}, builds {', '.join(k for k, v in self.builds.items() if v)}")
-        it0 = min(self.step // self.steps_per_iter, self.iterations - 1)
-        self._start_iteration(it0, replace=self.step > 0 and self.step == it0 * self.steps_per_iter)
-        last_eval = None
-        if self.step == 0:
-            last_eval = self.evaluate()
-            self._log({"step": 0, "eval_score": last_eval})
-            self.say(f"step 0: eval_score {last_eval:.3f}")
-        t_run = time.perf_counter()
-        prof = None
-        if self.cfg.profile:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
-            prof.__enter__()
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                            console=self.console, transient=False)
-        last = {}
-        with progress:
-            bar = progress.add_task(self.algo.name, total=self.steps, completed=self.step, info="")
-            while self.step < self.steps:
-                it = min(self.step // self.steps_per_iter, self.iterations - 1)
-                if it != self._iter:
-                    self._start_iteration(it)
-                res = self._train_step()
-                self.step += 1
-                rec = {"step": self.step, **res}
-                self._log(rec)
-                last = rec
-                if self.eval_every and self.step % self.eval_every == 0 and self.step < self.steps:
-                    last_eval = self.evaluate()
-                    self._log({"step": self.step, "eval_score": last_eval})
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:
-                    self.save_checkpoint()
-                info = f"loss {res['loss']:.4f}"
-                if "reward/mean" in res:
-                    info += f"  reward {res['reward/mean']:.3f}"
-                if last_eval is not None:
-                    info += f"  eval {last_eval:.3f}"
-                progress.update(bar, completed=self.step, info=info)
-        if prof is not None:
-            prof.__exit__(None, None, None)
-            (self.out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total",
-                                                                            row_limit=30))
-        wall = time.perf_counter() - t_run
-        last_eval = self.evaluate()
-        self._log({"step": self.step, "eval_score": last_eval})
-        self.save_checkpoint()
-        self.save_final()
-        self._plot()
-        if self.acc is not None:
-            self.acc.end_training()
-        summary = {"steps": self.step, "wall_s": wall, "eval_score": last_eval, "loss": last.get("loss")}
-        self.say(f"done: {self.step} steps in {wall:.1f}s, eval_score {last_eval:.3f}; "
-                 f"model saved to {self.out / 'model'}")
-        return summary
+    # -- hooks of the run (TrainingLoop.train) ----------------------------------------------
+    def _run_line(self) -> str:
+        return (f"run: {self.algo.name} (flow policy) for {self.steps} steps, batch {self.batch_size} prompts, "
+                f"lr {self.lr}, builds {', '.join(k for k, v in self.builds.items() if v)}")

@@ -136,3 +136,20 @@ def _initial_params(model_dir):
     from alignspec.runtime.models import load_policy
     model, _ = load_policy(model_dir)
     return [p.detach() for p in model.parameters()]
+
+
+def test_accelerate_launch_runs_two_processes(tmp_path):
+    """The README's command: `accelerate launch --multi_gpu --num_processes 2 -m alignspec run`
+    (on a CPU-only machine accelerate needs --multi_gpu to start several processes; gloo)."""
+    out = tmp_path / "run"
+    port = str(29700 + (os.getpid() % 1000))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+           "-m", "alignspec", "run", "sft", "--out", str(out), "--steps", "2",
+           "--set", "batch_size=4", "--set", "eval_every=0"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["world"] == 2
+    assert "(2 processes)" in r.stdout
+    assert len([m for m in read_metrics(out) if "loss" in m]) == 2

@@ -445,3 +445,55 @@ def test_opt_select_prefers_spread_and_low_reward():
     x, emb = _two_cluster_group()
     S = ops.select_opt(x, emb, 6, 2)[0].tolist()
     assert S[0] in (0, 1, 2) and S[1] in (3, 4, 5)
+
+
+# -- batch statistics over processes (ops.batch_stats_reduce) ---------------------------------
+
+def _as_two_processes(fn, parts):
+    """Run ``fn(part)`` in two threads that stand for two processes: inside
+    ``batch_stats_reduce`` each reduction sums the two threads' tensors (a barrier-based
+    all-reduce). Returns the two results."""
+    import threading
+    slots, ids = [None, None], {}
+    barrier = threading.Barrier(2)
+
+    def all_sum(t):
+        me = ids[threading.get_ident()]
+        slots[me] = t.clone()
+        barrier.wait()
+        total = slots[0] + slots[1]
+        barrier.wait()  # both have read before the next reduction overwrites a slot
+        return total
+
+    results = [None, None]
+
+    def work(i):
+        ids[threading.get_ident()] = i
+        results[i] = fn(parts[i])
+
+    with ops.batch_stats_reduce(all_sum):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return results
+
+
+def test_batch_statistics_over_processes_equal_the_whole_batch():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    m = (torch.rand(7, 5, generator=g) > 0.3).double()
+    r = torch.randn(7, generator=g, dtype=torch.float64)
+    halves = [slice(0, 3), slice(3, 7)]  # uneven split
+    w = _as_two_processes(lambda s: ops.whiten(x[s], m[s]), halves)
+    torch.testing.assert_close(torch.cat(w), ops.whiten(x, m), atol=1e-12, rtol=0)
+    std = _as_two_processes(lambda s: ops.batch_std(r[s]), halves)
+    assert all(torch.allclose(v, r.std(unbiased=True), atol=1e-12, rtol=0) for v in std)
+    mean = _as_two_processes(lambda s: ops.batch_mean(r[s]), halves)
+    assert all(torch.allclose(v, r.mean(), atol=1e-12, rtol=0) for v in mean)
+    # a given count (the loss stage's global normalizer) is used as it is, no reduction
+    share = _as_two_processes(lambda s: ops.batch_mean(r[s], count=7.0), halves)
+    torch.testing.assert_close(share[0] + share[1], r.mean(), atol=1e-12, rtol=0)
+    # outside the context: per tensor
+    assert not torch.allclose(ops.whiten(x[:3], m[:3]), ops.whiten(x, m)[:3])
