@@ -38,6 +38,7 @@ RNG states, ``state.json`` with step and data cursor; ``model/``: the LM, LoRA m
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import sys
 import time
@@ -272,10 +273,6 @@ class Engine(TrainingLoop):
         return out
 
     # -- per-iteration algorithm (param schedules; TrainingLoop.algo_for) ---------------
-    def _iteration_params(self, iteration: int) -> dict:
-        from .iterations import iteration_params  # a param the run set replaces its schedule
-        return iteration_params(self.algo, iteration)
-
     def _policy_state(self) -> dict:
         return unwrap_causal_lm(self.model).state_dict()
 
@@ -527,21 +524,25 @@ class Engine(TrainingLoop):
         G = algo.group_size
         t0 = time.perf_counter()
         rows = batch["mask"].shape[0]
-        need_old = "logp_old" in algo.inputs or "value_old" in algo.inputs or self.cfg.force_old_forward
-        if need_old:
-            lo, vo = [], []
-            # with self-play iterations the policy that sampled is the frozen iterate pi_t (iterations.py)
-            it = getattr(self, "iterate", None)
-            old_model = it if it is not None and "value_old" not in algo.inputs else self.model
-            for sl in self._micro_slices(rows, G):
-                o = self._forward(old_model, batch, sl, grad=False, value="value_old" in algo.inputs)
+        need_logp = "logp_old" in algo.inputs or self.cfg.force_old_forward
+        need_value = "value_old" in algo.inputs
+        # with self-play iterations the policy that sampled is the frozen iterate pi_t (iterations.py);
+        # the critic (value head) is the current model's
+        it = getattr(self, "iterate", None)
+        sampler = it if it is not None else self.model
+        lo, vo = [], []
+        for sl in self._micro_slices(rows, G) if need_logp or need_value else []:
+            if need_logp or sampler is self.model:
+                o = self._forward(sampler, batch, sl, grad=False, value=need_value and sampler is self.model)
                 lo.append(o["logp"])
                 if "value" in o:
                     vo.append(o["value"])
-            if "logp_old" in algo.inputs:
-                batch["logp_old"] = torch.cat(lo)
-            if vo:
-                batch["value_old"] = torch.cat(vo)
+            if need_value and sampler is not self.model:
+                vo.append(self._forward(self.model, batch, sl, grad=False, value=True)["value"])
+        if "logp_old" in algo.inputs:
+            batch["logp_old"] = torch.cat(lo)
+        if vo:
+            batch["value_old"] = torch.cat(vo)
         if "logp_ref" in algo.inputs or (self.cfg.force_reference and self.reference is not None):
             lr = self.ref_cache.logprobs(batch, getattr(self, "_batch_rows", None), self._reference_forward)
             if "logp_ref" in algo.inputs:
@@ -691,8 +692,9 @@ class Engine(TrainingLoop):
         self.acc.wait_for_everyone()
 
     def _save_weights(self, tmp: Path) -> None:
-        """``model/`` (the LM, or its LoRA adapters, + tokenizer), the trainable parameters, and
-        the reference / iterate when iterations change them."""
+        """``model/`` (the LM, or its LoRA adapters, + tokenizer), the trainable parameters, the
+        reference / iterate when iterations change them, and the tree-search sampler's buffer of
+        pairs not yet trained on (the main process's)."""
         from safetensors.torch import save_file
         lm = unwrap_causal_lm(self.model) if not self.lora else self.policy
         lm.save_pretrained(tmp / "model", safe_serialization=True)
@@ -705,6 +707,8 @@ class Engine(TrainingLoop):
         if separate_iterate(self) is not None:
             save_file({k: v.contiguous() for k, v in separate_iterate(self).state_dict().items()},
                       str(tmp / "iterate.safetensors"))
+        if getattr(self, "tree_sampler", None) is not None:  # pairs found but not yet trained on
+            (tmp / "tree_buffer.json").write_text(json.dumps(self.tree_sampler.buffer))
 
     def _checkpoint_state(self) -> dict:
         return {"step": self.step, "cursor": self.cursor, "spec": self.algo.name, "world": self.world,
@@ -729,6 +733,8 @@ class Engine(TrainingLoop):
         from .iterations import separate_iterate
         if separate_iterate(self) is not None and (ck / "iterate.safetensors").is_file():
             separate_iterate(self).load_state_dict(load_file(str(ck / "iterate.safetensors")))
+        if getattr(self, "tree_sampler", None) is not None and (ck / "tree_buffer.json").is_file():
+            self.tree_sampler.buffer = json.loads((ck / "tree_buffer.json").read_text())
 
     def _restore_position(self, state: dict) -> None:
         self.step, self.cursor = int(state["step"]), int(state["cursor"])

@@ -311,13 +311,6 @@ class FlowEngine(TrainingLoop):
         self.current = algo
 
     # -- per-iteration algorithm (param schedules; TrainingLoop.algo_for) ---------------
-    def _iteration_params(self, iteration: int) -> dict:
-        """Every scheduled param at its entry for ``iteration`` (the last one past the end)."""
-        over = {k: v for k, v in self.algo.params.items() if k not in self.algo.schedules}
-        for k, vals in self.algo.schedules.items():
-            over[k] = vals[min(iteration, len(vals) - 1)]
-        return over
-
     def _policy_state(self) -> dict:
         return self.model.state_dict()
 

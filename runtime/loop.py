@@ -39,6 +39,7 @@ and ``world`` default to one process. It provides the hooks
     _restore_position(state)       the run's position from state.json (default: ``step``)
     _write_model(tmp)              the final model, into directory ``tmp``
     _iteration_params(it) -> dict  the params an iteration's algorithm is compiled with
+                                   (default: schedules, a param the run set holds throughout)
     _policy_state() -> dict        the weights a ``reference = "iterate"`` reference takes
     _barrier()                     wait for every process (default: nothing)
 
@@ -140,6 +141,12 @@ class TrainingLoop:
             import alignspec
             self._algos[iteration] = alignspec.compile(self.algo.spec, **self._iteration_params(iteration))
         return self._algos[iteration]
+
+    def _iteration_params(self, iteration: int) -> dict:
+        """Every param at ``iteration``: its schedule's entry, unless the run set that param
+        (runtime/iterations.py)."""
+        from .iterations import iteration_params
+        return iteration_params(self.algo, iteration)
 
     def _start_iteration(self, it: int, replace: bool = True) -> None:
         """Enter iteration ``it``: its algorithm becomes ``self.current``; with ``replace`` at a

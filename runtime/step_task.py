@@ -21,11 +21,8 @@ fixed seed into 100 held-out and 900 training problems.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -115,23 +112,5 @@ class BuiltinStepTask:
             sft_warmup(tmp, self.records("demonstrations"), **WARMUP_SETTINGS)
 
         return cached_model_dir(target, settings, build), settings
-        init_dir, _ = builtin_model_dir(warm=False, seed=seed)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-        try:
-            for f in Path(init_dir).iterdir():
-                if f.is_file() and f.name != "alignspec_builtin.json":
-                    shutil.copy2(f, tmp / f.name)
-            sft_warmup(tmp, self.records("demonstrations"), **WARMUP_SETTINGS)
-            (tmp / "alignspec_builtin.json").write_text(json.dumps(settings, indent=2))
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process finished first
-                if not (target / "config.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(target), settings
 
 

@@ -389,6 +389,30 @@ def test_tree_sampler_steps_and_pairs(tmp_path):
             assert (row["c"][-1] == tok.eos_token_id) == term
 
 
+def test_mcts_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """The sampler's buffer of pairs not yet trained on is part of the checkpoint, so a run
+    stopped after step 4 (when the buffer holds a pair) and resumed ends with the weights of
+    an uninterrupted run."""
+    sets = ["batch_size=2", "simulations=6", "branching=2", "save_every=1"] + QUIET
+    whole = quiet(build_engine("mcts", out=str(tmp_path / "a"), steps=6, sets=sets))
+    whole.train()
+    part = quiet(build_engine("mcts", out=str(tmp_path / "b"), steps=6, sets=sets))
+    step = part._train_step
+
+    def stop_after_four():
+        if part.step == 4:
+            raise KeyboardInterrupt
+        return step()
+    part._train_step = stop_after_four
+    with pytest.raises(KeyboardInterrupt):
+        part.train()
+    assert len(json.loads((tmp_path / "b" / "checkpoint" / "tree_buffer.json").read_text())) > 0
+    again = quiet(build_engine("mcts", out=str(tmp_path / "b"), steps=6, resume=True, sets=sets))
+    again.train()
+    assert again.step == 6
+    assert _same(_state(whole.model), _state(again.model))
+
+
 GROUP_SCORE_SPEC = """algorithm g extends sppo
 
 score

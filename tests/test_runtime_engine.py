@@ -14,7 +14,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import alignspec  # noqa: E402
-from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
+from alignspec.runtime.engine import PHASES, build_engine, run_from_cli  # noqa: E402
+from alignspec.runtime.models import unwrap_causal_lm  # noqa: E402
 from alignspec.runtime.errors import RunError  # noqa: E402
 from helpers import read_metrics as _metrics, read_weights as _weights  # noqa: E402
 
@@ -180,3 +181,28 @@ def test_logprob_temperature_follows_the_spec(tmp_path):
                     "train\n  logprob_temperature = \"sampling\"\n")
     with pytest.raises(RunError, match="one sampling temperature"):
         build_engine(str(spec), out=str(tmp_path / "t"), steps=1)
+
+
+def test_iterations_with_a_critic_read_logp_old_from_the_iterate_and_value_old_from_the_critic(tmp_path):
+    """With self-play iterations pi_t sampled, so logp_old is pi_t's; the value head lives on
+    the current model, so value_old is the current critic's (two different models)."""
+    spec = tmp_path / "it_ppo.align"
+    spec.write_text(textwrap.dedent("""\
+        algorithm it_ppo extends ppo
+        train
+          epochs = 1
+          iterations = 2
+          logprob_temperature = 1
+        """))
+    eng = build_engine(str(spec), out=str(tmp_path / "o"), steps=4, sets=["batch_size=2", "eval_every=0"])
+    eng.train()  # iteration 1 ends with the policy trained past the frozen pi_t
+    assert eng.iterate is not None and eng.iterate is not unwrap_causal_lm(eng.model)
+    rows = [{"p": [1, 5, 6], "c": [7, 8, 2], "text": "", "rec": {}}, {"p": [1, 9], "c": [4, 2], "text": "", "rec": {}}]
+    batch = eng._tensors(rows)
+    eng._no_grad_forwards(batch, {k: 0.0 for k in PHASES})
+    sl = slice(0, 2)
+    want_logp = eng._forward(eng.iterate, batch, sl, grad=False)["logp"]
+    now = eng._forward(eng.model, batch, sl, grad=False, value=True)
+    assert torch.equal(batch["logp_old"], want_logp)
+    assert not torch.allclose(batch["logp_old"], now["logp"])  # the policy moved on from pi_t
+    assert torch.equal(batch["value_old"], now["value"])
