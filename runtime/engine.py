@@ -9,19 +9,21 @@ adapters disabled; a value head only for ``critic``), then per optimizer step:
          -> no-grad forwards for logp_old / logp_ref / value_old, only if read
          -> algo.advantage
          -> epochs x minibatches: micro-batches along whole groups, logp (+ entropy /
-            value if read), algo.step_loss(micro, totals), backward; gradients summed over
-            processes; clip; AdamW + LR schedule.
+            value if read), algo.step_loss(micro, totals), backward; DDP reduces the
+            gradients over processes; clip; AdamW + LR schedule.
 
-Distributed runs (``accelerate launch --num_processes N``): the training forward is one module
-(runtime/train_forward.py) that ``accelerator.prepare`` wraps in DDP. Each process takes its
-slice of every global batch of prompts; the loss normalizers (``totals``: tokens,
-responses, groups) are summed over micro-batches and processes, so the per-process losses
-add up to the loss of the whole batch; DDP *averages* gradients, so each process
+Distributed runs (``accelerate launch --multi_gpu --num_processes N``, or torchrun): the
+training forward is one module (runtime/train_forward.py) that ``accelerator.prepare`` wraps
+in DDP. Each process takes its slice of every global batch of prompts; the loss normalizers
+(``totals``: tokens, responses, groups) are summed over micro-batches and processes, so the
+per-process losses add up to the loss of the whole batch; DDP *averages* gradients, so each process
 back-propagates ``world * loss`` and the update is the one of the whole batch. Filters can
 leave processes with different numbers of micro-batches: the count of each update is
 agreed first, and a process that has fewer runs zero-weight padding micro-batches, so every
-process joins every gradient reduction. Batch-wide statistics in ``advantage`` (``whiten``,
-``batch_std``, ``batch_mean``) are taken over all processes (``ops.batch_stats_reduce``).
+process joins every gradient reduction. Batch-wide statistics in ``score`` and ``advantage``
+(``whiten``, ``batch_std``, ``batch_mean``) are taken over all processes
+(``ops.batch_stats_reduce``). FSDP and DeepSpeed are refused with a RunError: accelerate runs
+neither on CPU, so nothing here could test them.
 
 Reproducibility: sampling uses a seed derived from (seed, step, process, round), minibatch
 shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted one.
