@@ -40,7 +40,6 @@ RNG states, ``state.json`` with step and data cursor; ``model/``: the LM, LoRA m
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import sys
 import time
@@ -694,9 +693,8 @@ class Engine(TrainingLoop):
         self.acc.wait_for_everyone()
 
     def _save_weights(self, tmp: Path) -> None:
-        """``model/`` (the LM, or its LoRA adapters, + tokenizer), the trainable parameters, the
-        reference / iterate when iterations change them, and the tree-search sampler's buffer of
-        pairs not yet trained on (the main process's)."""
+        """``model/`` (the LM, or its LoRA adapters, + tokenizer), the trainable parameters, and
+        the reference / iterate when iterations change them."""
         from safetensors.torch import save_file
         lm = unwrap_causal_lm(self.model) if not self.lora else self.policy
         lm.save_pretrained(tmp / "model", safe_serialization=True)
@@ -709,8 +707,24 @@ class Engine(TrainingLoop):
         if separate_iterate(self) is not None:
             save_file({k: v.contiguous() for k, v in separate_iterate(self).state_dict().items()},
                       str(tmp / "iterate.safetensors"))
-        if getattr(self, "tree_sampler", None) is not None:  # pairs found but not yet trained on
-            (tmp / "tree_buffer.json").write_text(json.dumps(self.tree_sampler.buffer))
+
+    def _process_state(self) -> dict:
+        """Generators, and the tree-search sampler's pairs found but not yet trained on."""
+        st = super()._process_state()
+        if getattr(self, "tree_sampler", None) is not None:
+            st["tree_buffer"] = self.tree_sampler.buffer
+        return st
+
+    def _set_process_state(self, state: dict) -> None:
+        super()._set_process_state(state)
+        if getattr(self, "tree_sampler", None) is not None and "tree_buffer" in state:
+            self.tree_sampler.buffer = state["tree_buffer"]
+
+    def _gather_objects(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+        return gather_object([obj])
 
     def _checkpoint_state(self) -> dict:
         return {"step": self.step, "cursor": self.cursor, "spec": self.algo.name, "world": self.world,
@@ -735,8 +749,6 @@ class Engine(TrainingLoop):
         from .iterations import separate_iterate
         if separate_iterate(self) is not None and (ck / "iterate.safetensors").is_file():
             separate_iterate(self).load_state_dict(load_file(str(ck / "iterate.safetensors")))
-        if getattr(self, "tree_sampler", None) is not None and (ck / "tree_buffer.json").is_file():
-            self.tree_sampler.buffer = json.loads((ck / "tree_buffer.json").read_text())
 
     def _restore_position(self, state: dict) -> None:
         self.step, self.cursor = int(state["step"]), int(state["cursor"])

@@ -16,7 +16,8 @@ on the policy family:
 - atomic directories (``_save_dir``: written under ``OUT/.NAME.tmp<pid>``, renamed into
   place, the previous one kept as ``OUT/.NAME.old`` until then) for ``checkpoint/`` and
   ``model/``; the checkpoint files every engine writes (``optimizer.pt``: optimizer and
-  scheduler state, ``rng_<rank>.pt``: Python / NumPy / torch generator states,
+  scheduler state, ``process_<rank>.pt``: each process's own state -- Python / NumPy / torch
+  generator states, plus what ``_process_state`` adds --
   ``state.json``) and reads back;
 - per-iteration algorithms (``algo_for``, ``_start_iteration``), each step's minibatches
   (``_minibatches``: seeded by (seed, step, epoch)), and the step record (``_step_record``).
@@ -257,19 +258,32 @@ class TrainingLoop:
 
     def save_checkpoint(self) -> None:
         """``OUT/checkpoint`` (atomic, written by the main process): the subclass's model files,
-        ``optimizer.pt``, ``rng_<rank>.pt`` and ``state.json``."""
+        ``optimizer.pt``, ``process_<rank>.pt`` for every process and ``state.json``."""
         self._barrier()
-        rng = self._rng_state()
+        states = self._gather_objects(self._process_state())  # every process's, in rank order
         if self.main:
-            self._save_dir("checkpoint", lambda tmp: self._write_checkpoint(tmp, rng))
+            self._save_dir("checkpoint", lambda tmp: self._write_checkpoint(tmp, states))
         self._barrier()
 
-    def _write_checkpoint(self, tmp: Path, rng: dict) -> None:
+    def _write_checkpoint(self, tmp: Path, states: list[dict]) -> None:
         self._save_weights(tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    tmp / "optimizer.pt")
-        torch.save(rng, tmp / f"rng_{self.rank}.pt")
+        for rank, st in enumerate(states):
+            torch.save(st, tmp / f"process_{rank}.pt")
         (tmp / "state.json").write_text(json.dumps(self._checkpoint_state()))
+
+    def _process_state(self) -> dict:
+        """What this process holds apart from the shared weights: its generators' states
+        (a subclass may add to it)."""
+        return {"rng": self._rng_state()}
+
+    def _set_process_state(self, state: dict) -> None:
+        self._set_rng_state(state["rng"])
+
+    def _gather_objects(self, obj) -> list:
+        """``obj`` of every process, in rank order (one process: ``[obj]``)."""
+        return [obj]
 
     def load_checkpoint(self) -> bool:
         """Restore ``OUT/checkpoint`` (models, optimizer, scheduler, generators, position);
@@ -283,10 +297,8 @@ class TrainingLoop:
         opt = torch.load(ck / "optimizer.pt", weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        rngf = ck / f"rng_{self.rank}.pt"
-        if not rngf.is_file():
-            rngf = ck / "rng_0.pt"
-        self._set_rng_state(torch.load(rngf, weights_only=False))
+        own = ck / f"process_{self.rank}.pt"
+        self._set_process_state(torch.load(own if own.is_file() else ck / "process_0.pt", weights_only=False))
         self._restore_position(state)
         return True
 

@@ -25,8 +25,6 @@ import random
 import shutil
 from pathlib import Path
 
-import torch
-
 from .tasks import sft_warmup
 from .tree_search import StepTask
 
@@ -86,15 +84,12 @@ class BuiltinStepTask:
     def reward(self, prompts, completions, records) -> list[float]:
         return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
 
-    @torch.no_grad()
     def eval_score(self, model, tokenizer, size: int | None = None, prompt_format=None) -> float:
         """Greedy full-solution accuracy on the held-out problems (prompts through ``prompt_format``,
         runtime/prompts.py, as in training; None: the raw text)."""
-        from .generation import generate_groups
-        rows = self.eval_records(size)
-        ro = generate_groups(model, tokenizer, [r["prompt"] for r in rows], 1,
-                             max_new_tokens=self.max_new_tokens, do_sample=False, prompt_format=prompt_format)
-        return sum(self.is_correct(r["prompt"], t) for t, r in zip(ro.texts, rows)) / len(rows)
+        from .tasks import greedy_accuracy
+        return greedy_accuracy(model, tokenizer, self.eval_records(size), self.max_new_tokens,
+                               lambda row, text: self.is_correct(row["prompt"], text), prompt_format)
 
     def builtin_model_dir(self, warm: bool = True, seed: int = 0) -> tuple[str, dict]:
         from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root, cached_model_dir

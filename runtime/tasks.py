@@ -83,16 +83,20 @@ class ArithmeticTask:
         rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in self.eval_problems]
         return rows[:size] if size else rows
 
-    @torch.no_grad()
     def eval_score(self, model, tokenizer, size: int | None = None, prompt_format=None) -> float:
         """Greedy exact-match accuracy on the held-out problems (prompts through ``prompt_format``,
         runtime/prompts.py, as in training; None: the raw text)."""
-        from .generation import generate_groups
-        rows = self.eval_records(size)
-        ro = generate_groups(model, tokenizer, [r["prompt"] for r in rows], 1,
-                             max_new_tokens=self.max_new_tokens, do_sample=False, prompt_format=prompt_format)
-        ok = sum(t.strip() == r["answer"] for t, r in zip(ro.texts, rows))
-        return ok / len(rows)
+        return greedy_accuracy(model, tokenizer, self.eval_records(size), self.max_new_tokens,
+                               lambda row, text: text.strip() == row["answer"], prompt_format)
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, correct, prompt_format=None) -> float:
+    """The fraction of ``rows`` whose greedy completion ``correct(row, text)`` accepts."""
+    from .generation import generate_groups
+    ro = generate_groups(model, tokenizer, [r["prompt"] for r in rows], 1,
+                         max_new_tokens=max_new_tokens, do_sample=False, prompt_format=prompt_format)
+    return sum(bool(correct(r, t)) for t, r in zip(ro.texts, rows)) / len(rows)
 
 
 def cache_root() -> Path:

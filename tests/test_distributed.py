@@ -153,3 +153,46 @@ def test_accelerate_launch_runs_two_processes(tmp_path):
     assert json.loads((out / "checkpoint" / "state.json").read_text())["world"] == 2
     assert "(2 processes)" in r.stdout
     assert len([m for m in read_metrics(out) if "loss" in m]) == 2
+
+
+RESUME_SCRIPT = r"""
+import os, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+from alignspec.runtime.engine import build_engine
+out, stop_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
+eng = build_engine("grpo", out=out, steps=4, resume=resume,
+                   sets=["batch_size=4", "eval_every=0", "save_every=1", "n=4"])
+step = eng._train_step
+
+def stopping():
+    if eng.step == stop_at:
+        raise SystemExit(3)  # as if killed: the checkpoint of step `stop_at` is on disk
+    return step()
+eng._train_step = stopping
+eng.train()
+"""
+
+
+def test_two_process_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """2 processes stopped after step 2 and resumed end with the weights of an uninterrupted
+    2-process run: every process's generators come back from its own process_<rank>.pt."""
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    port = str(29800 + (os.getpid() % 1000))
+
+    def launch(*args, ok=True):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               str(script), *args]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert (r.returncode == 0) == ok, r.stdout[-3000:] + r.stderr[-3000:]
+
+    launch(str(tmp_path / "a"), "-1", "fresh")
+    launch(str(tmp_path / "b"), "2", "fresh", ok=False)
+    ck = tmp_path / "b" / "checkpoint"
+    assert json.loads((ck / "state.json").read_text())["step"] == 2
+    assert (ck / "process_0.pt").is_file() and (ck / "process_1.pt").is_file()
+    launch(str(tmp_path / "b"), "-1", "resume")
+    wa, wb = read_weights(tmp_path / "a" / "model"), read_weights(tmp_path / "b" / "model")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
