@@ -57,6 +57,13 @@ from .train_forward import TrainForward, dummy_micro_batch, zero_loss
 EXTERNALS = ("reward", "reward_model", "preference")
 
 
+def _destroy_process_group() -> None:
+    """At interpreter exit: tear the process group down before the C++ runtime goes."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Engine(TrainingLoop):
     """A training run of one compiled algorithm (see the module docstring)."""
 
@@ -89,6 +96,9 @@ class Engine(TrainingLoop):
                                 "configurations are not wired up")
         self.rank = self.acc.process_index
         self.world = self.acc.num_processes
+        if self.world > 1:  # processes that exit with the process group alive can abort (gloo threads)
+            import atexit
+            atexit.register(_destroy_process_group)
         self.main = self.acc.is_main_process
         self.device = self.acc.device
         from rich.console import Console

@@ -440,6 +440,7 @@ class TrainingLoop:
         self.save_final()
         if self.main:
             self._plot()
+        self._barrier()  # every process leaves together, after the main one has written the model
         if self.cfg.log_with:
             self.acc.end_training()
         summary = {"steps": self.step, "wall_s": wall, "eval_score": last_eval, "loss": last.get("loss")}

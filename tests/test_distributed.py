@@ -82,12 +82,20 @@ torch.save({"flat": flat, "wrapped": type(eng.wrapped).__name__},
 """
 
 
+def free_port() -> str:
+    """A TCP port nothing listens on now (for the rendezvous of one launch)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def _launch(nproc: int, args: list[str], env: dict, cwd: Path) -> None:
     script = cwd / "run.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, str(script), *args]
     if nproc > 1:
-        port = str(29600 + (os.getpid() % 1000))
+        port = free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", port, str(script), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
@@ -142,7 +150,7 @@ def test_accelerate_launch_runs_two_processes(tmp_path):
     """The README's command: `accelerate launch --multi_gpu --num_processes 2 -m alignspec run`
     (on a CPU-only machine accelerate needs --multi_gpu to start several processes; gloo)."""
     out = tmp_path / "run"
-    port = str(29700 + (os.getpid() % 1000))
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
@@ -179,10 +187,9 @@ def test_two_process_resume_reproduces_the_uninterrupted_run(tmp_path):
     script = tmp_path / "resume.py"
     script.write_text(RESUME_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    port = str(29800 + (os.getpid() % 1000))
 
     def launch(*args, ok=True):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                str(script), *args]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert (r.returncode == 0) == ok, r.stdout[-3000:] + r.stderr[-3000:]
