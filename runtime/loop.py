@@ -441,8 +441,9 @@ class TrainingLoop:
         if self.main:
             self._plot()
         self._barrier()  # every process leaves together, after the main one has written the model
-        if self.cfg.log_with:
-            self.acc.end_training()
+        if self.cfg.log_with:  # not acc.end_training(): it also ends the process group, which the
+            for tracker in self.acc.trackers:  # next stage of a pipeline still needs
+                tracker.finish()
         summary = {"steps": self.step, "wall_s": wall, "eval_score": last_eval, "loss": last.get("loss")}
         self.say(f"done: {self.step} steps in {wall:.1f}s" +
                  (f", eval_score {last_eval:.3f}" if last_eval is not None else "") +

@@ -133,14 +133,21 @@ def run_pipeline(spec, *, model=None, data=None, config=None, sets=(), out=None,
     refs = {s.name: stage_ref(pipe, s) for s in pipe.stages}
     common, per = _split_sets(sets, names)
     routed = _route_sets(common, refs)
+    import torch
     from accelerate import PartialState
-    state = PartialState()
+    # as the engines' Accelerator: without cpu=True a CPU machine's state is one process (the
+    # state is a singleton, so this call decides it for every stage)
+    state = PartialState(cpu=not torch.cuda.is_available())
     root.mkdir(parents=True, exist_ok=True)
     if not resume and state.is_main_process:
         for n in names:
             (root / n / MARKER).unlink(missing_ok=True)
     state.wait_for_everyone()
-    say = (console.print if console is not None else print)
+    base_say = console.print if console is not None else print
+
+    def say(msg) -> None:  # once, from the main process
+        if state.is_main_process:
+            base_say(msg)
     say(f"pipeline {pipe.name}: " + " -> ".join(f"{s.name} ({s.spec})" for s in pipe.stages) + f"; out {root}")
     summary = {"pipeline": pipe.name, "stages": []}
     for st in pipe.stages:

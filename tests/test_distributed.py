@@ -203,3 +203,19 @@ def test_two_process_resume_reproduces_the_uninterrupted_run(tmp_path):
     wa, wb = read_weights(tmp_path / "a" / "model"), read_weights(tmp_path / "b" / "model")
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+
+
+def test_pipeline_on_two_processes(tmp_path):
+    """Every stage of a pipeline runs on both processes (the accelerate state is decided once,
+    for all stages) and the stages hand their models on; the pipeline reports once."""
+    out = tmp_path / "rlhf"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           "-m", "alignspec", "run", "rlhf", "--out", str(out), "--steps", "2",
+           "--set", "batch_size=4", "--set", "eval_every=0"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("sft", "rm", "policy"):
+        assert json.loads((out / stage / "checkpoint" / "state.json").read_text())["world"] == 2
+        assert (out / stage / "model" / "config.json").is_file()
+    assert r.stdout.count("pipeline rlhf done") == 1
