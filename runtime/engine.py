@@ -444,6 +444,7 @@ class Engine(TrainingLoop):
             times["time/generation"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             rows = [r for g in groups for r in g]
+            stats = self._batch_stats_context(bool(rows), "score")
             if rows:
                 batch = self._tensors(rows)
                 prompts = [self._scorer_prompt(r) for r in rows]  # as in the data, not templated
@@ -453,7 +454,7 @@ class Engine(TrainingLoop):
                     batch[name] = scorer(prompts, texts, rrecs).to(self.device, torch.float32)
                 if getattr(self, "embedder", None) is not None:  # embedding(response), runtime/embedding.py
                     batch["embedding"] = self.embedder(batch, texts)
-                with torch.no_grad(), self._batch_stats_context():
+                with torch.no_grad(), stats:
                     s = algo.score(batch)
                 sel = s.pop("rows")
                 s.pop("keep")  # the row mask; `rows` already applies it
@@ -509,17 +510,19 @@ class Engine(TrainingLoop):
         m = self.cfg.micro_batch_size * G
         return [slice(s, min(s + m, rows)) for s in range(0, rows, m)]
 
-    def _batch_stats_context(self, have_batch: bool = True):
+    def _batch_stats_context(self, have_rows: bool, stage: str):
         """Batch-wide statistics (whiten, batch_std, batch_mean) of ``score`` and ``advantage``
-        over all processes' rows (``ops.batch_stats_reduce``). Every process scores every
-        round; when some process kept no rows at all it runs no ``advantage``, so then every
-        process keeps its own statistics there (said in yellow)."""
-        if self.world == 1:
+        over all processes' rows (``ops.batch_stats_reduce``). Every process calls this at every
+        scoring round and every advantage stage, rows or not (it is a collective). A process
+        without rows runs no stage, so when one has none every process keeps its own
+        statistics for that stage (said in yellow). Specs without batch statistics skip it."""
+        if self.world == 1 or not any(f"ops.{f}(" in self.current.source for f in ("whiten", "batch_std",
+                                                                                   "batch_mean")):
             return contextlib.nullcontext()
-        flag = self.acc.reduce(torch.tensor([0.0 if have_batch else 1.0], device=self.device), reduction="sum")
+        flag = self.acc.reduce(torch.tensor([0.0 if have_rows else 1.0], device=self.device), reduction="sum")
         if flag.item() > 0:
-            self.say(f"[yellow]step {self.step + 1}: a process kept no rows; batch statistics of this step's "
-                     "advantages are per process[/yellow]")
+            self.say(f"[yellow]step {self.step + 1}: a process has no rows for its {stage} stage; that stage's "
+                     "batch statistics are per process[/yellow]")
             return contextlib.nullcontext()
         import torch.distributed as dist
 
@@ -582,7 +585,7 @@ class Engine(TrainingLoop):
             self.say(f"[yellow]step {self.step + 1}: no group survived the filters; step skipped[/yellow]")
             return {"loss": float("nan"), "skipped": 1, **times}
         G = algo.group_size
-        stats = self._batch_stats_context(batch is not None)
+        stats = self._batch_stats_context(batch is not None, "advantage")
         if batch is not None:
             self._no_grad_forwards(batch, times)
             with torch.no_grad(), stats:
@@ -672,15 +675,13 @@ class Engine(TrainingLoop):
             times["time/optimizer"] += time.perf_counter() - t0
         metrics.update({k: v / max(1, stat_n) for k, v in stat_sums.items()})
         terms = {k: v / max(1, updates) for k, v in term_sums.items()}  # per update, like `loss`
-        if self.world > 1 and metrics:
-            keys = sorted(metrics)
-            vec = torch.tensor([metrics[k] for k in keys], device=self.device, dtype=torch.float64)
-            vec = self.acc.reduce(vec, reduction="mean")
-            metrics = dict(zip(keys, vec.tolist()))
-        if self.world > 1 and terms:
-            keys = sorted(terms)
-            vec = torch.tensor([terms[k] for k in keys], device=self.device, dtype=torch.float64)
-            terms = dict(zip(keys, self.acc.reduce(vec, reduction="sum").tolist()))
+        if self.world > 1:  # processes may hold different keys (one without rows has none)
+            every = self._gather_objects((metrics, terms))
+            metrics = {}
+            for k in sorted({k for m, _ in every for k in m}):
+                vals = [m[k] for m, _ in every if k in m]
+                metrics[k] = sum(vals) / len(vals)  # the mean over the processes that report it
+            terms = {k: sum(t.get(k, 0.0) for _, t in every) for k in sorted({k for _, t in every for k in t})}
         metrics.update(terms)
         res = self._step_record(loss_sum / max(1, updates), metrics, grad_norms,
                                 n_groups * self.world if self.world > 1 else n_groups, info, times, t_start,

@@ -219,3 +219,62 @@ def test_pipeline_on_two_processes(tmp_path):
         assert json.loads((out / stage / "checkpoint" / "state.json").read_text())["world"] == 2
         assert (out / stage / "model" / "config.json").is_file()
     assert r.stdout.count("pipeline rlhf done") == 1
+
+
+# process 1's responses all score 4 and are filtered out: it trains on padding micro-batches
+RANK_REWARD_MODULE = """
+import os
+def length(prompts, completions, records):
+    return [4.0 if os.environ.get("RANK") == "1" else float(len(c)) for c in completions]
+"""
+
+EMPTY_PROCESS_SPEC = """\
+algorithm ep
+data pairs
+params
+  beta = 0.1
+score
+  r = reward(response)
+  s = whiten(r)
+filter
+  keep groups where group_max(r) < 4
+advantage
+  A = whiten(s - beta * mean_tokens(logp_ref))
+loss
+  minimize -mean(A * mean_tokens(logp))
+"""
+
+
+def test_a_process_without_rows_keeps_in_step(tmp_path):
+    """One process keeps no rows (score-stage whiten over both, advantage-stage whiten per
+    process, said in yellow), trains on padding micro-batches; no hang, same weights on both."""
+    from alignspec.runtime.tiny import build_tiny_model
+    model_dir = build_tiny_model(tmp_path / "m", "llama", seed=3)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "chosen": a, "rejected": a[:1]}) + "\n"
+                            for i, a in enumerate(["1", "22", "333", "4444"])))
+    (tmp_path / "spec.align").write_text(EMPTY_PROCESS_SPEC)
+    (tmp_path / "rewardmod.py").write_text(RANK_REWARD_MODULE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(script), str(tmp_path / "spec.align"), str(tmp_path / "two"), str(data), model_dir]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no rows for its advantage stage" in r.stdout
+    r0, r1 = torch.load(tmp_path / "two" / "rank0.pt"), torch.load(tmp_path / "two" / "rank1.pt")
+    assert torch.equal(r0["flat"], r1["flat"])
+    assert len([m for m in read_metrics(tmp_path / "two") if "loss" in m]) == 2
+
+
+def test_tree_search_on_two_processes(tmp_path):
+    """mcts: processes whose searches find different numbers of pairs (some none) stay in step."""
+    out = tmp_path / "mcts"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+           "-m", "alignspec", "run", "mcts", "--out", str(out), "--steps", "2", "--set", "batch_size=4",
+           "--set", "eval_every=0", "--set", "simulations=4", "--set", "branching=2"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["world"] == 2
