@@ -33,3 +33,16 @@ def quiet(engine):
     """The engine, with its console silenced."""
     engine.console = silent_console()
     return engine
+
+
+def bias_towards_eos(model, eos_id: int, bias: float) -> None:
+    """Give ``model``'s output layer a bias of ``bias`` on EOS (a copy of its weight, bias 0
+    elsewhere), so sampled rows end at different positions."""
+    import torch
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[eos_id] = bias
+    model.lm_head = head

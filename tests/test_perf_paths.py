@@ -16,6 +16,7 @@ import torch
 from alignspec.runtime.generation import generate_groups
 from alignspec.runtime.logprobs import completion_logprobs, full_logits_logprobs, linear_logprobs
 from alignspec.runtime.models import load_policy
+from helpers import bias_towards_eos
 from alignspec.runtime.sampling import _top_p_filter, sample_groups, supported
 from alignspec.runtime.tiny import build_tiny_model
 
@@ -104,8 +105,9 @@ def _assert_grads_close(ga, gb):
         assert (gb[n] - ga[n]).abs().max().item() <= 1e-6 * scale, n
 
 
-@pytest.mark.parametrize("vocab_chunk", [1, 3, 4, 11])
+@pytest.mark.parametrize("vocab_chunk", [None, 1, 3, 4, 11])  # None: the default tiling
 def test_vocabulary_tiles_are_exact(vocab_chunk):
+    """Row and vocabulary tiles, a bias and a logit scale: value and gradient (gradcheck)."""
     torch.manual_seed(0)
     N, H, V = 13, 6, 11
     h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
@@ -169,13 +171,7 @@ def test_lean_sampler_draws_the_model_distribution(tiny_dirs):
 def test_lean_sampler_min_new_tokens_and_eos(tiny_dirs):
     """An output bias makes EOS likely; min_new_tokens in the generation config holds it back."""
     model, tok = load_policy(tiny_dirs["llama"])
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        head.bias.zero_()
-        head.bias[tok.eos_token_id] = 3.0
-    model.lm_head = head
+    bias_towards_eos(model, tok.eos_token_id, 3.0)
     r = generate_groups(model, tok, ["1+2=?"], 8, max_new_tokens=10, generator_seed=0)
     assert (r.completion_mask.sum(1) < 10).any()  # EOS does end rows early
     model.generation_config.min_new_tokens = 10

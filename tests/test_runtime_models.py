@@ -20,6 +20,7 @@ from alignspec.runtime.logprobs import completion_logprobs, linear_logprobs
 from alignspec.runtime.models import add_value_head, load_frozen_copy, load_policy
 from alignspec.runtime.tiny import build_tiny_model
 from alignspec.runtime.tokenizer import ALPHABET, build_char_tokenizer
+from helpers import bias_towards_eos
 
 ARCHS = ["llama", "gpt2"]
 
@@ -159,22 +160,6 @@ def test_chunked_logprobs_match_naive(tiny_dirs, arch, dtype, tol):
         torch.testing.assert_close(g_c[name], g_n[name], atol=tol, rtol=0, msg=name)
 
 
-def test_linear_logprobs_with_bias_and_scale():
-    torch.manual_seed(0)
-    N, H, V = 13, 6, 11
-    h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, V, (N,))
-    assert torch.autograd.gradcheck(
-        lambda h, W, b: linear_logprobs(h, W, b, t, chunk_size=4, scale=0.7, with_entropy=True),
-        (h, W, b))
-    lp, ent = linear_logprobs(h, W, b, t, chunk_size=5, scale=0.7, with_entropy=True)
-    logq = ((h @ W.T + b) * 0.7).log_softmax(-1)
-    torch.testing.assert_close(lp, logq.gather(-1, t[:, None]).squeeze(-1))
-    torch.testing.assert_close(ent, -(logq.exp() * logq).sum(-1))
-
-
 def test_logprobs_ignore_left_padding(tiny_dirs):
     """A row's log-probs do not depend on how much left padding the batch gave it."""
     model, tok = load_policy(tiny_dirs["llama"])
@@ -292,13 +277,7 @@ def test_generate_groups_shapes_and_seeds(tiny_dirs, arch):
 def test_generate_groups_masks_after_eos(tiny_dirs):
     """An output bias makes EOS likely, so rows end at different positions."""
     model, tok = load_policy(tiny_dirs["llama"])
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        head.bias.zero_()
-        head.bias[tok.eos_token_id] = 2.5
-    model.lm_head = head
+    bias_towards_eos(model, tok.eos_token_id, 2.5)
     r = generate_groups(model, tok, ["1+2=?", "7*8=?"], 8, max_new_tokens=10, generator_seed=0)
     eos = tok.eos_token_id
     assert torch.equal(r.completion_mask, completion_mask_from_ids(r.completion_ids, eos))
