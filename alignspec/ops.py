@@ -12,8 +12,9 @@ Layout (see docs/contracts.md):
 Everything works in float32 and float64 and is differentiable where the math is.
 Selectors (``select_*``) are discrete and return ``LongTensor`` within-group indices.
 
-Batch-wide statistics (``whiten``, ``batch_std``, ``batch_mean`` without a ``count``) are
-over the tensor they get, unless a runtime splits one batch over processes: inside
+Batch-wide reductions (``whiten``, ``batch_std``, ``batch_sum``, ``token_sum``, and
+``batch_mean`` / ``token_mean`` without a ``count``) are over the tensor they get, unless a
+runtime splits one batch over processes: inside
 ``with batch_stats_reduce(sum_fn):`` their sums and counts go through ``sum_fn`` (an
 all-reduce with a sum), so every process gets the statistic of the whole batch.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "token_sum",
     "token_mean",
     "batch_mean",
+    "batch_sum",
     "batch_std",
     "group_view",
     "broadcast_group",
@@ -163,7 +165,7 @@ def mean_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def token_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked sum over all tokens. ``[B, T]`` -> scalar: ``sum_{b,t} x * mask``."""
-    return _masked(x, _valid(mask)).sum()
+    return _global_sums(_masked(x, _valid(mask)).sum())[0]
 
 
 def token_mean(x: torch.Tensor, mask: torch.Tensor, count=None) -> torch.Tensor:
@@ -176,7 +178,8 @@ def token_mean(x: torch.Tensor, mask: torch.Tensor, count=None) -> torch.Tensor:
     valid = _valid(mask)
     total = _masked(x, valid).sum()
     if count is None:
-        count = valid.sum().to(x.dtype).clamp_min(1)
+        total, count = _global_sums(total, valid.sum().to(x.dtype))
+        count = count.clamp_min(1)
     return total / count
 
 
@@ -190,6 +193,12 @@ def batch_mean(x: torch.Tensor, count=None) -> torch.Tensor:
         total, n = _global_sums(x.sum(), x.new_tensor(float(x.numel())))
         return total / n.clamp_min(1)
     return x.sum() / count
+
+
+def batch_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a ``[B]`` or ``[G]`` tensor -> scalar (over every process's rows inside
+    ``batch_stats_reduce``)."""
+    return _global_sums(x.sum())[0]
 
 
 def batch_std(x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,9 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+BATCH_REDUCTIONS = ("whiten", "batch_std", "mean", "sum", "token_mean_all", "token_sum_all")
+
+
 class CompiledAlgorithm:
     """One algorithm, compiled for one set of parameter values."""
 
@@ -45,6 +48,10 @@ class CompiledAlgorithm:
         self.train = dict(graph.graph["train"])
         self.schedules = dict(graph.graph["schedules"])
         self.terms = [graph.nodes[t]["term"] for t in graph.graph["terms"]]
+        # batch-wide reductions before the loss: a multi-process run takes them over every
+        # process's rows (ops.batch_stats_reduce)
+        self.batch_statistics = any(d["op"] in BATCH_REDUCTIONS and d["phase"] != "loss"
+                                    for _, d in graph.nodes(data=True))
         self._compiled_loss = None
 
     def __repr__(self) -> str:

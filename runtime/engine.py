@@ -21,7 +21,7 @@ back-propagates ``world * loss`` and the update is the one of the whole batch. F
 leave processes with different numbers of micro-batches: the count of each update is
 agreed first, and a process that has fewer runs zero-weight padding micro-batches, so every
 process joins every gradient reduction. Batch-wide statistics in ``score`` and ``advantage``
-(``whiten``, ``batch_std``, ``batch_mean``) are taken over all processes
+(``whiten``, ``batch_std``, means and sums) are taken over all processes
 (``ops.batch_stats_reduce``). FSDP and DeepSpeed are refused with a RunError: accelerate runs
 neither on CPU, so nothing here could test them.
 
@@ -511,13 +511,12 @@ class Engine(TrainingLoop):
         return [slice(s, min(s + m, rows)) for s in range(0, rows, m)]
 
     def _batch_stats_context(self, have_rows: bool, stage: str):
-        """Batch-wide statistics (whiten, batch_std, batch_mean) of ``score`` and ``advantage``
+        """Batch-wide statistics (whiten, batch_std, means, sums) of ``score`` and ``advantage``
         over all processes' rows (``ops.batch_stats_reduce``). Every process calls this at every
         scoring round and every advantage stage, rows or not (it is a collective). A process
         without rows runs no stage, so when one has none every process keeps its own
         statistics for that stage (said in yellow). Specs without batch statistics skip it."""
-        if self.world == 1 or not any(f"ops.{f}(" in self.current.source for f in ("whiten", "batch_std",
-                                                                                   "batch_mean")):
+        if self.world == 1 or not self.current.batch_statistics:
             return contextlib.nullcontext()
         flag = self.acc.reduce(torch.tensor([0.0 if have_rows else 1.0], device=self.device), reduction="sum")
         if flag.item() > 0:

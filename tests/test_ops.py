@@ -492,6 +492,12 @@ def test_batch_statistics_over_processes_equal_the_whole_batch():
     assert all(torch.allclose(v, r.std(unbiased=True), atol=1e-12, rtol=0) for v in std)
     mean = _as_two_processes(lambda s: ops.batch_mean(r[s]), halves)
     assert all(torch.allclose(v, r.mean(), atol=1e-12, rtol=0) for v in mean)
+    total = _as_two_processes(lambda s: ops.batch_sum(r[s]), halves)
+    assert all(torch.allclose(v, r.sum(), atol=1e-12, rtol=0) for v in total)
+    tsum = _as_two_processes(lambda s: ops.token_sum(x[s], m[s]), halves)
+    assert all(torch.allclose(v, (x * m).sum(), atol=1e-12, rtol=0) for v in tsum)
+    tmean = _as_two_processes(lambda s: ops.token_mean(x[s], m[s]), halves)
+    assert all(torch.allclose(v, (x * m).sum() / m.sum(), atol=1e-12, rtol=0) for v in tmean)
     # a given count (the loss stage's global normalizer) is used as it is, no reduction
     share = _as_two_processes(lambda s: ops.batch_mean(r[s], count=7.0), halves)
     torch.testing.assert_close(share[0] + share[1], r.mean(), atol=1e-12, rtol=0)

@@ -175,9 +175,9 @@ class _Emitter:
         if op == "mean":
             if in_loss:
                 return f'{self._method(args[0], "sum")} / totals["{"groups" if lv == "group" else "responses"}"]', 70
-            return self._method(args[0], "mean"), 100
+            return f"ops.batch_mean({x})", 100  # over every process's rows (ops.batch_stats_reduce)
         if op == "sum":
-            return self._method(args[0], "sum"), 100
+            return (self._method(args[0], "sum") if in_loss else f"ops.batch_sum({x})"), 100
         if op == "batch_std":
             return f"ops.batch_std({x})", 100
         if op.startswith("group_") or op in ("loo_mean", "winrate"):
