@@ -118,9 +118,8 @@ class Engine(TrainingLoop):
         for k, v in fields.items():
             setattr(cfg, k, v)
         if params:
-            import alignspec
             cfg.params = {**cfg.params, **params}
-            self.algo = alignspec.compile(self.algo.spec, **params)
+            self.algo = self.algo.with_params(**params)
         self.cfg = cfg
         self.say(describe(self.algo.name, fields, params))
 
@@ -131,9 +130,7 @@ class Engine(TrainingLoop):
         if unsupported:
             raise RunError(f"{algo.name} needs {', '.join(sorted(unsupported))}, which this runtime "
                            "does not provide yet")
-        self.sample_call = algo.graph.graph.get("sample")
-        self.kind = algo.spec.data or ("pairs" if self.sample_call is None and algo.group_size == 2
-                                       else "demonstrations" if self.sample_call is None else "prompts")
+        self.kind = algo.plan.data  # prompts | demonstrations | pairs (compiler/passes/plan.py)
         self.builtin = cfg.data is None
         self.task = None
         self.reward_head = "reward_head" in algo.requires   # trains a reward model (runtime/reward_head.py)
@@ -159,7 +156,7 @@ class Engine(TrainingLoop):
         # model
         if cfg.model is None:
             from .tasks import builtin_model_dir
-            warm = self.kind != "demonstrations" or self.sample_call is not None
+            warm = self.kind != "demonstrations" or algo.plan.generates
             builtin_model_dir = getattr(self.task, "builtin_model_dir", builtin_model_dir)
             with self.acc.main_process_first():
                 self.model_dir, settings = builtin_model_dir(warm=warm, seed=0)
@@ -180,7 +177,7 @@ class Engine(TrainingLoop):
         self.lora = cfg.lora_r > 0
         if self.lora:
             from peft import LoraConfig, get_peft_model
-            if algo.train.get("reference") == "iterate" and "reference" in algo.requires:
+            if algo.plan.reference == "iterate" and "reference" in algo.requires:
                 raise RunError("LoRA with `reference = \"iterate\"` is not supported yet",
                                hint="set lora_r: 0 for this spec")
             lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
@@ -210,33 +207,11 @@ class Engine(TrainingLoop):
         self.optimizer = adamw(params, lr=self.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
         self._build_scheduler()  # warmup + lr_schedule (runtime/loop.py)
         # the training forward, wrapped by accelerate (DDP under `accelerate launch`; runtime/train_forward.py)
-        self.logprob_temperature = self._logprob_temperature()
+        self.logprob_temperature = algo.plan.logprob_temperature  # "sampling" resolved by the compiler
         self.train_forward = self._forwarder(self.model)
         self.wrapped, self.optimizer = self.acc.prepare(self.train_forward, self.optimizer)
         self._init_iterations()
         self.cursor = 0
-
-    def _logprob_temperature(self) -> float:
-        """The spec's ``train: logprob_temperature``: a number, or ``"sampling"`` = the temperature
-        its sampler draws at (TRL and verl divide the logits by it); 1 by default."""
-        t = self.algo.train.get("logprob_temperature", 1)
-        if t != "sampling":
-            return float(t)
-        from alignspec.dsl import ast
-        temps = set()
-
-        def visit(call):
-            if call.func in ("generate", "tree_search"):
-                temps.add(float(self._kw(call, "temperature", 1.0, self.algo)))
-            for a in call.args:
-                if isinstance(a, ast.Call):
-                    visit(a)
-        if self.sample_call is not None:
-            visit(self.sample_call)
-        if len(temps) != 1:
-            raise RunError(f"{self.algo.name}: logprob_temperature = \"sampling\" needs one sampling temperature, "
-                           f"found {sorted(temps) or 'none'}", hint="set train: logprob_temperature to a number")
-        return temps.pop()
 
     def _forwarder(self, model) -> TrainForward:
         return TrainForward(model, self.cfg, reward_head=self.reward_head, pairs=self.kind == "pairs",
@@ -325,36 +300,24 @@ class Engine(TrainingLoop):
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    def _kw(self, call, name, default, algo=None):
-        from alignspec.dsl import ast
-        params = (algo or self.current).params
-        for kw in call.kwargs:
-            if kw.name == name:
-                v = kw.value
-                if isinstance(v, ast.Number):
-                    return v.value
-                if isinstance(v, ast.Name):
-                    if v.id in params:
-                        return params[v.id]
-                    return v.id
-                if isinstance(v, (ast.Str, ast.Bool)):
-                    return v.value
-                raise RunError(f"sampler argument {name} must be a number or a param name")
-        return default
-
-    def _sample(self, call, recs, seed) -> list[list[dict]]:
-        """One group (list of rows) per record, for a sampler call of the spec."""
-        f = call.func
+    def _sample(self, sp, recs, seed) -> list[list[dict]]:
+        """One group (list of rows) per record, for a sampler of the plan (``SamplerPlan``)."""
+        f = sp.kind
+        if f == "pairs":
+            return [[{"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["chosen"]),
+                      "text": r["chosen"], "rec": r},
+                     {"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["rejected"]),
+                      "text": r["rejected"], "rec": r}] for r in recs]
         if f == "demonstration":
             return [[{"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["response"]),
                       "text": r["response"], "rec": r}] for r in recs]
         if f == "generate":
             from .generation import generate_groups
-            n = int(self._kw(call, "n", 1))
-            temp = float(self._kw(call, "temperature", 1.0))
-            top_p = float(self._kw(call, "top_p", 1.0))
-            which = self._kw(call, "model", "policy")
-            max_tok = int(self._kw(call, "max_tokens", self.max_new_tokens))
+            n = int(sp.option("n"))
+            temp = float(sp.option("temperature"))
+            top_p = float(sp.option("top_p"))
+            which = sp.option("model")
+            max_tok = int(sp.option("max_tokens", self.max_new_tokens))
             model = self.policy if getattr(self, "iterate", None) is None else self.iterate  # pi_t (iterations.py)
             ctx = contextlib.nullcontext()
             if which == "reference":
@@ -376,25 +339,16 @@ class Engine(TrainingLoop):
                                    "text": ro.texts[i], "rec": recs[gi]})
             return groups
         if f == "tree_search":  # runtime/mcts_sampler.py
-            kw = {k: self._kw(call, k, d) for k, d in (("simulations", 16), ("branching", 3), ("depth", 4),
-                                                        ("c_puct", 1.5), ("temperature", 1.0))}
+            kw = dict(sp.options)
             model = self.policy if getattr(self, "iterate", None) is None else self.iterate
             return self.tree_sampler.groups(model, recs, seed=seed, **kw)
         if f == "concat":
-            parts = [self._sample(a, recs, _mix(seed, k)) for k, a in enumerate(call.args)]
+            parts = [self._sample(a, recs, _mix(seed, k)) for k, a in enumerate(sp.parts)]
             return [sum((p[i] for p in parts), []) for i in range(len(recs))]
         raise RunError(f"sampler {f}(...) is not supported by this runtime yet")
 
     def _groups_for(self, recs, seed) -> list[list[dict]]:
-        if self.sample_call is not None:
-            return self._sample(self.sample_call, recs, seed)
-        if self.kind == "pairs":
-            return [[{"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["chosen"]),
-                      "text": r["chosen"], "rec": r},
-                     {"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["rejected"]),
-                      "text": r["rejected"], "rec": r}] for r in recs]
-        from alignspec.dsl import ast
-        return self._sample(ast.Call("demonstration", (ast.Name("prompt"),)), recs, seed)
+        return self._sample(self.current.plan.sampler, recs, seed)
 
     def _scorer_prompt(self, row: dict):
         """The prompt that scorers (rewards, reward and preference models) get for a row: the
@@ -470,6 +424,8 @@ class Engine(TrainingLoop):
                 carried_rows.append(len(idx))
             times["time/scoring"] += time.perf_counter() - t0
             have = len(kept_rows) // G
+            if not algo.plan.refill:  # no filter and a sampler that yields a group per row
+                break
             short = torch.tensor([max(0, target - have)], device=self.device, dtype=torch.float32)
             if self.world > 1:
                 short = self.acc.reduce(short, reduction="sum")
@@ -710,7 +666,7 @@ class Engine(TrainingLoop):
         lm.save_pretrained(tmp / "model", safe_serialization=True)
         self.tokenizer.save_pretrained(tmp / "model")
         save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-        if self.reference is not None and self.current.train.get("reference") == "iterate":
+        if self.reference is not None and self.current.plan.reference == "iterate":
             save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
                       str(tmp / "reference.safetensors"))
         from .iterations import separate_iterate
@@ -804,7 +760,7 @@ def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None,
         merged = dict(cfg.params)
         if isinstance(spec, CompiledAlgorithm):
             merged = {**{k: v for k, v in spec.params.items()}, **merged}
-        algo = alignspec.compile(base.spec, **merged)
+        algo = base.with_params(**merged)
     if "flow" in algo.requires:  # the flow-matching policy family has its own engine
         from .flow_engine import FlowEngine
         return FlowEngine(algo, cfg, resume=resume)

@@ -40,8 +40,7 @@ def forward_logprobs(cfg, model, ids, att, cm, *, entropy=False, value=False, pa
 
 
 def _offline(engine) -> bool:
-    call = engine.sample_call
-    return call is None or getattr(call, "func", None) == "demonstration"
+    return engine.algo.plan.offline
 
 
 class ReferenceCache:
@@ -52,7 +51,7 @@ class ReferenceCache:
     def __init__(self, engine):
         cfg = engine.cfg
         self.enabled = bool(cfg.reference_cache and _offline(engine)
-                            and engine.algo.train.get("reference", "fixed") == "fixed")
+                            and engine.algo.plan.reference == "fixed")
         self.store: dict[tuple, torch.Tensor] = {}
         self.hits = self.misses = 0
 

@@ -230,8 +230,7 @@ class FlowEngine(TrainingLoop):
     # -- setup -------------------------------------------------------------------------
     def _check_spec(self) -> None:
         algo = self.algo
-        call = algo.graph.graph.get("sample")
-        if call is None or call.func != "flow_sde":
+        if algo.plan.sampler.kind != "flow_sde":
             raise RunError(f"{algo.name} requires a flow policy, but its sample section is not flow_sde(prompt, ...)")
         bad = UNSUPPORTED & set(algo.requires)
         if bad:
@@ -240,7 +239,6 @@ class FlowEngine(TrainingLoop):
         if missing:
             raise RunError(f"{algo.name} reads {', '.join(missing)}, which a flow policy does not provide",
                            hint="flow policies provide " + ", ".join(sorted(PROVIDED)))
-        self.sample_call = call
 
     def _setup(self) -> None:
         algo, cfg = self.algo, self.cfg
@@ -307,33 +305,20 @@ class FlowEngine(TrainingLoop):
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
         self._build_scheduler()
         self._init_iterations()
-        self._iter = None
-        self.current = algo
 
     # -- per-iteration algorithm (param schedules; TrainingLoop.algo_for) ---------------
     def _policy_state(self) -> dict:
         return self.model.state_dict()
 
     # -- sampling ----------------------------------------------------------------------
-    def _kw(self, name: str, default):
-        from alignspec.dsl import ast
-        for kw in self.sample_call.kwargs:
-            if kw.name == name:
-                v = kw.value
-                if isinstance(v, ast.Number):
-                    return v.value
-                if isinstance(v, ast.Name) and v.id in self.current.params:
-                    return self.current.params[v.id]
-                raise RunError(f"flow_sde argument {name} must be a number or a param name")
-        return default
-
     def _rollout(self, times: dict) -> tuple[dict | None, FlowRollout | None, dict]:
         """Sampled, scored and filtered groups: (batch, kept rollout, info); refills like the LM engine."""
         algo = self.current
         G = algo.group_size
-        n = int(self._kw("n", 1))
-        T = int(self._kw("steps", 10))
-        noise = float(self._kw("noise", 0.7))
+        opts = algo.plan.sampler  # flow_sde's options, params resolved (compiler/passes/plan.py)
+        n = int(opts.option("n"))
+        T = int(opts.option("steps"))
+        noise = float(opts.option("noise"))
         target = self.batch_size
         kept, carried, info = [], [], {"refill_rounds": 0, "dropped_groups": 0}
         have, rnd = 0, 0
@@ -365,7 +350,7 @@ class FlowEngine(TrainingLoop):
                 carried.append(s)
             have += idx.numel() // G
             times["time/scoring"] += time.perf_counter() - t0
-            if have >= target:
+            if have >= target or not algo.plan.refill:
                 break
             if self._refill_capped(info, have, target, rnd):
                 break
@@ -478,7 +463,7 @@ class FlowEngine(TrainingLoop):
         from safetensors.torch import save_file
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                   str(tmp / "model.safetensors"))
-        if self.reference is not None and self.algo.train.get("reference") == "iterate":
+        if self.reference is not None and self.algo.plan.reference == "iterate":
             save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
                       str(tmp / "reference.safetensors"))
 

@@ -36,7 +36,7 @@ from .models import unwrap_causal_lm
 
 
 def wants_iterate(algo) -> bool:
-    return int(algo.train.get("iterations", 1)) > 1
+    return algo.plan.iterations > 1
 
 
 def build_iterate(engine):
@@ -44,7 +44,7 @@ def build_iterate(engine):
     algo = engine.algo
     if not wants_iterate(algo) or "reward_head" in algo.requires:
         return None
-    if engine.reference is not None and algo.train.get("reference") == "iterate":
+    if engine.reference is not None and algo.plan.reference == "iterate":
         return engine.reference
     if engine.lora:
         raise RunError("LoRA with self-play iterations (`iterations > 1`) is not supported yet",
@@ -72,12 +72,8 @@ def separate_iterate(engine):
 def overridden_schedules(algo) -> set[str]:
     """Scheduled params the run set explicitly (their value differs from the declared default):
     such a value holds at every iteration, in place of the spec's schedule."""
-    out = set()
-    for k in algo.schedules:
-        p = algo.spec.params.get(k)
-        if p is not None and p.value != p.default:
-            out.add(k)
-    return out
+    declared = dict(algo.plan.param_defaults)
+    return {k for k in algo.schedules if k in declared and algo.params[k] != declared[k]}
 
 
 def iteration_params(algo, iteration: int) -> dict:

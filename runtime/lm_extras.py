@@ -35,7 +35,7 @@ def setup_extras(engine) -> None:
     engine.iterate = build_iterate(engine)
     if engine.iterate is not None:
         import math
-        n = int(algo.train.get("iterations", 1))
+        n = algo.plan.iterations
         engine.say(f"self-play: {n} iterations of {math.ceil(engine.steps / n)} steps; the iterate pi_t "
                    f"(the policy at the iteration's start, frozen) samples and gives logp_old"
                    + ("; it is the reference (replaced at each iteration)" if engine.iterate is engine.reference

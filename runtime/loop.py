@@ -112,7 +112,7 @@ class TrainingLoop:
         """``self.scheduler``: ``warmup_steps`` updates of linear warmup, then ``lr_schedule``
         (constant, linear or cosine decay to 0) over the run's ``steps * updates_per_step``."""
         algo, cfg = self.algo, self.cfg
-        self.updates_per_step = int(algo.train.get("epochs", 1)) * int(algo.train.get("minibatches", 1))
+        self.updates_per_step = algo.plan.updates_per_rollout
         total = self.steps * self.updates_per_step
         warm, kind = cfg.warmup_steps, cfg.lr_schedule
 
@@ -128,9 +128,10 @@ class TrainingLoop:
     def _init_iterations(self) -> None:
         """Step 0, and the spec's ``train: iterations`` of ``ceil(steps / iterations)`` steps each."""
         self.step = 0
-        self.iterations = max(1, int(self.algo.train.get("iterations", 1)))
+        self.iterations = max(1, self.algo.plan.iterations)
         self.steps_per_iter = math.ceil(self.steps / self.iterations)
         self._algos = {}
+        self._iter, self.current = None, self.algo  # train() enters the run's first iteration
 
     # -- per-iteration algorithm (param schedules) ---------------------------------------
     def algo_for(self, iteration: int):
@@ -139,8 +140,7 @@ class TrainingLoop:
         if not self.algo.schedules:
             return self.algo
         if iteration not in self._algos:
-            import alignspec
-            self._algos[iteration] = alignspec.compile(self.algo.spec, **self._iteration_params(iteration))
+            self._algos[iteration] = self.algo.with_params(**self._iteration_params(iteration))
         return self._algos[iteration]
 
     def _iteration_params(self, iteration: int) -> dict:
@@ -154,7 +154,7 @@ class TrainingLoop:
         boundary (it > 0), a ``reference = "iterate"`` reference takes the policy's weights."""
         self._iter = it
         self.current = self.algo_for(it)
-        if replace and it > 0 and self.reference is not None and self.algo.train.get("reference") == "iterate":
+        if replace and it > 0 and self.reference is not None and self.algo.plan.reference == "iterate":
             self.reference.load_state_dict(self._policy_state())
             self.say(f"iteration {it}: reference replaced by the current policy")
 
@@ -162,8 +162,7 @@ class TrainingLoop:
     def _minibatches(self, algo, n_groups: int):
         """The step's minibatches (lists of group indices), epoch after epoch: with several
         epochs or minibatches the groups are shuffled per epoch, seeded by (seed, step, epoch)."""
-        epochs = int(algo.train.get("epochs", 1))
-        n_mb = int(algo.train.get("minibatches", 1))
+        epochs, n_mb = algo.plan.epochs, algo.plan.minibatches
         for epoch in range(epochs):
             order = list(range(n_groups))
             if epochs > 1 or n_mb > 1:

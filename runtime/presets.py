@@ -106,9 +106,9 @@ def builtin_preset(algo, cfg) -> tuple[dict, dict]:
         return {}, {}
     preset = PRESETS.get(algo.name, {})
     fields = {k: v for k, v in preset.items() if k != "params" and not _user_set(cfg, k)}
-    declared = algo.spec.params
+    declared = dict(algo.plan.param_defaults)  # declared defaults: a param still at its own was not set
     params = {k: v for k, v in preset.get("params", {}).items()
-              if k in declared and k not in cfg.params and declared[k].value == declared[k].default}
+              if k in declared and k not in cfg.params and algo.params[k] == declared[k]}
     return fields, params
 
 

@@ -113,7 +113,7 @@ def test_sampled_prompts_are_templated_and_rewards_get_the_data_prompt(models, t
                        sets=QUIET + ["rewards=[spy]", "max_new_tokens=3"])
     rec = eng.records[0]
     eng._start_iteration(0, replace=False)
-    groups = eng._sample(eng.sample_call, [rec], 0)
+    groups = eng._sample(eng.algo.plan.sampler, [rec], 0)
     want = _template_ids(eng.tokenizer, [{"role": "user", "content": rec["prompt"]}])
     assert groups[0] and all(row["p"] == want for row in groups[0])
     eng.train()

@@ -179,8 +179,9 @@ def test_logprob_temperature_follows_the_spec(tmp_path):
     spec = tmp_path / "t.align"
     spec.write_text("algorithm t\ndata demonstrations\nloss\n  minimize -token_mean_all(logp)\n"
                     "train\n  logprob_temperature = \"sampling\"\n")
-    with pytest.raises(RunError, match="one sampling temperature"):
+    with pytest.raises(alignspec.SpecError, match="one sampling temperature") as err:  # the compiler says it
         build_engine(str(spec), out=str(tmp_path / "t"), steps=1)
+    assert err.value.span.line == 6  # the train line
 
 
 def test_iterations_with_a_critic_read_logp_old_from_the_iterate_and_value_old_from_the_critic(tmp_path):
