@@ -49,10 +49,10 @@ import torch
 
 from .config import RunConfig, load_config
 from .errors import RunError, RunFailure
-from .fastpath import ReferenceCache
-from .loop import PHASES, TrainingLoop, _mix
-from .models import PolicyWithValueHead, add_value_head, load_frozen_copy, load_policy, unwrap_causal_lm
-from .train_forward import TrainForward, dummy_micro_batch, zero_loss
+from .models.fastpath import ReferenceCache
+from .loop.base import PHASES, TrainingLoop, _mix
+from .models.loaders import PolicyWithValueHead, add_value_head, load_frozen_copy, load_policy, unwrap_causal_lm
+from .models.train_forward import TrainForward, dummy_micro_batch, zero_loss
 
 EXTERNALS = ("reward", "reward_model", "preference")
 
@@ -81,7 +81,7 @@ class Engine(TrainingLoop):
         self.builds = {"policy": 0, "reference": 0, "critic": 0}
         self.out = Path(cfg.out)
         log_with = list(cfg.log_with)
-        from .tracking import check_trackers
+        from .io.tracking import check_trackers
         check_trackers(log_with)  # unknown or missing trackers: a RunError before anything is built
         # cpu=True without a GPU: accelerate then picks gloo (MULTI_CPU) under torchrun / launchers
         # buffers (rotary tables) are the same on every process: no broadcast at each forward
@@ -135,10 +135,10 @@ class Engine(TrainingLoop):
         self.task = None
         self.reward_head = "reward_head" in algo.requires   # trains a reward model (runtime/reward_head.py)
         if self.builtin:
-            from .tasks import ArithmeticTask
+            from .data.tasks import ArithmeticTask
             self.task = ArithmeticTask()
             if "tree_search" in algo.requires:  # the step-structured task (runtime/step_task.py)
-                from .step_task import BuiltinStepTask
+                from .data.step_task import BuiltinStepTask
                 self.task = BuiltinStepTask()
         # effective settings
         self.steps = cfg.steps or (300 if self.builtin else 100)
@@ -155,7 +155,7 @@ class Engine(TrainingLoop):
         self.records = self._load_data()   # data first: bad data fails before any model is built
         # model
         if cfg.model is None:
-            from .tasks import builtin_model_dir
+            from .data.tasks import builtin_model_dir
             warm = self.kind != "demonstrations" or algo.plan.generates
             builtin_model_dir = getattr(self.task, "builtin_model_dir", builtin_model_dir)
             with self.acc.main_process_first():
@@ -168,7 +168,7 @@ class Engine(TrainingLoop):
             self.model_dir = cfg.init_model
             self.say(f"init: weights from {cfg.init_model}")
         if self.reward_head:
-            from .reward_head import load_reward_model
+            from .models.reward_head import load_reward_model
             self.policy, self.tokenizer = load_reward_model(self.model_dir, dtype=cfg.dtype, device=self.device)
             self.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
         else:
@@ -199,11 +199,11 @@ class Engine(TrainingLoop):
         # scorers
         self.scorers = self._bind_scorers()
         self.ref_cache = ReferenceCache(self)  # offline data, fixed reference (runtime/fastpath.py)
-        from .lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
+        from .models.lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
         setup_extras(self)
         # optimizer / schedule
         params = [p for p in self.model.parameters() if p.requires_grad]
-        from .fastpath import adamw
+        from .models.fastpath import adamw
         self.optimizer = adamw(params, lr=self.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
         self._build_scheduler()  # warmup + lr_schedule (runtime/loop.py)
         # the training forward, wrapped by accelerate (DDP under `accelerate launch`; runtime/train_forward.py)
@@ -225,13 +225,13 @@ class Engine(TrainingLoop):
             self.say(f"data: built-in task {self.task.name} ({len(recs)} {self.kind} from "
                      f"{len(self.task.train_problems)} training problems; {len(self.task.eval_problems)} held-out)")
             return recs
-        from .data import load_records
+        from .data.records import load_records
         recs = load_records(self.cfg.data, self.cfg.fields, required=need)
         self.say(f"data: {self.cfg.data} ({len(recs)} rows, {self.kind})")
         return recs
 
     def _bind_scorers(self) -> dict:
-        from .rewards import RewardFunctions, SequenceScorer
+        from .scoring.rewards import RewardFunctions, SequenceScorer
         cfg, out = self.cfg, {}
         wanted = [n for n in EXTERNALS if n in self.algo.inputs]
         for name in wanted:
@@ -265,7 +265,7 @@ class Engine(TrainingLoop):
     def _start_iteration(self, it: int, replace: bool = True) -> None:
         super()._start_iteration(it, replace)
         if replace and it > 0:
-            from .iterations import refresh_iterate
+            from .loop.iterations import refresh_iterate
             refresh_iterate(self)  # pi_t := the policy (when it is not the reference itself)
 
     # -- data and sampling ----------------------------------------------------------------
@@ -312,7 +312,7 @@ class Engine(TrainingLoop):
             return [[{"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["response"]),
                       "text": r["response"], "rec": r}] for r in recs]
         if f == "generate":
-            from .generation import generate_groups
+            from .rollout.generation import generate_groups
             n = int(sp.option("n"))
             temp = float(sp.option("temperature"))
             top_p = float(sp.option("top_p"))
@@ -523,7 +523,7 @@ class Engine(TrainingLoop):
 
     def _reference_forward(self, batch) -> torch.Tensor:
         """``[B, T]`` reference log-probs of ``batch`` (no grad, micro-batches of whole groups)."""
-        from .fastpath import reference_model_ctx
+        from .models.fastpath import reference_model_ctx
         ref, ctx = reference_model_ctx(self)
         with ctx:
             return torch.cat([self._forward(ref, batch, sl, grad=False)["logp"]
@@ -669,7 +669,7 @@ class Engine(TrainingLoop):
         if self.reference is not None and self.current.plan.reference == "iterate":
             save_file({k: v.contiguous() for k, v in self.reference.state_dict().items()},
                       str(tmp / "reference.safetensors"))
-        from .iterations import separate_iterate
+        from .loop.iterations import separate_iterate
         if separate_iterate(self) is not None:
             save_file({k: v.contiguous() for k, v in separate_iterate(self).state_dict().items()},
                       str(tmp / "iterate.safetensors"))
@@ -712,7 +712,7 @@ class Engine(TrainingLoop):
                 named[k].copy_(v.to(named[k].device, named[k].dtype))
         if self.reference is not None and (ck / "reference.safetensors").is_file():
             self.reference.load_state_dict(load_file(str(ck / "reference.safetensors")))
-        from .iterations import separate_iterate
+        from .loop.iterations import separate_iterate
         if separate_iterate(self) is not None and (ck / "iterate.safetensors").is_file():
             separate_iterate(self).load_state_dict(load_file(str(ck / "iterate.safetensors")))
 

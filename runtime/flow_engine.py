@@ -64,8 +64,8 @@ import torch
 
 from .config import RunConfig
 from .errors import RunError
-from .flow import FlowPolicy, FlowRollout, FlowTask, VelocityNet, pretrain, rollout
-from .loop import PHASES, TrainingLoop, _mix, replace_dir
+from .models.flow import FlowPolicy, FlowRollout, FlowTask, VelocityNet, pretrain, rollout
+from .loop.base import PHASES, TrainingLoop, _mix, replace_dir
 
 FLOW_MODEL = {"dim": 2, "num_classes": 4, "hidden": 128, "time_freqs": 16}
 FLOW_TASK = {"num_classes": 4, "k": 3, "radius": 1.5, "blob_std": 0.1, "reward_width": 0.35}
@@ -131,7 +131,7 @@ def load_flow_model(path) -> tuple[VelocityNet, dict]:
 
 def builtin_flow_model_dir() -> tuple[str, dict]:
     """The cached pretrained built-in flow model (pretraining it on first use)."""
-    from .tasks import _key, cache_root
+    from .data.tasks import _key, cache_root
     settings = {"model": FLOW_MODEL, "task": FLOW_TASK, "pretrain": FLOW_PRETRAIN,
                 "init_seed": FLOW_INIT_SEED, "version": 1}
     target = cache_root() / f"flow-{_key(settings)}"
@@ -181,7 +181,7 @@ class _UserRewards:
     """The sum of the configured rewards: ``task`` or ``module:function``."""
 
     def __init__(self, names: list[str], task: FlowTask):
-        from .rewards import resolve_reward
+        from .scoring.rewards import resolve_reward
         self.names, self.fns = list(names), []
         for n in self.names:
             if n == "task":
@@ -267,7 +267,7 @@ class FlowEngine(TrainingLoop):
         if cfg.log_with:
             from accelerate import Accelerator
 
-            from .tracking import check_trackers
+            from .io.tracking import check_trackers
             check_trackers(cfg.log_with)
             self.acc = Accelerator(log_with=list(cfg.log_with), project_dir=str(self.out), cpu=True)
         # model and task

@@ -10,13 +10,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from alignspec.runtime import rewards  # noqa: E402
-from alignspec.runtime.data import load_records  # noqa: E402
+from alignspec.runtime.scoring import rewards  # noqa: E402
+from alignspec.runtime.data.records import load_records  # noqa: E402
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
 from alignspec.runtime.errors import RunError  # noqa: E402
-from alignspec.runtime.prompts import PromptFormat  # noqa: E402
-from alignspec.runtime.tiny import build_tiny_model  # noqa: E402
-from alignspec.runtime.tokenizer import build_char_tokenizer  # noqa: E402
+from alignspec.runtime.data.prompts import PromptFormat  # noqa: E402
+from alignspec.runtime.models.tiny import build_tiny_model  # noqa: E402
+from alignspec.runtime.models.tokenizer import build_char_tokenizer  # noqa: E402
 
 # only characters of the char tokenizer's alphabet (and its <bos>), so no <unk> hides a mistake
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
@@ -176,7 +176,7 @@ def test_conversational_completion_must_be_one_assistant_message(tmp_path):
 def test_reward_model_scores_as_trained(models, tmp_path):
     """A reward model trained on templated conversational prompts is scored downstream with
     the same template (rewards.SequenceScorer reads alignspec_chat_template from its config)."""
-    from alignspec.runtime.reward_head import score_texts
+    from alignspec.runtime.models.reward_head import score_texts
     chat, _ = models
     data = _pairs(tmp_path, conversational=True)
     out = tmp_path / "rm"
@@ -216,7 +216,7 @@ def test_classifier_scores_conversations_with_its_own_template(tmp_path):
     message, through the classifier's chat template; without one, a clear error."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignspec.runtime.tiny import tiny_config
+    from alignspec.runtime.models.tiny import tiny_config
     tok = build_char_tokenizer()
     cfg = tiny_config("llama", num_labels=1)
     cfg.pad_token_id = tok.pad_token_id

@@ -48,7 +48,7 @@ def test_default_run_learns(tmp_path):
     # the final model is a loadable flow model that scores what the last eval line says
     model, cfg = load_flow_model(out / "model")
     assert cfg["family"] == "flow" and cfg["spec"] == "flow_grpo"
-    from alignspec.runtime.flow import FlowTask
+    from alignspec.runtime.models.flow import FlowTask
     assert FlowTask(**cfg["task"]).evaluate(model) == pytest.approx(end, abs=1e-6)
     # ... and a later run can start from it
     eng = build_engine("flow_grpo", model=str(out / "model"), out=str(tmp_path / "again"), steps=1, sets=QUIET)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import alignspec  # noqa: E402
 from alignspec.runtime.engine import PHASES, build_engine, run_from_cli  # noqa: E402
-from alignspec.runtime.models import unwrap_causal_lm  # noqa: E402
+from alignspec.runtime.models.loaders import unwrap_causal_lm  # noqa: E402
 from alignspec.runtime.errors import RunError  # noqa: E402
 from helpers import read_metrics as _metrics, read_weights as _weights  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_beta_zero_builds_no_reference(tmp_path):
 def test_dpo_user_model_and_pairs(arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from alignspec.runtime.tiny import build_tiny_model
+    from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", arch, seed=1)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"question": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a)}) + "\n"

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from .tasks import sft_warmup
-from .tree_search import StepTask
+from ..rollout.tree_search import StepTask
 
 TERMS = 3
 HELDOUT = 100

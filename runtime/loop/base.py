@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import RunFailure
+from ..errors import RunFailure
 
 PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
 
@@ -418,7 +418,7 @@ class TrainingLoop:
                      else f"[yellow]--resume: no checkpoint in {self.out}; starting fresh[/yellow]")
         self._reset_metrics(resumed)
         if self.cfg.log_with:
-            from .tracking import hparams  # values every tracker accepts (TensorBoard: no None)
+            from ..io.tracking import hparams  # values every tracker accepts (TensorBoard: no None)
             self.acc.init_trackers("alignspec", config=hparams(self))
         self.say(self._run_line())
         last_eval = None

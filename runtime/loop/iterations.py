@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 
-from .errors import RunError
-from .models import unwrap_causal_lm
+from ..errors import RunError
+from ..models.loaders import unwrap_causal_lm
 
 
 def wants_iterate(algo) -> bool:

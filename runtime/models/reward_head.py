@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RunError
+from ..errors import RunError
 
 SCORE_EOS_FLAG = "alignspec_score_eos"
 TEMPLATE_FLAG = "alignspec_chat_template"
@@ -47,7 +47,7 @@ def load_reward_model(path, dtype=None, device=None):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from .models import _check_model_dir, _resolve_dtype
+    from .loaders import _check_model_dir, _resolve_dtype
     p = _check_model_dir(path)
     # the tokenizer (pad token, left padding) exactly as for a policy
     try:
@@ -118,7 +118,7 @@ def encode(tokenizer, prompt, response: str, eos: bool = True, prompt_format=Non
     """prompt ++ response ++ EOS, as the engine tokenizes rows: the prompt through
     ``prompt_format`` (runtime/prompts.py; None: the raw string with the tokenizer's special
     tokens), the response without special tokens."""
-    from .prompts import PromptFormat
+    from ..data.prompts import PromptFormat
     fmt = prompt_format or PromptFormat.raw(tokenizer)
     ids = fmt.ids(prompt) + list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if eos and tokenizer.eos_token_id is not None:

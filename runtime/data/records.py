@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import RunError
+from ..errors import RunError
 from .prompts import check_messages, is_conversation
 
 COMPLETIONS = ("response", "chosen", "rejected")

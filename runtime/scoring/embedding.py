@@ -22,7 +22,7 @@ import torch
 @torch.no_grad()
 def policy_embeddings(model, batch: dict, chunk_size: int = 1024, micro_rows: int = 64) -> torch.Tensor:
     """``[B, H]`` float32: masked mean of the policy's hidden states over each response."""
-    from .logprobs import completion_logprobs
+    from ..models.logprobs import completion_logprobs
     rows = batch["completion_mask"].shape[0]
     outs = []
     for s in range(0, rows, micro_rows):
@@ -42,7 +42,7 @@ class TextEmbedder:
     def __init__(self, path, device=None, batch_size: int = 64):
         from transformers import AutoModel
 
-        from .models import load_frozen_local
+        from ..models.loaders import load_frozen_local
         self.tok, self.model, p = load_frozen_local(
             path, AutoModel, "embedding model", "embedding_model: a directory written by save_pretrained", device)
         self.batch_size = batch_size

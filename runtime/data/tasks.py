@@ -93,7 +93,7 @@ class ArithmeticTask:
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, correct, prompt_format=None) -> float:
     """The fraction of ``rows`` whose greedy completion ``correct(row, text)`` accepts."""
-    from .generation import generate_groups
+    from ..rollout.generation import generate_groups
     ro = generate_groups(model, tokenizer, [r["prompt"] for r in rows], 1,
                          max_new_tokens=max_new_tokens, do_sample=False, prompt_format=prompt_format)
     return sum(bool(correct(r, t)) for t, r in zip(ro.texts, rows)) / len(rows)
@@ -109,7 +109,7 @@ def _key(settings: dict) -> str:
 
 def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
     """Path of the cached built-in model (building it if needed) and the settings behind it."""
-    from .tiny import build_tiny_model
+    from ..models.tiny import build_tiny_model
     settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": ArithmeticTask.name,
                 "train_size": TRAIN_SIZE, "split_seed": SPLIT_SEED, "version": 2}
     if warm:
@@ -154,7 +154,7 @@ def _warmup(path: Path, settings: dict) -> None:
 
 def sft_warmup(path: Path, rows: list[dict], steps: int, batch: int, lr: float, seed: int) -> None:
     """Plain cross-entropy on response + EOS for ``steps`` random batches; saved in place."""
-    from .models import load_policy
+    from ..models.loaders import load_policy
     model, tok = load_policy(path)
     rng = random.Random(seed)
     with torch.random.fork_rng(devices=[]):

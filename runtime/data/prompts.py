@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import RunError
+from ..errors import RunError
 
 MODES = ("auto", "on", "off")
 TEMPLATE_HINT = ("give the tokenizer a chat template (tokenizer.chat_template = '...'; "

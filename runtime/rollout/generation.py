@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling
-from .models import unwrap_causal_lm
+from ..models.loaders import unwrap_causal_lm
 
 
 @dataclass
@@ -86,7 +86,7 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
         raise ValueError("n and max_new_tokens must be >= 1")
     lm = unwrap_causal_lm(model)
     device = next(lm.parameters()).device
-    from .prompts import PromptFormat
+    from ..data.prompts import PromptFormat
     enc = (prompt_format or PromptFormat.raw(tokenizer)).encode(list(prompts))
     prompt_ids = enc["input_ids"].repeat_interleave(n, dim=0).to(device)
     prompt_mask = enc["attention_mask"].repeat_interleave(n, dim=0).to(device)

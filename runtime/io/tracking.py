@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import RunError
+from ..errors import RunError
 
 # the pip package behind each tracker name accelerate knows
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "aim": "aim",

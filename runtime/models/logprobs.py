@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .models import body_and_head, unwrap_causal_lm
+from .loaders import body_and_head, unwrap_causal_lm
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -238,7 +238,7 @@ def _shared_prompt_hidden(body, input_ids, attention_mask, position_ids, P):
     *distinct* prompt: the prompt's keys/values (KV cache, part of the autograd graph) are
     repeated for every row that shares it, then the completions run on top of them. ``None``
     when every prompt is distinct or the body takes no cache argument."""
-    from .sampling import cache_kwarg, new_cache
+    from ..rollout.sampling import cache_kwarg, new_cache
     B, L = input_ids.shape
     key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], 1)
     uniq, inv = torch.unique(key, dim=0, return_inverse=True)

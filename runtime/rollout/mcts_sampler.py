@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import RunError
+from ..errors import RunError
 from .tree_search import Node, backup, best_child, expand, select, sibling_pairs
 
 
@@ -76,7 +76,7 @@ class TreeSampler:
 
     def __init__(self, tokenizer, reward, *, step_tokens: int, max_new_tokens: int, device=None,
                  prompt_format=None):
-        from .prompts import PromptFormat
+        from ..data.prompts import PromptFormat
         self.tok = tokenizer
         self.fmt = prompt_format or PromptFormat.raw(tokenizer)
         self.special = self.fmt.add_special_tokens  # a templated root holds its special tokens
@@ -115,7 +115,7 @@ class TreeSampler:
 
     @torch.no_grad()
     def _generate(self, model, texts, n, max_new, stop_ids, temperature, seed, want_logp=False):
-        from .models import unwrap_causal_lm
+        from ..models.loaders import unwrap_causal_lm
         lm = unwrap_causal_lm(model)
         ids, att = self._encode(texts)
         ids, att = ids.repeat_interleave(n, 0), att.repeat_interleave(n, 0)

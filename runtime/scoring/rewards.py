@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import RunError
+from ..errors import RunError
 
 
 def exact_answer(prompts, completions, records):
@@ -98,7 +98,7 @@ class SequenceScorer:
     def __init__(self, path: str, device=None, batch_size: int = 32):
         from transformers import AutoModelForSequenceClassification
 
-        from .models import load_frozen_local
+        from ..models.loaders import load_frozen_local
         self.tok, self.model, p = load_frozen_local(
             path, AutoModelForSequenceClassification, "sequence classifier",
             "give a directory written by save_pretrained of a sequence classifier", device)
@@ -109,11 +109,11 @@ class SequenceScorer:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, records) -> torch.Tensor:
-        from .prompts import PromptFormat, is_conversation
+        from ..data.prompts import PromptFormat, is_conversation
         if getattr(self.model.config, "alignspec_score_eos", False):
             # a reward model alignspec trained (runtime/reward_head.py): scored as it was trained,
             # at the EOS after prompt + completion, the prompt templated as in training
-            from .reward_head import TEMPLATE_FLAG, score_texts
+            from ..models.reward_head import TEMPLATE_FLAG, score_texts
             templated = getattr(self.model.config, TEMPLATE_FLAG, None)
             fmt = PromptFormat(self.tok, "auto" if templated is None else "on" if templated else "off",
                                source=self.path)
@@ -131,7 +131,7 @@ class SequenceScorer:
 
     def _chat_text(self, prompt, completion: str) -> str:
         """A conversational prompt + completion through the classifier's chat template."""
-        from .prompts import has_chat_template
+        from ..data.prompts import has_chat_template
         if not has_chat_template(self.tok):
             raise RunError(f"the prompts are lists of messages, but the tokenizer of the sequence classifier "
                            f"in {self.path} has no chat template",

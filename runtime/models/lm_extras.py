@@ -17,12 +17,12 @@
 
 from __future__ import annotations
 
-from .errors import RunError
+from ..errors import RunError
 
 
 def setup_extras(engine) -> None:
     algo, cfg = engine.algo, engine.cfg
-    from .prompts import PromptFormat
+    from ..data.prompts import PromptFormat
     engine.prompt_format = PromptFormat(engine.tokenizer, getattr(cfg, "chat_template", "auto"),
                                         source=engine.model_dir)
     engine.prompt_format.check_records(engine.records, cfg.data or "the built-in task")
@@ -31,7 +31,7 @@ def setup_extras(engine) -> None:
     if engine.reward_head:  # scored downstream as trained (rewards.SequenceScorer)
         from .reward_head import mark_template
         mark_template(engine.policy, engine.prompt_format.templated)
-    from .iterations import build_iterate
+    from ..loop.iterations import build_iterate
     engine.iterate = build_iterate(engine)
     if engine.iterate is not None:
         import math
@@ -40,13 +40,13 @@ def setup_extras(engine) -> None:
                    f"(the policy at the iteration's start, frozen) samples and gives logp_old"
                    + ("; it is the reference (replaced at each iteration)" if engine.iterate is engine.reference
                       else "; the reference stays the initial model"))
-    from .iterations import overridden_schedules
+    from ..loop.iterations import overridden_schedules
     for k in sorted(overridden_schedules(algo)):
         engine.say(f"{k} = {algo.params[k]} at every iteration (set for this run, in place of the spec's "
                    f"schedule {algo.schedules[k]})")
     engine.embedder = None
     if "embedding" in algo.inputs:
-        from .embedding import Embeddings
+        from ..scoring.embedding import Embeddings
         engine.embedder = Embeddings(engine.policy, getattr(cfg, "embedding_model", None), device=engine.device,
                                      chunk_size=cfg.chunk_size)
         engine.say(f"embedding: {engine.embedder.source}")
@@ -58,12 +58,12 @@ def setup_extras(engine) -> None:
 
 
 def _tree_sampler(engine):
-    from .mcts_sampler import TreeSampler
+    from ..rollout.mcts_sampler import TreeSampler
     task = engine.task
     if task is not None and hasattr(task, "reward"):
         reward, what = task.reward, f"{task.name} correctness of the whole solution"
     else:
-        from .rewards import RewardFunctions
+        from ..scoring.rewards import RewardFunctions
         names = engine.cfg.rewards
         if not names:
             raise RunError(f"{engine.algo.name} searches with tree_search, whose leaf values need a reward",

@@ -1,0 +1,2 @@
+"""Where rows come from: data files (``records.py``), prompts and chat templates
+(``prompts.py``), the built-in tasks (``tasks.py``, ``step_task.py``)."""

@@ -1,0 +1,1 @@
+"""What a run writes: checkpoints, metrics and trackers (``tracking.py``)."""
