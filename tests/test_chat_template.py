@@ -94,7 +94,7 @@ def test_engine_trains_on_templated_prompt_ids(models, tmp_path, mode):
     rec = eng.records[0]
     want = (_template_ids(tok, [{"role": "user", "content": rec["prompt"]}]) if mode == "auto"
             else list(tok(rec["prompt"])["input_ids"]))
-    chosen, rejected = eng._groups_for([rec], 0)[0]
+    chosen, rejected = eng.sample([rec], 0)[0]
     assert chosen["p"] == want and rejected["p"] == want
     assert chosen["c"] == list(tok(rec["chosen"], add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
     assert eng.train()["steps"] == 1
@@ -113,7 +113,7 @@ def test_sampled_prompts_are_templated_and_rewards_get_the_data_prompt(models, t
                        sets=QUIET + ["rewards=[spy]", "max_new_tokens=3"])
     rec = eng.records[0]
     eng._start_iteration(0, replace=False)
-    groups = eng._sample(eng.algo.plan.sampler, [rec], 0)
+    groups = eng.sample([rec], 0)
     want = _template_ids(eng.tokenizer, [{"role": "user", "content": rec["prompt"]}])
     assert groups[0] and all(row["p"] == want for row in groups[0])
     eng.train()
@@ -138,7 +138,7 @@ def test_conversational_pairs_train_with_dpo(models, tmp_path):
     eng = build_engine("dpo", model=chat, data=data, out=str(tmp_path / "o2"), steps=1, sets=QUIET)
     rec = eng.records[0]
     assert rec["chosen"] == "1" and rec["rejected"] == "0"                 # one assistant message -> text
-    chosen, _ = eng._groups_for([rec], 0)[0]
+    chosen, _ = eng.sample([rec], 0)[0]
     assert chosen["p"] == _template_ids(eng.tokenizer, rec["prompt"])
     assert "system add\nuser 0+1=\nassistant " in eng.tokenizer.decode(chosen["p"])
 

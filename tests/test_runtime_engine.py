@@ -199,11 +199,11 @@ def test_iterations_with_a_critic_read_logp_old_from_the_iterate_and_value_old_f
     eng.train()  # iteration 1 ends with the policy trained past the frozen pi_t
     assert eng.iterate is not None and eng.iterate is not unwrap_causal_lm(eng.model)
     rows = [{"p": [1, 5, 6], "c": [7, 8, 2], "text": "", "rec": {}}, {"p": [1, 9], "c": [4, 2], "text": "", "rec": {}}]
-    batch = eng._tensors(rows)
+    batch = eng.family.batch_of(eng, rows)
     eng._no_grad_forwards(batch, {k: 0.0 for k in PHASES})
     sl = slice(0, 2)
-    want_logp = eng._forward(eng.iterate, batch, sl, grad=False)["logp"]
-    now = eng._forward(eng.model, batch, sl, grad=False, value=True)
+    want_logp = eng.family.forward_rows(eng, eng.iterate, batch, sl, grad=False)["logp"]
+    now = eng.family.forward_rows(eng, eng.model, batch, sl, grad=False, value=True)
     assert torch.equal(batch["logp_old"], want_logp)
     assert not torch.allclose(batch["logp_old"], now["logp"])  # the policy moved on from pi_t
     assert torch.equal(batch["value_old"], now["value"])

@@ -1,2 +1,3 @@
-"""The run loop: rollout -> score, filter, select -> no-grad forwards -> advantage -> updates
--> checkpoint and metrics (``engine.py``, ``base.py``), self-play iterations (``iterations.py``)."""
+"""The one run loop (``engine.py``) and its stages: rollout, score, filter, select
+(``rollout_stage.py``), updates (``update.py``); the run around the steps (``base.py``),
+self-play iterations (``iterations.py``)."""

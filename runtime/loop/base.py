@@ -1,8 +1,4 @@
-"""The run plumbing both training engines share: ``TrainingLoop``, a base class.
-
-``Engine`` (runtime/engine.py: causal LMs on ``accelerate``) and ``FlowEngine``
-(runtime/flow_engine.py: flow-matching policies) subclass it; what it holds does not depend
-on the policy family:
+"""The run around the steps: ``TrainingLoop``, the base of the one engine (loop/engine.py).
 
 - ``train()``, the run's skeleton: ``--resume`` from ``OUT/checkpoint``, ``metrics.jsonl``
   removed (fresh run) or cut back to the checkpoint's step (resumed run), trackers, the
@@ -11,57 +7,38 @@ on the policy family:
   checkpoint and model, ``curves.png``, the summary line;
 - the LR schedule (``_build_scheduler``): ``warmup_steps`` of linear warmup, then constant,
   linear or cosine decay over all optimizer updates of the run;
-- the metrics writer (``_log``: one JSON line per record in ``OUT/metrics.jsonl``; its
-  numbers also to the ``accelerate`` trackers named by ``log_with``) and the plot (``_plot``);
-- atomic directories (``_save_dir``: written under ``OUT/.NAME.tmp<pid>``, renamed into
-  place, the previous one kept as ``OUT/.NAME.old`` until then) for ``checkpoint/`` and
-  ``model/``; the checkpoint files every engine writes (``optimizer.pt``: optimizer and
-  scheduler state, ``process_<rank>.pt``: each process's own state -- Python / NumPy / torch
-  generator states, plus what ``_process_state`` adds --
-  ``state.json``) and reads back;
-- per-iteration algorithms (``algo_for``, ``_start_iteration``), each step's minibatches
-  (``_minibatches``: seeded by (seed, step, epoch)), and the step record (``_step_record``).
+- per-iteration algorithms (``algo_for``, ``_start_iteration``: the plan's iterations and
+  param schedules), each step's minibatches (``_minibatches``: the plan's epochs x
+  minibatches, seeded by (seed, step, epoch)), and the step record (``_step_record``);
+- checkpoints and the final model (io/checkpoint.py), metrics, progress, plot and profile
+  (io/metrics.py), as mixins.
 
-A subclass sets, in its constructor, ``algo``, ``cfg`` (a ``RunConfig``), ``resume``,
-``out``, ``console`` (a rich Console), ``steps``, ``eval_every``, ``reference`` (or None),
-``optimizer`` -- then calls ``_build_scheduler()`` and ``_init_iterations()`` -- and ``acc``
-(an ``accelerate.Accelerator``) whenever ``cfg.log_with`` names trackers; ``main``, ``rank``
-and ``world`` default to one process. It provides the hooks
+The engine sets ``algo``, ``cfg`` (a ``RunConfig``), ``resume``, ``out``, ``console``,
+``steps``, ``eval_every``, ``reference`` (or None), ``optimizer``, ``acc`` (an
+``accelerate.Accelerator``), ``main``, ``rank`` and ``world``, calls ``_build_scheduler()`` and
+``_init_iterations()``, and provides the hooks
 
     _train_step() -> dict          one optimizer step: its metrics record, without "step"
     evaluate() -> float | None     the held-out score
-    _evaluates() -> bool           whether the run evaluates at all (default: yes)
+    _evaluates() -> bool           whether the run evaluates at all
     _run_line() -> str             the "run: ..." console line
-    _before_steps()                after the step-0 evaluation, before the clock (default: nothing)
-    _save_weights(tmp)             the model files of a checkpoint, into directory ``tmp``
-    _checkpoint_state() -> dict    the checkpoint's state.json
-    _check_checkpoint(ck, state)   a RunError when ``ck`` is not a checkpoint of this run
-    _load_weights(ck)              the model files of checkpoint ``ck``, back into the models
-    _restore_position(state)       the run's position from state.json (default: ``step``)
-    _write_model(tmp)              the final model, into directory ``tmp``
-    _iteration_params(it) -> dict  the params an iteration's algorithm is compiled with
-                                   (default: schedules, a param the run set holds throughout)
+    _before_steps()                after the step-0 evaluation, before the clock
+    _save_weights(tmp) / _load_weights(ck) / _write_model(tmp)   model files
+    _checkpoint_state() -> dict / _check_checkpoint(ck, state) / _restore_position(state)
     _policy_state() -> dict        the weights a ``reference = "iterate"`` reference takes
-    _barrier()                     wait for every process (default: nothing)
-
-and may set ``bar_metrics`` / ``curve_metrics`` (what the progress bar and the plot show)
-and ``cuda_rng`` (whether checkpoints hold the CUDA generators' states).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import RunFailure
+from ..io.checkpoint import CheckpointMixin, replace_dir  # noqa: F401  (replace_dir: re-exported)
+from ..io.metrics import MetricsMixin
 
 PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
 
@@ -74,20 +51,7 @@ def _mix(*xs) -> int:
     return h % (1 << 31)
 
 
-def replace_dir(tmp: Path, dest: Path, old: Path) -> None:
-    """Put the finished directory ``tmp`` in ``dest``'s place. An existing ``dest`` is first
-    renamed to ``old`` and removed only after the rename of ``tmp``: an interrupted save
-    leaves the previous directory whole (at ``dest`` or ``old``)."""
-    if dest.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-class TrainingLoop:
+class TrainingLoop(CheckpointMixin, MetricsMixin):
     """What every training engine does around its own optimizer step (see the module docstring)."""
 
     main, rank, world = True, 0, 1   # one process, unless the subclass says otherwise
@@ -227,179 +191,12 @@ class TrainingLoop:
         res["step_time"] = time.perf_counter() - t_start
         return res
 
-    # -- checkpoints and the final model ----------------------------------------------------
-    def _save_dir(self, name: str, fill) -> None:
-        """Write ``OUT/name`` atomically: ``fill(tmp)`` writes into a fresh ``OUT/.name.tmp<pid>``,
-        which then replaces ``OUT/name`` (see ``replace_dir``; the old one is ``OUT/.name.old``)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{name}.tmp{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        fill(tmp)
-        replace_dir(tmp, self.out / name, self.out / f".{name}.old")
-
-    def _rng_state(self) -> dict:
-        """The global generators' states (Python, NumPy, torch; CUDA with ``cuda_rng``)."""
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if self.cuda_rng and torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return rng
-
-    @staticmethod
-    def _set_rng_state(rng: dict) -> None:
-        """Put back generator states saved by ``_rng_state`` (CUDA's when saved and available)."""
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-
-    def save_checkpoint(self) -> None:
-        """``OUT/checkpoint`` (atomic, written by the main process): the subclass's model files,
-        ``optimizer.pt``, ``process_<rank>.pt`` for every process and ``state.json``."""
-        self._barrier()
-        states = self._gather_objects(self._process_state())  # every process's, in rank order
-        if self.main:
-            self._save_dir("checkpoint", lambda tmp: self._write_checkpoint(tmp, states))
-        self._barrier()
-
-    def _write_checkpoint(self, tmp: Path, states: list[dict]) -> None:
-        self._save_weights(tmp)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   tmp / "optimizer.pt")
-        for rank, st in enumerate(states):
-            torch.save(st, tmp / f"process_{rank}.pt")
-        (tmp / "state.json").write_text(json.dumps(self._checkpoint_state()))
-
-    def _process_state(self) -> dict:
-        """What this process holds apart from the shared weights: its generators' states
-        (a subclass may add to it)."""
-        return {"rng": self._rng_state()}
-
-    def _set_process_state(self, state: dict) -> None:
-        self._set_rng_state(state["rng"])
-
-    def _gather_objects(self, obj) -> list:
-        """``obj`` of every process, in rank order (one process: ``[obj]``)."""
-        return [obj]
-
-    def load_checkpoint(self) -> bool:
-        """Restore ``OUT/checkpoint`` (models, optimizer, scheduler, generators, position);
-        False when there is none."""
-        ck = self.out / "checkpoint"
-        if not (ck / "state.json").is_file():
-            return False
-        state = json.loads((ck / "state.json").read_text())
-        self._check_checkpoint(ck, state)
-        self._load_weights(ck)
-        opt = torch.load(ck / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        own = ck / f"process_{self.rank}.pt"
-        self._set_process_state(torch.load(own if own.is_file() else ck / "process_0.pt", weights_only=False))
-        self._restore_position(state)
-        return True
-
-    def _restore_position(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-    def save_final(self) -> None:
-        """The trained model in ``OUT/model`` (atomic, main process; ``_write_model``)."""
-        if self.main:
-            self._save_dir("model", self._write_model)
-
-    def _barrier(self) -> None:
-        """Wait for every process (one process: nothing to wait for)."""
-
     # -- hooks with defaults ------------------------------------------------------------------
     def _evaluates(self) -> bool:
         return True
 
     def _before_steps(self) -> None:
         pass
-
-    # -- metrics, progress, plot, profile ------------------------------------------------------
-    def _log(self, rec: dict) -> None:
-        """One record: a line of ``OUT/metrics.jsonl`` (main process), its numbers to the trackers."""
-        if self.main:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-        if self.cfg.log_with:
-            self.acc.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))},
-                         step=rec["step"])
-
-    def _reset_metrics(self, resumed: bool) -> None:
-        """A fresh run starts a new ``metrics.jsonl``; a resumed one keeps the lines up to its step."""
-        mpath = self.out / "metrics.jsonl"
-        if not self.main or not mpath.exists():
-            return
-        if not resumed:
-            mpath.unlink()
-            return
-        lines = [ln for ln in mpath.read_text().splitlines()
-                 if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        mpath.write_text("".join(ln + "\n" for ln in lines))
-
-    def _progress(self):
-        """The rich progress bar of the steps (shown on the main process only)."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-        return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                        console=self.console, disable=not self.main, transient=False)
-
-    def _progress_info(self, res: dict, last_eval: float | None) -> str:
-        """The text after the progress bar: the step's loss, ``bar_metrics``, the last eval."""
-        info = f"loss {res['loss']:.4f}"
-        for key, label in self.bar_metrics:
-            if key in res:
-                info += f"  {label} {res[key]:.3f}"
-        if last_eval is not None:
-            info += f"  eval {last_eval:.3f}"
-        return info
-
-    def _start_profile(self):
-        """A running torch CPU profiler with the ``profile`` setting, else None."""
-        if not self.cfg.profile:
-            return None
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
-        prof.__enter__()
-        return prof
-
-    def _stop_profile(self, prof) -> None:
-        """Stop ``prof`` and write its table to ``OUT/profile.txt``."""
-        if prof is None:
-            return
-        prof.__exit__(None, None, None)
-        if self.main:
-            (self.out / "profile.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total",
-                                                                            row_limit=30))
-
-    def _plot(self) -> None:
-        """``OUT/curves.png``: the loss, then each of ``curve_metrics`` that was logged (needs matplotlib)."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        recs = [json.loads(ln) for ln in (self.out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        panels = [("loss", [(r["step"], r["loss"]) for r in recs if "loss" in r and r["loss"] == r["loss"]])]
-        for name in self.curve_metrics:
-            pts = [(r["step"], r[name]) for r in recs if name in r]
-            if pts:
-                panels.append((name, pts))
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-        for ax, (name, pts) in zip(axes[0], panels):
-            if pts:
-                ax.plot(*zip(*pts), **({"marker": "o"} if name == "eval_score" else {}))
-            ax.set_title(f"{self.algo.name}: {name}" if name == "loss" else name)
-            ax.set_xlabel("step")
-            if name == "eval_score":
-                ax.set_ylim(-0.02, 1.02)
-        fig.tight_layout()
-        fig.savefig(self.out / "curves.png", dpi=100)
-        plt.close(fig)
 
     # -- the run -----------------------------------------------------------------------------
     def _eval_and_log(self) -> float | None:

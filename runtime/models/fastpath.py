@@ -90,13 +90,12 @@ class ReferenceCache:
         recs, B = engine.records, max(1, engine.local_batch)
         n = 0
         for s in range(0, len(recs), B):
-            groups = engine._groups_for(recs[s:s + B], 0)
-            rows = [r for g in groups for r in g]
+            rows = engine.family.rows(engine.sample(recs[s:s + B], 0))
             todo = [r for r in rows if self._key(r) not in self.store]
             if not todo:
                 continue
-            batch = engine._tensors(todo)
-            self.logprobs(batch, todo, lambda b: engine._reference_forward(b))
+            batch = engine.family.batch_of(engine, todo)
+            self.logprobs(batch, todo, lambda b: engine.family.reference_forward(engine, b))
             n += len(todo)
         self.hits = self.misses = 0
         engine.say(f"reference log-probs of {n} rows precomputed in {time.perf_counter() - t0:.1f}s")
