@@ -16,7 +16,7 @@ With a template, the prompt (a plain string becomes one user message) is rendere
 with ``add_special_tokens=False`` (the template writes BOS and the like itself). Without
 one, the string is tokenized as before, with the tokenizer's special tokens; a
 conversational prompt then has no text form and is an error. Completions are never
-templated: they are tokenized as they are, followed by EOS (``Engine._tok_completion``).
+templated: they are tokenized as they are, followed by EOS (``token_rows.tok_completion``).
 """
 
 from __future__ import annotations

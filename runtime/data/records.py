@@ -104,7 +104,7 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
     their ``question``); unmapped names are taken as they are, and the row's other fields are
     kept. Every name in ``required`` must be present and not None in every row, and a
     required ``prompt`` must not be empty. A prompt may be a string or a list of
-    ``{"role", "content"}`` messages (TRL's conversational format; runtime/prompts.py); a
+    ``{"role", "content"}`` messages (TRL's conversational format; runtime/data/prompts.py); a
     completion (``response``, ``chosen``, ``rejected``) a string or a list of one assistant
     message, which becomes its text.
     """

@@ -86,7 +86,7 @@ class BuiltinStepTask:
 
     def eval_score(self, model, tokenizer, size: int | None = None, prompt_format=None) -> float:
         """Greedy full-solution accuracy on the held-out problems (prompts through ``prompt_format``,
-        runtime/prompts.py, as in training; None: the raw text)."""
+        runtime/data/prompts.py, as in training; None: the raw text)."""
         from .tasks import greedy_accuracy
         return greedy_accuracy(model, tokenizer, self.eval_records(size), self.max_new_tokens,
                                lambda row, text: self.is_correct(row["prompt"], text), prompt_format)

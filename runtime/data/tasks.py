@@ -85,7 +85,7 @@ class ArithmeticTask:
 
     def eval_score(self, model, tokenizer, size: int | None = None, prompt_format=None) -> float:
         """Greedy exact-match accuracy on the held-out problems (prompts through ``prompt_format``,
-        runtime/prompts.py, as in training; None: the raw text)."""
+        runtime/data/prompts.py, as in training; None: the raw text)."""
         return greedy_accuracy(model, tokenizer, self.eval_records(size), self.max_new_tokens,
                                lambda row, text: text.strip() == row["answer"], prompt_format)
 

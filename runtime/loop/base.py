@@ -109,7 +109,7 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
 
     def _iteration_params(self, iteration: int) -> dict:
         """Every param at ``iteration``: its schedule's entry, unless the run set that param
-        (runtime/iterations.py)."""
+        (runtime/loop/iterations.py)."""
         from .iterations import iteration_params
         return iteration_params(self.algo, iteration)
 

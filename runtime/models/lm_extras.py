@@ -1,6 +1,6 @@
 """What the LM engine builds beyond policy / reference / critic, from what a spec requires.
 
-``setup_extras(engine)`` runs at the end of ``Engine._setup`` and sets
+``setup_extras(engine)`` runs during ``TokenPolicy._build`` (token_policy.py) and sets
 
 - ``engine.prompt_format``: how prompts become the policy's input -- the tokenizer's chat
   template or the raw text, per the ``chat_template`` setting (``prompts.py``); checked

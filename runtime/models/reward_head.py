@@ -12,7 +12,7 @@ the prompt, right of the response) never moves it.
 The saved model (``OUT/model``) loads with ``AutoModelForSequenceClassification``; its
 config carries ``alignspec_score_eos = True``, which tells ``rewards.SequenceScorer`` to
 append EOS before scoring, and ``alignspec_chat_template`` (whether the prompts went through
-the tokenizer's chat template, runtime/prompts.py), so a downstream
+the tokenizer's chat template, runtime/data/prompts.py), so a downstream
 ``reward_model(response)`` scores a response exactly as it was trained.
 
 ``eval_score`` of such a run is the pairwise accuracy on held-out pairs: the fraction of
@@ -116,7 +116,7 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 def encode(tokenizer, prompt, response: str, eos: bool = True, prompt_format=None) -> list[int]:
     """prompt ++ response ++ EOS, as the engine tokenizes rows: the prompt through
-    ``prompt_format`` (runtime/prompts.py; None: the raw string with the tokenizer's special
+    ``prompt_format`` (runtime/data/prompts.py; None: the raw string with the tokenizer's special
     tokens), the response without special tokens."""
     from ..data.prompts import PromptFormat
     fmt = prompt_format or PromptFormat.raw(tokenizer)

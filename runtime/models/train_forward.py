@@ -46,7 +46,7 @@ class TrainForward(nn.Module):
                 value: bool = False) -> dict:
         ids = torch.cat([prompt_ids, completion_ids], 1)
         att = torch.cat([prompt_mask, completion_mask], 1)
-        if self.reward_head:  # rm_score: the reward model being trained (runtime/reward_head.py)
+        if self.reward_head:  # rm_score: the reward model being trained (runtime/models/reward_head.py)
             from .reward_head import sequence_scores
             return {"rm_score": sequence_scores(self.model, ids, att)}
         out = forward_logprobs(self.cfg, self.model, ids, att, completion_mask, entropy=entropy, value=value,

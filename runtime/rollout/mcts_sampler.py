@@ -20,7 +20,7 @@ every step is the right partial sum and the answer is right); with ``--data``, t
 ``rewards`` (required), called as ``fn(prompts, completions, records)`` with the
 completion = everything after the prompt.
 
-Prompts go through the run's ``prompt_format`` (runtime/prompts.py): the tree's root is the
+Prompts go through the run's ``prompt_format`` (runtime/data/prompts.py): the tree's root is the
 prompt's text as the policy sees it (chat-templated when the run uses a template), steps are
 appended to that text, and the reward gets the data row's prompt as written.
 

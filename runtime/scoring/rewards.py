@@ -111,7 +111,7 @@ class SequenceScorer:
     def __call__(self, prompts, completions, records) -> torch.Tensor:
         from ..data.prompts import PromptFormat, is_conversation
         if getattr(self.model.config, "alignspec_score_eos", False):
-            # a reward model alignspec trained (runtime/reward_head.py): scored as it was trained,
+            # a reward model alignspec trained (runtime/models/reward_head.py): scored as it was trained,
             # at the EOS after prompt + completion, the prompt templated as in training
             from ..models.reward_head import TEMPLATE_FLAG, score_texts
             templated = getattr(self.model.config, TEMPLATE_FLAG, None)
