@@ -16,8 +16,8 @@ on the policy family:
 - atomic directories (``_save_dir``: written under ``OUT/.NAME.tmp<pid>``, renamed into
   place, the previous one kept as ``OUT/.NAME.old`` until then) for ``checkpoint/`` and
   ``model/``; the checkpoint files every engine writes (``optimizer.pt``: optimizer and
-  scheduler state, ``process_<rank>.pt``: each process's own state -- Python / NumPy / torch
-  generator states, plus what ``_process_state`` adds --
+  scheduler state, loaded with ``weights_only=True``; ``process_<rank>.json``: each process's
+  own state -- Python / NumPy / torch generator states, plus what ``_process_state`` adds --
   ``state.json``) and reads back;
 - per-iteration algorithms (``algo_for``, ``_start_iteration``), each step's minibatches
   (``_minibatches``: seeded by (seed, step, epoch)), and the step record (``_step_record``).
@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import RunFailure
+from .errors import RunError, RunFailure
 
 PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
 
@@ -85,6 +85,19 @@ def replace_dir(tmp: Path, dest: Path, old: Path) -> None:
     os.replace(tmp, dest)
     if old.exists():
         shutil.rmtree(old)
+
+
+def load_tensors(path: Path):
+    """``torch.load`` of a checkpoint file with ``weights_only=True`` (tensors and plain Python
+    containers only; nothing that could run code). Anything else is refused with a RunError."""
+    import pickle
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: refused to load ({first})",
+                       hint="a checkpoint holds only tensors and plain values; this file is damaged or was "
+                            "not written by alignspec. Start afresh or restore the file") from None
 
 
 class TrainingLoop:
@@ -241,20 +254,26 @@ class TrainingLoop:
         replace_dir(tmp, self.out / name, self.out / f".{name}.old")
 
     def _rng_state(self) -> dict:
-        """The global generators' states (Python, NumPy, torch; CUDA with ``cuda_rng``)."""
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        """The global generators' states (Python, NumPy, torch; CUDA with ``cuda_rng``) as plain
+        JSON values (lists of ints), so that a checkpoint never needs unpickling."""
+        version, mt, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        rng = {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+               "torch": torch.get_rng_state().tolist()}
         if self.cuda_rng and torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
         return rng
 
     @staticmethod
     def _set_rng_state(rng: dict) -> None:
         """Put back generator states saved by ``_rng_state`` (CUDA's when saved and available)."""
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
+        version, mt, gauss = rng["python"]
+        random.setstate((version, tuple(mt), gauss))
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
         if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
 
     def save_checkpoint(self) -> None:
         """``OUT/checkpoint`` (atomic, written by the main process): the subclass's model files,
@@ -270,7 +289,7 @@ class TrainingLoop:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    tmp / "optimizer.pt")
         for rank, st in enumerate(states):
-            torch.save(st, tmp / f"process_{rank}.pt")
+            (tmp / f"process_{rank}.json").write_text(json.dumps(st))
         (tmp / "state.json").write_text(json.dumps(self._checkpoint_state()))
 
     def _process_state(self) -> dict:
@@ -294,11 +313,16 @@ class TrainingLoop:
         state = json.loads((ck / "state.json").read_text())
         self._check_checkpoint(ck, state)
         self._load_weights(ck)
-        opt = torch.load(ck / "optimizer.pt", weights_only=False)
+        opt = load_tensors(ck / "optimizer.pt")
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        own = ck / f"process_{self.rank}.pt"
-        self._set_process_state(torch.load(own if own.is_file() else ck / "process_0.pt", weights_only=False))
+        own = ck / f"process_{self.rank}.json"
+        own = own if own.is_file() else ck / "process_0.json"
+        if not own.is_file():
+            raise RunError(f"{ck} has no {own.name} (a checkpoint of an older alignspec stored it pickled, "
+                           "which is never loaded: unpickling a file from a run folder can run code)",
+                           hint="start the run afresh (without --resume) or use another --out")
+        self._set_process_state(json.loads(own.read_text()))
         self._restore_position(state)
         return True
 
