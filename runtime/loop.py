@@ -277,7 +277,7 @@ class TrainingLoop:
 
     def save_checkpoint(self) -> None:
         """``OUT/checkpoint`` (atomic, written by the main process): the subclass's model files,
-        ``optimizer.pt``, ``process_<rank>.pt`` for every process and ``state.json``."""
+        ``optimizer.pt``, ``process_<rank>.json`` for every process and ``state.json``."""
         self._barrier()
         states = self._gather_objects(self._process_state())  # every process's, in rank order
         if self.main:
