@@ -40,6 +40,7 @@ RNG states, ``state.json`` with step and data cursor; ``model/``: the LM, LoRA m
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 import time
@@ -48,7 +49,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, load_config
-from .errors import RunError, RunFailure
+from .errors import RunError, RunFailure, RunInterrupted
 from .fastpath import ReferenceCache
 from .loop import PHASES, TrainingLoop, _mix
 from .models import PolicyWithValueHead, add_value_head, load_frozen_copy, load_policy, unwrap_causal_lm
@@ -805,10 +806,15 @@ def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None,
         if isinstance(spec, CompiledAlgorithm):
             merged = {**{k: v for k, v in spec.params.items()}, **merged}
         algo = alignspec.compile(base.spec, **merged)
+    from .outdir import claim_out  # before anything loads: a bad --out costs nothing
+    lock = claim_out(cfg, resume=resume, main=int(os.environ.get("RANK", "0")) == 0, spec=algo.name)
     if "flow" in algo.requires:  # the flow-matching policy family has its own engine
         from .flow_engine import FlowEngine
-        return FlowEngine(algo, cfg, resume=resume)
-    return Engine(algo, cfg, resume=resume)
+        engine = FlowEngine(algo, cfg, resume=resume)
+    else:
+        engine = Engine(algo, cfg, resume=resume)
+    engine.out_lock = lock  # held until the process ends
+    return engine
 
 
 def run_from_cli(spec, model=None, data=None, config=None, sets=(), out=None, steps=None, seed=None,
@@ -829,6 +835,9 @@ def run_from_cli(spec, model=None, data=None, config=None, sets=(), out=None, st
     except SpecError as e:
         print(e.format() if hasattr(e, "format") else str(e), file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(f"{e}", file=sys.stderr)
+        return e.code
     except RunFailure as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

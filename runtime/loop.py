@@ -50,18 +50,21 @@ and ``cuda_rng`` (whether checkpoints hold the CUDA generators' states).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import RunError, RunFailure
+from .errors import RunError, RunFailure, RunInterrupted
 
 PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
 
@@ -85,6 +88,19 @@ def replace_dir(tmp: Path, dest: Path, old: Path) -> None:
     os.replace(tmp, dest)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exception's message (its OS reason when it has one)."""
+    text = getattr(e, "strerror", None) or str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# Settings that a resumed run must share with its checkpoint (the others -- steps, out, how
+# often to save, evaluate or log, threads, performance switches -- may change on --resume).
+RESUME_FIXED = ("model", "data", "fields", "seed", "batch_size", "max_new_tokens", "lr", "weight_decay",
+                "warmup_steps", "lr_schedule", "max_grad_norm", "lora_r", "lora_alpha", "rewards", "reward_model",
+                "preference_model", "embedding_model", "init_model", "reference_model", "chat_template", "dtype")
 
 
 def load_tensors(path: Path):
@@ -249,9 +265,15 @@ class TrainingLoop:
         tmp = self.out / f".{name}.tmp{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir()
-        fill(tmp)
-        replace_dir(tmp, self.out / name, self.out / f".{name}.old")
+        try:
+            tmp.mkdir()
+            fill(tmp)
+            replace_dir(tmp, self.out / name, self.out / f".{name}.old")
+        except Exception as e:  # a full disk, a quota, a vanished folder: the previous copy stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = _reason(e)
+            kept = " (the previous one is kept)" if (self.out / name).exists() else ""
+            raise RunFailure(f"step {self.step}: could not write {self.out / name}: {reason}{kept}") from None
 
     def _rng_state(self) -> dict:
         """The global generators' states (Python, NumPy, torch; CUDA with ``cuda_rng``) as plain
@@ -290,7 +312,31 @@ class TrainingLoop:
                    tmp / "optimizer.pt")
         for rank, st in enumerate(states):
             (tmp / f"process_{rank}.json").write_text(json.dumps(st))
-        (tmp / "state.json").write_text(json.dumps(self._checkpoint_state()))
+        (tmp / "state.json").write_text(json.dumps({**self._checkpoint_state(), "settings": self._settings()}))
+
+    def _settings(self) -> dict:
+        """What a resumed run must share with its checkpoint: RESUME_FIXED and the spec's params."""
+        dump = self.cfg.model_dump(mode="json")
+        return {**{k: dump[k] for k in RESUME_FIXED if k in dump},
+                "params": {k: v for k, v in self.algo.params.items() if isinstance(v, (int, float, str, bool))}}
+
+    def _check_settings(self, ck: Path, saved: dict | None) -> None:
+        """Refuse to resume with other settings than the checkpoint's, unless each change was
+        asked for with ``--set`` (then each is printed)."""
+        if not saved:
+            return
+        now = self._settings()
+        changed = {k: (saved.get(k), now.get(k)) for k in now if k != "params" and saved.get(k) != now.get(k)}
+        sp, np_ = saved.get("params", {}), now["params"]
+        changed.update({k: (sp.get(k), np_.get(k)) for k in sorted(set(sp) | set(np_)) if sp.get(k) != np_.get(k)})
+        asked = set(getattr(self.cfg, "_set_keys", ()))
+        refused = {k: v for k, v in changed.items() if k not in asked}
+        if refused:
+            lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+            raise RunError(f"--resume: the settings differ from the checkpoint's in {ck} ({lines})",
+                           hint="resume with the same settings, or change one on purpose with --set KEY=VALUE")
+        for k, (a, b) in changed.items():
+            self.say(f"[yellow]--resume with a changed setting (--set): {k} {a!r} -> {b!r}[/yellow]")
 
     def _process_state(self) -> dict:
         """What this process holds apart from the shared weights: its generators' states
@@ -310,9 +356,23 @@ class TrainingLoop:
         ck = self.out / "checkpoint"
         if not (ck / "state.json").is_file():
             return False
-        state = json.loads((ck / "state.json").read_text())
+        try:
+            state = json.loads((ck / "state.json").read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+                raise ValueError("no step")
+        except (OSError, ValueError) as e:
+            raise RunError(f"{ck / 'state.json'} is damaged ({_reason(e)})",
+                           hint="start afresh (without --resume) or use another --out") from None
         self._check_checkpoint(ck, state)
-        self._load_weights(ck)
+        self._check_settings(ck, state.get("settings"))
+        try:
+            self._load_weights(ck)
+        except RunError:
+            raise
+        except Exception as e:  # a missing or truncated file, another architecture
+            raise RunError(f"{ck}: cannot load the checkpoint's weights ({_reason(e)})",
+                           hint="resume with the model and LoRA settings the run started with, or start "
+                                "afresh") from None
         opt = load_tensors(ck / "optimizer.pt")
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
@@ -348,19 +408,21 @@ class TrainingLoop:
     def _log(self, rec: dict) -> None:
         """One record: a line of ``OUT/metrics.jsonl`` (main process), its numbers to the trackers."""
         if self.main:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            mode = "w" if getattr(self, "_fresh_metrics", False) else "a"
+            with open(self.out / "metrics.jsonl", mode, encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
+            self._fresh_metrics = False
         if self.cfg.log_with:
             self.acc.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))},
                          step=rec["step"])
 
     def _reset_metrics(self, resumed: bool) -> None:
-        """A fresh run starts a new ``metrics.jsonl``; a resumed one keeps the lines up to its step."""
+        """A fresh run starts a new ``metrics.jsonl`` with its first line (an earlier run's stays
+        until then, so a run that fails before logging loses nothing); a resumed one keeps the
+        lines up to its step."""
         mpath = self.out / "metrics.jsonl"
-        if not self.main or not mpath.exists():
-            return
-        if not resumed:
-            mpath.unlink()
+        self._fresh_metrics = not resumed
+        if not self.main or not mpath.exists() or not resumed:
             return
         lines = [ln for ln in mpath.read_text().splitlines()
                  if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
@@ -434,6 +496,15 @@ class TrainingLoop:
         return score
 
     def train(self) -> dict:
+        """Run the steps (see ``_train``); the hold on ``OUT`` (runtime/outdir.py) ends with it."""
+        try:
+            return self._train()
+        finally:
+            lock = getattr(self, "out_lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict:
         """Run (or resume) to ``steps`` optimizer steps; the summary: steps, wall_s, eval_score, loss."""
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = False
@@ -455,7 +526,8 @@ class TrainingLoop:
         self._before_steps()
         t_run = time.perf_counter()
         prof = self._start_profile()
-        last, last_eval = self._run_steps(last_eval)
+        with self._stop_on_signals():
+            last, last_eval = self._run_steps(last_eval)
         self._stop_profile(prof)
         wall = time.perf_counter() - t_run
         if self._evaluates():
@@ -497,4 +569,42 @@ class TrainingLoop:
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:
                     self.save_checkpoint()
                 progress.update(bar, completed=self.step, info=self._progress_info(res, last_eval))
+                if self._agree(self._signal is not None) and self.step < self.steps:
+                    self.save_checkpoint()
+                    name = signal.Signals(self._signal or signal.SIGTERM).name
+                    raise RunInterrupted(f"{name}: stopped after step {self.step}; checkpoint saved in "
+                                         f"{self.out / 'checkpoint'}", self._signal or signal.SIGTERM)
         return last, last_eval
+
+    _signal: int | None = None
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While the steps run, SIGTERM (what schedulers send before SIGKILL) and SIGINT ask the
+        run to stop after the current step with a checkpoint (``_run_steps``); a second one
+        stops at once. Only the main thread can take signals; elsewhere nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum, frame):
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            self._signal = signum
+            self.say(f"[yellow]{signal.Signals(signum).name}: stopping after this step (again: at once)[/yellow]")
+
+        previous = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` of any process (every process stops at the same step)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=getattr(self, "device", "cpu"))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
