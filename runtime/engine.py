@@ -452,6 +452,7 @@ class Engine(TrainingLoop):
                 texts = [r["text"] for r in rows]
                 rrecs = [r["rec"] for r in rows]
                 for name, scorer in self.scorers.items():
+                    scorer.step = self.step + 1  # named in a reward's error message
                     batch[name] = scorer(prompts, texts, rrecs).to(self.device, torch.float32)
                 if getattr(self, "embedder", None) is not None:  # embedding(response), runtime/embedding.py
                     batch["embedding"] = self.embedder(batch, texts)

@@ -221,3 +221,55 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
     cfg.write_bytes(b"batch_size: 2\nlr: 1e-3  # caf\xe9\n")
     assert run_from_cli("sft", config=str(cfg), out=str(tmp_path / "run"), steps=1) == 2
     assert f"{cfg}:2: byte 0xe9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,words", [
+    (b'{"prompt": 12, "response": "x"}\n', "row 0's prompt is a int"),
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": {"x": 1}, "response": "b"}\n', "row 1's prompt is a dict"),
+    (b'{"prompt": "a", "response": true}\n', "row 0's response is a bool"),
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n', "row 1 (line 2): byte 0xe9"),
+    (b'[1, 2]\n', "row 0 (line 1) is a JSON list"),
+    (b"", "has no rows"),
+    (b"\n\n", "has no rows"),
+])
+def test_bad_data_rows_are_named(tmp_path, capsys, content, words):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(content)
+    assert run_from_cli("sft", data=str(data), out=str(tmp_path / "run"), steps=1, sets=SETS) == 2
+    err = capsys.readouterr().err
+    assert words in err and str(data) in err and "Traceback" not in err
+
+
+def test_a_10mb_prompt_line_is_read_without_blowing_up(tmp_path):
+    import resource
+
+    from alignspec.runtime.data import load_records
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "x" * (10 << 20), "response": "y"}) + "\n"
+                    + json.dumps({"prompt": "short", "response": "y"}) + "\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    recs = load_records(data, required=["prompt", "response"])
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert len(recs) == 2 and len(recs[0]["prompt"]) == 10 << 20
+    assert grown_mb < 400
+
+
+@pytest.mark.parametrize("body,words", [
+    ("raise ValueError('boom')", "raised ValueError: boom"),
+    ("return None", "returned NoneType None instead of a list"),
+    ("return 1.0", "returned float 1.0 instead of a list"),
+    ("return ['a'] * len(completions)", "returned 'a' (str) for row 0"),
+    ("return [[1.0]] * len(completions)", "returned [1.0] (list) for row 0"),
+    ("return [1j] * len(completions)", "(complex) for row 0"),
+    ("return [float('nan')] * len(completions)", "returned nan for row 0"),
+    ("return [None] * len(completions)", "returned None (NoneType) for row 0"),
+    ("return [1.0]", "returned 1 values for"),
+])
+def test_bad_rewards_name_the_function_step_and_row(tmp_path, capsys, monkeypatch, body, words):
+    module = f"bad_reward_{abs(hash(body))}"  # one module per case: imports are cached
+    (tmp_path / f"{module}.py").write_text(f"def bad(prompts, completions, records):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = run_from_cli("grpo", out=str(tmp_path / "run"), steps=2, sets=SETS + [f"rewards={module}:bad"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert f"step 1: reward '{module}:bad'" in err and words in err, err
