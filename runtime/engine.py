@@ -317,8 +317,16 @@ class Engine(TrainingLoop):
 
     def _tok_prompt(self, prompt) -> list[int]:
         """A prompt (string or list of messages) as the policy's token ids: through the chat
-        template when the run uses one (``self.prompt_format``, runtime/prompts.py)."""
-        return self.prompt_format.ids(prompt)
+        template when the run uses one (``self.prompt_format``, runtime/prompts.py). A prompt
+        that leaves no room for ``max_new_tokens`` in the model's context is a RunError."""
+        ids = self.prompt_format.ids(prompt)
+        context = getattr(unwrap_causal_lm(self.policy).config, "max_position_embeddings", None)
+        if context and len(ids) + self.max_new_tokens > context:
+            text = prompt if isinstance(prompt, str) else str(prompt)
+            raise RunError(f"a prompt of {len(ids):,} tokens ({text[:50]!r}...) leaves no room for max_new_tokens "
+                           f"{self.max_new_tokens} in the model's context of {context:,} positions",
+                           hint="shorten or drop the long prompts, or lower max_new_tokens")
+        return ids
 
     def _tok_completion(self, text: str) -> list[int]:
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -273,3 +273,12 @@ def test_bad_rewards_name_the_function_step_and_row(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert rc == 1, err
     assert f"step 1: reward '{module}:bad'" in err and words in err, err
+
+
+def test_a_prompt_longer_than_the_context_is_an_error(tmp_path, capsys):
+    from alignspec.runtime.tiny import tiny_config
+    context = tiny_config().max_position_embeddings
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+" * context + "1=", "response": "2"}) + "\n")
+    assert run_from_cli("sft", data=str(data), out=str(tmp_path / "run"), steps=1, sets=SETS) == 2
+    assert f"in the model's context of {context:,} positions" in capsys.readouterr().err
