@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-trl clean
+.PHONY: setup demo test bench bench-trl fuzz clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ bench: setup
 
 bench-trl: setup
 	$(PY) bench/vs_trl.py
+
+fuzz: setup
+	$(PY) bench/fuzz.py --examples 20000
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -29,6 +29,31 @@ def _fail(e: Exception, code: int = 2):
     raise typer.Exit(code)
 
 
+def _ref(arg: str):
+    """A spec argument: a bare name (``grpo``) is the built-in of that name, anything else a file
+    path (never spec text, whatever characters the file name holds)."""
+    from alignspec.dsl.load import is_bare_name
+    return arg if is_bare_name(arg) else Path(arg)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` through a temporary file beside it and a rename, so that a
+    full disk or a kill leaves either the old file or the new one, never a truncated one."""
+    import os
+    import tempfile
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _parse_sets(sets: List[str]) -> dict:
     out = {}
     for s in sets:
@@ -59,7 +84,7 @@ def check(specs: List[str] = typer.Argument(..., help="spec files or built-in na
     failed = False
     for ref in specs:
         try:
-            spec = load(ref)
+            spec = load(_ref(ref))
         except SpecError as e:
             typer.echo(e.format(), err=True)
             failed = True
@@ -87,7 +112,7 @@ def fmt(specs: List[str] = typer.Argument(...),
     not_canonical = False
     for ref in specs:
         try:
-            f = read_spec(ref)
+            f = read_spec(_ref(ref))
         except SpecError as e:
             _fail(e)
         out = format_spec(f)
@@ -97,7 +122,11 @@ def fmt(specs: List[str] = typer.Argument(...),
                 not_canonical = True
         elif write:
             if out != f.source:
-                Path(f.path).write_text(out)
+                try:
+                    _write_atomically(Path(f.path), out)
+                except OSError as e:
+                    typer.echo(f"{f.path}: not written ({e.strerror or e}); the file is unchanged", err=True)
+                    raise typer.Exit(2)
                 typer.echo(f"formatted {f.path}")
         else:
             sys.stdout.write(out)
@@ -113,7 +142,7 @@ def diff(a: str, b: str, format: str = typer.Option("text", "--format", help="te
         typer.echo("--format must be text or json", err=True)
         raise typer.Exit(2)
     try:
-        changes = diff_specs(a, b)
+        changes = diff_specs(_ref(a), _ref(b))
     except SpecError as e:
         _fail(e)
     typer.echo(format_json(changes) if format == "json" else format_text(changes))
@@ -128,7 +157,7 @@ def graph(spec: str, output: Optional[str] = typer.Option(None, "-o", "--output"
     from alignspec.dsl.errors import SpecError
     from alignspec.dsl.graphviz import draw, to_dot
     try:
-        s = load(spec)
+        s = load(_ref(spec))
     except SpecError as e:
         _fail(e)
     fmt_ = format or (Path(output).suffix.lstrip(".") if output else "dot")
@@ -157,7 +186,7 @@ def compile_(spec: str, output: Optional[str] = typer.Option(None, "-o", "--outp
     from alignspec.dsl.check import load
     from alignspec.dsl.errors import SpecError
     try:
-        s = load(spec, **_parse_sets(sets))
+        s = load(_ref(spec), **_parse_sets(sets))
         if dump_after:
             from alignspec.compiler.pipeline import PASS_NAMES, compile_graph
             if dump_after not in PASS_NAMES:

@@ -139,6 +139,10 @@ def coerce(name: str, type_: str, value, span: Span, *, where: str):
     return value
 
 
+MAX_DEF_DEPTH = 64  # defs inlined inside defs
+MAX_GROUP = 4096    # responses sampled per prompt
+
+
 class _Checker:
     def __init__(self, res: Resolved, overrides: dict):
         self.res = res
@@ -149,6 +153,8 @@ class _Checker:
         self.stmts: dict[str, tuple[str, A.Stmt]] = {}   # name → (section, statement)
         self.built: dict[str, str] = {}                   # statement name → node id
         self.building: list[str] = []
+        self.inlined: dict[tuple, str] = {}               # (def, argument structures) → inlined body node
+        self.skeys: dict[str, tuple] = {}                 # node id → structural key (see _skey)
         self.param_nodes: dict[str, str] = {}
         self.input_nodes: dict[str, str] = {}
         self.group_size = 1
@@ -501,15 +507,38 @@ class _Checker:
             raise error(f"def {d.name} calls itself ({path})", e.span, "cycle",
                         "defs are inlined at each use, so they cannot recurse")
         local = {p: self._expr(a, env) for p, a in zip(d.params, e.args)}
-        self.building.append(f"def:{e.func}")
-        try:
-            node = self._expr(d.body, local)
-        finally:
-            self.building.pop()
+        depth = sum(b.startswith("def:") for b in self.building)
+        if depth >= MAX_DEF_DEPTH:
+            raise error(f"defs call each other more than {MAX_DEF_DEPTH} deep (this call of {d.name} would be "
+                        f"level {depth + 1})", e.span,
+                        "too-deep", "defs are inlined at each use; write the chain with fewer, larger defs")
+        # A def's body reads only its arguments, so calls with structurally equal arguments share
+        # one inlined body: defs that call the previous one twice stay linear, not exponential.
+        key = (d.name, tuple(self._skey(local[p]) for p in d.params))
+        node = self.inlined.get(key)
+        if node is None:
+            self.building.append(f"def:{e.func}")
+            try:
+                node = self._expr(d.body, local)
+            finally:
+                self.building.pop()
+            self.inlined[key] = node
         # The call keeps its own identity (for graphs and diffs) as an alias of the inlined body.
         a = self.g.nodes[node]
         return self._node("def", [node], e.span, fn=d.name, call_args=tuple(local[p] for p in d.params),
                           level=a["level"], phase=a["phase"], grad=a["grad"])
+
+    def _skey(self, nid: str) -> tuple:
+        """A node's structure: its op, its attributes (positions left out) and its arguments'
+        structures. Equal keys mean equal values; attributes that name other nodes (kwargs) keep
+        their ids, so the key errs only towards 'different'."""
+        key = self.skeys.get(nid)
+        if key is None:
+            a = self.g.nodes[nid]
+            attrs = tuple(sorted((k, repr(v)) for k, v in a.items() if k not in ("span", "stmt_span", "args")))
+            key = (a["op"], attrs, tuple(self._skey(x) for x in a["args"]))
+            self.skeys[nid] = key
+        return key
 
     def _check_def(self, d: A.Def):
         if d.name in FUNCTIONS:
@@ -577,8 +606,9 @@ class _Checker:
             return 1, False
         if e.func in ("generate", "flow_sde"):
             n = self._int_arg(kw["n"], "n") if "n" in kw else 1
-            if n < 1:
-                raise error("n must be at least 1", kw["n"].span, "type")
+            if not 1 <= n <= MAX_GROUP:
+                raise error(f"n must be between 1 and {MAX_GROUP:,} (got {n:,})", kw["n"].span, "type",
+                            "n is the number of responses sampled for each prompt")
             return n, False
         if e.func == "tree_search":
             return 2, True

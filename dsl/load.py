@@ -8,6 +8,7 @@ section taken from the most derived file that writes it, and the defs of every i
 from __future__ import annotations
 
 import difflib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,25 +57,51 @@ def did_you_mean(word: str, options) -> str | None:
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
 
 
+MAX_SPEC_BYTES = 4 << 20  # a spec is a page of text; anything larger is refused unread
+
+
 def read_spec(ref: str | Path, *, relative_to: Path | None = None, at: Span | None = None) -> A.SpecFile:
-    """Parse a spec given as text, a file path, or the name of a built-in."""
+    """Parse a spec given as text, a file path, or the name of a built-in.
+
+    A ``str`` with a line break (or starting with ``algorithm``/``library``) is spec text; a bare
+    name such as ``grpo`` is the built-in of that name even when a file or folder of that name
+    is in the current directory (write ``./grpo`` for that one); a ``Path``, or a string with a
+    ``/`` or an ``.align`` suffix, is a file."""
     if isinstance(ref, str) and ("\n" in ref or "\r" in ref
                                  or ref.lstrip().startswith(("algorithm ", "library "))):
         path = "<string>"
         _SOURCES[path] = source_lines(ref)
         return parse(ref, path)
-    path = _locate(str(ref), relative_to, at)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise SpecError(f"{path} is a directory, not a spec file", Span(str(path), 0, 0, 0, 0),
-                        kind="io", hint="give a .align file, or a built-in name") from None
-    except OSError as e:
-        raise SpecError(f"cannot read {path}: {e.strerror or e}", Span(str(path), 0, 0, 0, 0), kind="io") from None
+    path = _locate(ref, relative_to, at)
     name = _display(path)
-    text = decode(data, name)
+    text = decode(_read_bounded(path), name)
     _SOURCES[name] = source_lines(text)
     return parse(text, name)
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_SPEC_BYTES; a directory, a device (/dev/zero),
+    a FIFO or a socket is refused before it is opened (opening a FIFO would wait for a writer)."""
+    where = Span(str(path), 0, 0, 0, 0)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise SpecError(f"cannot read {path}: {e.strerror or e}", where, kind="io") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SpecError(f"{path} is a directory, not a spec file", where, kind="io",
+                        hint="give a .align file, or a built-in name")
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError(f"{path} is not a regular file (a device, FIFO or socket), so it is not read", where,
+                        kind="io", hint="give a .align file, or a built-in name")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise SpecError(f"cannot read {path}: {e.strerror or e}", where, kind="io") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path} is larger than {MAX_SPEC_BYTES >> 20} MiB; a spec file is a page of text",
+                        where, kind="io", hint="is this really a .align spec?")
+    return data
 
 
 def _display(path: Path) -> str:
@@ -84,26 +111,41 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _locate(ref: str, relative_to: Path | None, at: Span | None) -> Path:
-    candidates = []
-    p = Path(ref)
-    if relative_to is not None and not p.is_absolute():
-        candidates += [relative_to / ref, relative_to / f"{ref}.align"]
-    candidates += [p]
-    if p.suffix != ".align" and "/" not in ref and "\\" not in ref:
-        candidates.append(builtin_dir() / f"{ref}.align")
-    for c in candidates:
+def is_bare_name(ref: str) -> bool:
+    """``grpo``: no folder, no ``.align`` suffix -- the name of a built-in (or an import's sibling file)."""
+    return "/" not in ref and "\\" not in ref and not ref.endswith(".align") and ref not in (".", "..")
+
+
+def _locate(ref: str | Path, relative_to: Path | None, at: Span | None) -> Path:
+    """The file a reference names. Inside a spec (``relative_to``: its folder), ``import x`` or
+    ``extends x`` is ``x.align`` beside it, else the built-in ``x``. From the command line or the
+    API, a bare name is the built-in of that name, else the file of that name; a Path or
+    anything with a folder or an ``.align`` suffix is a file."""
+    text = str(ref)
+    p = Path(text)
+    bare = isinstance(ref, str) and is_bare_name(text)
+    builtin = builtin_dir() / f"{text}.align"
+    if relative_to is not None:  # import / extends inside a spec: a sibling file, else the built-in
+        found = [relative_to / f"{text}.align", builtin] if bare else [relative_to / text, p]
+    else:
+        found = [builtin] if bare else []
+    for c in found:
         try:
-            if c.exists():
+            if c.is_file():
                 return c
         except OSError:  # e.g. a name longer than the file system allows
             continue
+    try:
+        if (relative_to is None or not bare) and p.exists():
+            return p  # read_spec says what is wrong with it when it is no regular file
+    except OSError:
+        pass
     names = builtin_names(None)
     hint = did_you_mean(p.stem, names) or f"built-ins: {', '.join(builtin_names())}"
-    msg = f"no spec file or built-in named {ref!r}"
+    msg = f"no spec file or built-in named {text!r}"
     if at is not None:
         raise error(msg, at, "unknown-spec", hint)
-    raise SpecError(msg, Span(ref, 0, 0, 0, 0), kind="unknown-spec", hint=hint)
+    raise SpecError(msg, Span(text, 0, 0, 0, 0), kind="unknown-spec", hint=hint)
 
 
 @dataclass

@@ -8,6 +8,7 @@ limit of the passes that follow.
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 from lark import Lark, Token, v_args
@@ -234,14 +235,18 @@ def _grammar() -> str:
     return (Path(__file__).with_name("grammar.lark")).read_text()
 
 
-_comments: list[Token] = []  # filled by the lexer callback during one parse
+_local = threading.local()  # this thread's parse: `comments`, filled by the lexer callback
+
+
+def _keep_comment(tok: Token) -> None:
+    _local.comments.append(tok)
 
 
 @functools.lru_cache(maxsize=None)
 def _parser() -> Lark:
     return Lark(_grammar(), parser="lalr", lexer="contextual", propagate_positions=True,
                 maybe_placeholders=True, postlex=_Postlex(),
-                lexer_callbacks={"COMMENT": _comments.append})
+                lexer_callbacks={"COMMENT": _keep_comment})
 
 
 def normalize_newlines(text: str) -> str:
@@ -306,7 +311,7 @@ def parse(text: str, path: str = "<string>") -> A.SpecFile:
         raise SpecError("empty spec: expected a header line such as 'algorithm NAME'",
                         Span(path, 1, 1, 1, 1), kind="empty",
                         hint="start the file with `algorithm NAME` (or `library NAME`)")
-    _comments.clear()
+    _local.comments = comments = []  # per thread: parses in two threads never mix their comments
     try:
         try:
             tree = _Builder(path).transform(_parser().parse(text + "\n"))
@@ -325,7 +330,7 @@ def parse(text: str, path: str = "<string>") -> A.SpecFile:
     _check_depth(tree, lines)
     return A.SpecFile(tree.kind, tree.name, tree.extends, tree.items, span=tree.span, path=path,
                       source=source,
-                      comments=tuple((c.line, c.column, str(c)) for c in _comments))
+                      comments=tuple((c.line, c.column, str(c)) for c in comments))
 
 
 def _check_depth(spec: A.SpecFile, lines: list[str]) -> None:

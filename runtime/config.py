@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import RunError
 
@@ -28,24 +28,26 @@ class RunConfig(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="our field name -> the data set's field name")
     out: str = "runs/run"
+    overwrite: bool = Field(False, description="write into a non-empty --out that holds no alignspec run "
+                            "(only the run's own files are written; nothing there is deleted)")
     steps: int | None = Field(None, ge=1, description="optimizer steps (rollouts); None: 100, 300 on the built-in task "
                                 "(or the spec's built-in preset, runtime/presets.py)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds Python, NumPy and torch (NumPy takes 0 .. 2**32-1)")
     batch_size: int | None = Field(None, ge=1, description="prompts (or pairs) per optimizer step, all processes; None: 8, 16 on the "
                                      "built-in task (or the spec's built-in preset, runtime/presets.py)")
-    micro_batch_size: int = Field(8, ge=1, description="groups per forward/backward")
-    max_new_tokens: int | None = Field(None, ge=1, description="None: 64, 3 on the built-in task")
-    lr: float | None = Field(None, gt=0, description="None: 1e-5, 1e-3 for the built-in model (or the spec's "
+    micro_batch_size: int = Field(8, ge=1, le=1 << 16, description="groups per forward/backward")
+    max_new_tokens: int | None = Field(None, ge=1, le=1 << 20, description="None: 64, 3 on the built-in task")
+    lr: float | None = Field(None, gt=0, le=10, allow_inf_nan=False, description="None: 1e-5, 1e-3 for the built-in model (or the spec's "
                                 "built-in preset, runtime/presets.py)")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    max_grad_norm: float | None = Field(1.0, description="None or 0: no clipping")
+    max_grad_norm: float | None = Field(1.0, ge=0, allow_inf_nan=False, description="None or 0: no clipping")
     save_every: int = Field(0, ge=0, description="0: only at the end")
     eval_every: int | None = Field(None, ge=0, description="0: only at start and end; None: 25 on the built-in task")
     eval_size: int | None = Field(None, ge=1, description="None: every held-out problem")
     lora_r: int = Field(0, ge=0, description="0: full fine-tuning")
-    lora_alpha: float | None = None
+    lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="LoRA scaling numerator (None: 2 * lora_r)")
     rewards: list[str] = Field(default_factory=list,
                                description="registry names or module:function")
     reward_model: str | None = None
@@ -60,7 +62,7 @@ class RunConfig(BaseModel):
         "when the tokenizer has one (the built-in char tokenizer has none), on = require one, off = raw "
         "text; a plain-string prompt becomes one user message, completions are never templated")
     dtype: str = "float32"
-    max_refill_rounds: int = Field(4, ge=0)
+    max_refill_rounds: int = Field(4, ge=0, le=1000)
     log_with: list[str] = Field(default_factory=list)
     profile: bool = False
     chunk_size: int = Field(1024, ge=1, description="rows per block of the output layer's log-prob tiles (each "
@@ -87,10 +89,11 @@ class RunConfig(BaseModel):
     force_old_forward: bool = Field(False, description="run the no-grad 'old' forward even when each rollout "
                                     "is used once and the spec reads no logp_old (to measure what skipping "
                                     "it saves)")
-    threads: int | None = Field(None, ge=0, description="torch intra-op threads per process; None: 1 for the "
+    threads: int | None = Field(None, ge=0, le=1024, description="torch intra-op threads per process; None: 1 for the "
                                 "built-in tiny model (more threads only add overhead there), torch's default "
                                 "otherwise; 0: torch's default")
     params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    _set_keys: set = PrivateAttr(default_factory=set)  # the keys given with --set (on purpose on --resume)
 
     @field_validator("log_with", "rewards", mode="before")
     @classmethod
@@ -121,7 +124,15 @@ def _read_file(path) -> dict:
     p = Path(os.path.expanduser(str(path)))
     if not p.is_file():
         raise RunError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raw = p.read_bytes()
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise RunError(f"{p}:{line}: byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8",
+                       hint="save the config file as UTF-8") from None
+    except OSError as e:
+        raise RunError(f"cannot read config file {p}: {e.strerror or e}") from None
     try:
         if p.suffix.lower() == ".toml":
             import tomllib
@@ -196,6 +207,8 @@ def load_config(path=None, sets=(), spec_params=(), **explicit) -> RunConfig:
         raise RunError(f"unknown spec parameter(s) {', '.join(unknown)}",
                        hint=f"the spec's params are: {', '.join(sorted(spec_params)) or '(none)'}")
     try:
-        return RunConfig(**data)
+        cfg = RunConfig(**data)
     except ValidationError as e:
         raise RunError(_describe(e, source)) from None
+    cfg._set_keys = {item.partition("=")[0].strip().removeprefix("params.") for item in sets}
+    return cfg

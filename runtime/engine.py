@@ -18,10 +18,11 @@ parallel/ddp.py for the normalizers, padding micro-batches and gradient reductio
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import load_config
-from .errors import RunError, RunFailure
+from .errors import RunError, RunFailure, RunInterrupted
 from .loop.base import PHASES
 from .loop.engine import EXTERNALS, Engine
 
@@ -43,7 +44,11 @@ def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None,
         if isinstance(spec, CompiledAlgorithm):
             merged = {**{k: v for k, v in spec.params.items()}, **merged}
         algo = base.with_params(**merged)
-    return Engine(algo, cfg, resume=resume)  # the policy family follows the plan (loop/engine.py)
+    from .io.outdir import claim_out  # before anything loads: a bad --out costs nothing
+    lock = claim_out(cfg, resume=resume, main=int(os.environ.get("RANK", "0")) == 0, spec=algo.name)
+    engine = Engine(algo, cfg, resume=resume)  # the policy family follows the plan (loop/engine.py)
+    engine.out_lock = lock  # held until the process ends
+    return engine
 
 
 def run_from_cli(spec, model=None, data=None, config=None, sets=(), out=None, steps=None, seed=None,
@@ -64,6 +69,9 @@ def run_from_cli(spec, model=None, data=None, config=None, sets=(), out=None, st
     except SpecError as e:
         print(e.format() if hasattr(e, "format") else str(e), file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(f"{e}", file=sys.stderr)
+        return e.code
     except RunFailure as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

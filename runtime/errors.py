@@ -19,3 +19,12 @@ class RunError(Exception):
 
 class RunFailure(RunError):
     """The run itself failed (e.g. a non-finite loss), as opposed to bad input: exit code 1."""
+
+
+class RunInterrupted(RunFailure):
+    """SIGTERM or SIGINT stopped the run after a step, with a checkpoint saved: the process
+    exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), as a shell reports it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message, hint="continue with the same command and --resume")
+        self.code = 128 + signum

@@ -183,7 +183,7 @@ eng.train()
 
 def test_two_process_resume_reproduces_the_uninterrupted_run(tmp_path):
     """2 processes stopped after step 2 and resumed end with the weights of an uninterrupted
-    2-process run: every process's generators come back from its own process_<rank>.pt."""
+    2-process run: every process's generators come back from its own process_<rank>.json."""
     script = tmp_path / "resume.py"
     script.write_text(RESUME_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -198,7 +198,7 @@ def test_two_process_resume_reproduces_the_uninterrupted_run(tmp_path):
     launch(str(tmp_path / "b"), "2", "fresh", ok=False)
     ck = tmp_path / "b" / "checkpoint"
     assert json.loads((ck / "state.json").read_text())["step"] == 2
-    assert (ck / "process_0.pt").is_file() and (ck / "process_1.pt").is_file()
+    assert (ck / "process_0.json").is_file() and (ck / "process_1.json").is_file()
     launch(str(tmp_path / "b"), "-1", "resume")
     wa, wb = read_weights(tmp_path / "a" / "model"), read_weights(tmp_path / "b" / "model")
     for k in wa:

@@ -37,6 +37,8 @@ def _read(path: Path):
                 raise RunError(f"{path} holds several splits {sorted(ds)} and none is 'train'",
                                hint="save a single split, or one named 'train'")
         return ds
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path)
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise RunError(f"unknown data format for {path} (suffix {path.suffix!r})",
@@ -47,6 +49,30 @@ def _read(path: Path):
         where = _bad_json_line(path) if builder == "json" else None
         raise RunError(f"could not read {path} as {path.suffix[1:]}: "
                        f"{where or _root_cause(e)}") from e
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file, read line by line (a huge line costs its own size, not
+    an Arrow block's worth of buffers), with errors that name the line and the row."""
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RunError(f"{path}: row {len(rows)} (line {n}): byte 0x{raw[e.start]:02x} at column "
+                               f"{e.start + 1} is not UTF-8", hint="save the data file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise RunError(f"{path}: row {len(rows)} (line {n}) is not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise RunError(f"{path}: row {len(rows)} (line {n}) is a JSON {type(row).__name__}, not an object "
+                               "of fields", hint='each line holds one row, e.g. {"prompt": "..."}')
+            rows.append(row)
+    return rows
 
 
 def _root_cause(e: BaseException) -> str:
@@ -114,7 +140,7 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
     fields = dict(fields or {})
     ds = _read(p)
     if len(ds) == 0:
-        raise RunError(f"{p} has no rows")
+        raise RunError(f"{p} has no rows", hint="a data file holds one row per line (jsonl) or per record")
     records = []
     for i, row in enumerate(ds):
         rec = dict(row)
@@ -130,6 +156,11 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
                     f"{p}: row {i} has no field '{src}'{via} (missing or null); the row has fields: "
                     f"{', '.join(present) or '(none)'}",
                     hint=f"map a field with fields={{'{name}': '<their field>'}}")
+        for name in required:
+            value = rec[name]
+            if not isinstance(value, (str, list, tuple)):
+                raise RunError(f"{p}: row {i}'s {name} is a {type(value).__name__} ({str(value)[:40]!r}), not text",
+                               hint=f"{name} must be a string, or a list of {{'role', 'content'}} messages")
         if "prompt" in required and _is_empty(rec["prompt"]):
             raise RunError(f"{p}: row {i} has an empty prompt")
         if is_conversation(rec.get("prompt")):

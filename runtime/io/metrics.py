@@ -13,19 +13,21 @@ class MetricsMixin:
     def _log(self, rec: dict) -> None:
         """One record: a line of ``OUT/metrics.jsonl`` (main process), its numbers to the trackers."""
         if self.main:
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            mode = "w" if getattr(self, "_fresh_metrics", False) else "a"
+            with open(self.out / "metrics.jsonl", mode, encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
+            self._fresh_metrics = False
         if self.cfg.log_with:
             self.acc.log({k: v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))},
                          step=rec["step"])
 
     def _reset_metrics(self, resumed: bool) -> None:
-        """A fresh run starts a new ``metrics.jsonl``; a resumed one keeps the lines up to its step."""
+        """A fresh run starts a new ``metrics.jsonl`` with its first line (an earlier run's stays
+        until then, so a run that fails before logging loses nothing); a resumed one keeps the
+        lines up to its step."""
         mpath = self.out / "metrics.jsonl"
-        if not self.main or not mpath.exists():
-            return
-        if not resumed:
-            mpath.unlink()
+        self._fresh_metrics = not resumed
+        if not self.main or not mpath.exists() or not resumed:
             return
         lines = [ln for ln in mpath.read_text().splitlines()
                  if ln.strip() and json.loads(ln).get("step", 0) <= self.step]

@@ -30,13 +30,16 @@ The engine sets ``algo``, ``cfg`` (a ``RunConfig``), ``resume``, ``out``, ``cons
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import signal
+import threading
 import time
 
 import torch
 
-from ..errors import RunFailure
+from ..errors import RunFailure, RunInterrupted
 from ..io.checkpoint import CheckpointMixin, replace_dir  # noqa: F401  (replace_dir: re-exported)
 from ..io.metrics import MetricsMixin
 
@@ -109,7 +112,7 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
 
     def _iteration_params(self, iteration: int) -> dict:
         """Every param at ``iteration``: its schedule's entry, unless the run set that param
-        (runtime/loop/iterations.py)."""
+        (runtime/iterations.py)."""
         from .iterations import iteration_params
         return iteration_params(self.algo, iteration)
 
@@ -206,6 +209,15 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
         return score
 
     def train(self) -> dict:
+        """Run the steps (see ``_train``); the hold on ``OUT`` (runtime/outdir.py) ends with it."""
+        try:
+            return self._train()
+        finally:
+            lock = getattr(self, "out_lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict:
         """Run (or resume) to ``steps`` optimizer steps; the summary: steps, wall_s, eval_score, loss."""
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = False
@@ -227,7 +239,8 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
         self._before_steps()
         t_run = time.perf_counter()
         prof = self._start_profile()
-        last, last_eval = self._run_steps(last_eval)
+        with self._stop_on_signals():
+            last, last_eval = self._run_steps(last_eval)
         self._stop_profile(prof)
         wall = time.perf_counter() - t_run
         if self._evaluates():
@@ -269,4 +282,42 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:
                     self.save_checkpoint()
                 progress.update(bar, completed=self.step, info=self._progress_info(res, last_eval))
+                if self._agree(self._signal is not None) and self.step < self.steps:
+                    self.save_checkpoint()
+                    name = signal.Signals(self._signal or signal.SIGTERM).name
+                    raise RunInterrupted(f"{name}: stopped after step {self.step}; checkpoint saved in "
+                                         f"{self.out / 'checkpoint'}", self._signal or signal.SIGTERM)
         return last, last_eval
+
+    _signal: int | None = None
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While the steps run, SIGTERM (what schedulers send before SIGKILL) and SIGINT ask the
+        run to stop after the current step with a checkpoint (``_run_steps``); a second one
+        stops at once. Only the main thread can take signals; elsewhere nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum, frame):
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            self._signal = signum
+            self.say(f"[yellow]{signal.Signals(signum).name}: stopping after this step (again: at once)[/yellow]")
+
+        previous = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` of any process (every process stops at the same step)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=getattr(self, "device", "cpu"))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())

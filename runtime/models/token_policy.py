@@ -179,8 +179,16 @@ class TokenPolicy:
 
     def tok_prompt(self, run, prompt) -> list[int]:
         """A prompt (string or list of messages) as the policy's token ids: through the chat
-        template when the run uses one (``run.prompt_format``, data/prompts.py)."""
-        return run.prompt_format.ids(prompt)
+        template when the run uses one (``run.prompt_format``, data/prompts.py). A prompt
+        that leaves no room for ``max_new_tokens`` in the model's context is a RunError."""
+        ids = run.prompt_format.ids(prompt)
+        context = getattr(unwrap_causal_lm(run.policy).config, "max_position_embeddings", None)
+        if context and len(ids) + run.max_new_tokens > context:
+            text = prompt if isinstance(prompt, str) else str(prompt)
+            raise RunError(f"a prompt of {len(ids):,} tokens ({text[:50]!r}...) leaves no room for max_new_tokens "
+                           f"{run.max_new_tokens} in the model's context of {context:,} positions",
+                           hint="shorten or drop the long prompts, or lower max_new_tokens")
+        return ids
 
     def tok_completion(self, run, text: str) -> list[int]:
         return token_rows.tok_completion(run.tokenizer, text)
@@ -197,6 +205,7 @@ class TokenPolicy:
         texts = [r["text"] for r in rows]
         recs = [r["rec"] for r in rows]
         for name, scorer in run.scorers.items():
+            scorer.step = run.step + 1  # named in a reward's error message
             batch[name] = scorer(prompts, texts, recs).to(run.device, torch.float32)
         if getattr(run, "embedder", None) is not None:  # embedding(response), scoring/embedding.py
             batch["embedding"] = run.embedder(batch, texts)

@@ -26,11 +26,13 @@ and, as a Bradley-Terry scorer with P(i > j) = sigmoid(s_i - s_j), ``preference(
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
 
-from ..errors import RunError
+from ..errors import RunError, RunFailure
 
 
 def exact_answer(prompts, completions, records):
@@ -76,20 +78,55 @@ def resolve_reward(name: str) -> Callable:
 
 
 class RewardFunctions:
-    """The sum of several named reward functions."""
+    """The sum of several named reward functions. Each must return one real, finite number per
+    completion; anything else (an exception, None, a scalar, a string, a nested list, a complex
+    number, NaN, the wrong length) stops the run with a message that names the function, the
+    step (``step``, set by the engine before each call) and the row."""
 
     def __init__(self, names: list[str]):
         self.names = list(names)
         self.fns = [resolve_reward(n) for n in names]
+        self.step: int | None = None
 
     def __call__(self, prompts, completions, records) -> torch.Tensor:
         total = torch.zeros(len(completions), dtype=torch.float32)
         for name, fn in zip(self.names, self.fns):
-            vals = list(fn(prompts, completions, records))
-            if len(vals) != len(completions):
-                raise RunError(f"reward {name!r} returned {len(vals)} values for {len(completions)} completions")
-            total += torch.tensor([float(v) for v in vals], dtype=torch.float32)
+            total += torch.tensor(self._values(name, fn, prompts, completions, records), dtype=torch.float32)
         return total
+
+    def _values(self, name, fn, prompts, completions, records) -> list[float]:
+        at = f"step {self.step}: " if self.step is not None else ""
+        try:
+            vals = fn(prompts, completions, records)
+        except RunError:
+            raise
+        except Exception as e:
+            raise RunFailure(f"{at}reward {name!r} raised {type(e).__name__}: {e}",
+                             hint="the reward function is called with (prompts, completions, records) for a "
+                                  "batch and returns one number per completion") from e
+        if isinstance(vals, (str, bytes, dict)) or not hasattr(vals, "__len__"):
+            raise RunFailure(f"{at}reward {name!r} returned {type(vals).__name__} {_short(vals)} instead of a list "
+                             f"of {len(completions)} numbers (one per completion)")
+        vals = list(vals)
+        if len(vals) != len(completions):
+            raise RunFailure(f"{at}reward {name!r} returned {len(vals)} values for {len(completions)} completions")
+        out = []
+        for i, v in enumerate(vals):
+            if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+                v = v.item()  # a NumPy or torch scalar
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise RunFailure(f"{at}reward {name!r} returned {_short(v)} ({type(v).__name__}) for row {i} "
+                                 f"(completion {_short(completions[i])}); expected a real number")
+            if not math.isfinite(v):
+                raise RunFailure(f"{at}reward {name!r} returned {v} for row {i} (completion "
+                                 f"{_short(completions[i])}); rewards must be finite")
+            out.append(float(v))
+        return out
+
+
+def _short(v, n: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[:n] + "..."
 
 
 class SequenceScorer:
