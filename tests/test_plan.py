@@ -128,3 +128,14 @@ def test_runtime_reads_no_syntax_tree():
                 if n.startswith(("alignspec.dsl", "alignspec.cli")) or n in ("alignspec.dsl", "alignspec.cli"):
                     bad.append(f"{f.relative_to(ROOT)}:{node.lineno}: {n}")
     assert not bad, bad
+
+
+def test_runtime_reads_no_spec_or_graph_of_a_compiled_algorithm():
+    """The runtime takes what it needs from ``algo.plan`` (and the step functions): it reaches
+    neither into the checked spec (``algo.spec``) nor into the compiler's graph."""
+    import re
+    pat = re.compile(r"\b(?:algo|current|base|self\.algo|run\.algo|run\.current|engine\.algo)\.(?:spec|graph)\b")
+    bad = [f"{f.relative_to(ROOT)}:{i}: {ln.strip()}"
+           for f in sorted((ROOT / "runtime").rglob("*.py"))
+           for i, ln in enumerate(f.read_text().splitlines(), 1) if pat.search(ln)]
+    assert not bad, bad

@@ -104,7 +104,7 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
     def algo_for(self, iteration: int):
         """The compiled algorithm of ``iteration``: ``self.algo`` unless the spec schedules
         params per iteration (then compiled once per iteration, with ``_iteration_params``)."""
-        if not self.algo.schedules:
+        if not self.algo.plan.schedules:
             return self.algo
         if iteration not in self._algos:
             self._algos[iteration] = self.algo.with_params(**self._iteration_params(iteration))

@@ -116,7 +116,7 @@ class Engine(TrainingLoop):
                 metrics[k] = float(v)
             batch.update(adv)
             metrics.update(self.family.rollout_metrics(self, batch))
-        n_groups = 0 if batch is None else batch["mask"].shape[0] // algo.group_size
+        n_groups = 0 if batch is None else batch["mask"].shape[0] // algo.plan.group_size
         loss_sum, n_updates, metrics, grad_norms = updates(self, algo, batch, metrics, times)
         res = self._step_record(loss_sum / max(1, n_updates), metrics, grad_norms,
                                 n_groups * self.world if self.world > 1 else n_groups, info, times, t_start,

@@ -73,7 +73,7 @@ def overridden_schedules(algo) -> set[str]:
     """Scheduled params the run set explicitly (their value differs from the declared default):
     such a value holds at every iteration, in place of the spec's schedule."""
     declared = dict(algo.plan.param_defaults)
-    return {k for k in algo.schedules if k in declared and algo.params[k] != declared[k]}
+    return {k for k, _ in algo.plan.schedules if k in declared and algo.params[k] != declared[k]}
 
 
 def iteration_params(algo, iteration: int) -> dict:
@@ -81,7 +81,7 @@ def iteration_params(algo, iteration: int) -> dict:
     unless the run overrode that param (see ``overridden_schedules``)."""
     fixed = overridden_schedules(algo)
     over = dict(algo.params)
-    for k, vals in algo.schedules.items():
+    for k, vals in algo.plan.schedules:
         if k not in fixed:
             over[k] = vals[min(iteration, len(vals) - 1)]
     return over

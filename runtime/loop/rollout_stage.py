@@ -28,7 +28,7 @@ def rollout(run, times: dict) -> tuple[dict | None, dict]:
     """The step's training batch (kept rows, scores and carried values) and ``info`` (refill
     rounds, dropped groups); (None, info) when no group survived."""
     algo, pol = run.current, run.family
-    G = algo.group_size
+    G = algo.plan.group_size
     kept, carried, carried_rows = [], [], []  # carried_rows: kept rows per round (tells per-group values apart)
     info = {"refill_rounds": 0, "dropped_groups": 0}
     have = rnd = 0
@@ -48,7 +48,7 @@ def rollout(run, times: dict) -> tuple[dict | None, dict]:
             sel = s.pop("rows")
             s.pop("keep")  # the row mask; `rows` already applies it
             idx = list(range(len(rows))) if sel is None else sel.tolist()
-            info["dropped_groups"] += len(rows) // algo.sample_group_size - len(idx) // G
+            info["dropped_groups"] += len(rows) // algo.plan.sample_group_size - len(idx) // G
             for k, v in list(batch.items()):
                 if k in EXTERNALS:
                     s.setdefault(k, v if sel is None else v[sel])

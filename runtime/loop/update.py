@@ -41,7 +41,7 @@ def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[
     joins every update of the others). ``metrics``: the step's rollout metrics so far. Returns
     (summed loss, updates, every metric of the step, grad norms)."""
     pol = run.family
-    G = algo.group_size
+    G = algo.plan.group_size
     rows = 0 if batch is None else batch["mask"].shape[0]
     n_groups = rows // G
     loss_sum, n_updates, stat_sums, stat_n, term_sums = 0.0, 0, {}, 0, {}

@@ -43,7 +43,7 @@ def setup_extras(engine) -> None:
     from ..loop.iterations import overridden_schedules
     for k in sorted(overridden_schedules(algo)):
         engine.say(f"{k} = {algo.params[k]} at every iteration (set for this run, in place of the spec's "
-                   f"schedule {algo.schedules[k]})")
+                   f"schedule {list(dict(algo.plan.schedules)[k])})")
     engine.embedder = None
     if "embedding" in algo.inputs:
         from ..scoring.embedding import Embeddings

@@ -271,7 +271,7 @@ class TokenPolicy:
         it = getattr(run, "iterate", None)
         sampler = it if it is not None else run.model
         lo, vo = [], []
-        for sl in micro_slices(run, rows, algo.group_size) if need_logp or need_value else []:
+        for sl in micro_slices(run, rows, algo.plan.group_size) if need_logp or need_value else []:
             if need_logp or sampler is run.model:
                 o = self.forward_rows(run, sampler, batch, sl, grad=False, value=need_value and sampler is run.model)
                 lo.append(o["logp"])
@@ -299,7 +299,7 @@ class TokenPolicy:
         ref, ctx = reference_model_ctx(run)
         with ctx:
             return torch.cat([self.forward_rows(run, ref, batch, sl, grad=False)["logp"]
-                              for sl in micro_slices(run, batch["mask"].shape[0], run.current.group_size)])
+                              for sl in micro_slices(run, batch["mask"].shape[0], run.current.plan.group_size)])
 
     # -- metrics, evaluation, iterations -------------------------------------------------------
     def rollout_metrics(self, run, batch: dict) -> dict:
