@@ -606,8 +606,10 @@ class _Checker:
             return 1, False
         if e.func in ("generate", "flow_sde"):
             n = self._int_arg(kw["n"], "n") if "n" in kw else 1
-            if not 1 <= n <= MAX_GROUP:
-                raise error(f"n must be between 1 and {MAX_GROUP:,} (got {n:,})", kw["n"].span, "type",
+            if n < 1:
+                raise error("n must be at least 1", kw["n"].span, "type")
+            if n > MAX_GROUP:
+                raise error(f"n must be at most {MAX_GROUP:,} (got {n:,})", kw["n"].span, "type",
                             "n is the number of responses sampled for each prompt")
             return n, False
         if e.func == "tree_search":
