@@ -52,10 +52,27 @@ def _value(v: str):
 
 
 @app.command()
-def check(specs: List[str] = typer.Argument(..., help="spec files or built-in names")):
+def check(specs: List[str] = typer.Argument(..., help="spec files or built-in names"),
+          format: str = typer.Option("text", "--format",
+                                     help="text: one line per file, errors on stderr; json: a JSON array of the "
+                                          "problems on stdout (file, line, column, end_line, end_column, severity, "
+                                          "kind, message, hint)")):
     """Parse and check spec files; print one line per file."""
     from alignspec.dsl.check import load
     from alignspec.dsl.errors import SpecError
+    if format not in ("text", "json"):
+        typer.echo("--format must be text or json", err=True)
+        raise typer.Exit(2)
+    if format == "json":
+        from alignspec.editor.diagnostics import to_json
+        problems = []
+        for ref in specs:
+            try:
+                load(ref)
+            except SpecError as e:
+                problems.append(e)
+        typer.echo(to_json(problems))
+        raise typer.Exit(2 if problems else 0)
     failed = False
     for ref in specs:
         try:
