@@ -6,6 +6,8 @@
     alignspec graph SPEC [-o FILE] [--format dot|svg|png]
     alignspec compile SPEC [-o step.py] [--set k=v] [--dump-after PASS]
     alignspec list | new NAME [--from BASE] | run SPEC ...
+    alignspec check SPEC... --format json   the problems as a JSON array on stdout
+    alignspec lsp                  the language server, over stdio
 
 Editor-speed commands (check, fmt, diff, graph, list, new) never import torch. Errors go
 to stderr as `file:line:col: message` with the line and a caret.
@@ -273,6 +275,13 @@ def run(spec: str,
     raise typer.Exit(run_from_cli(spec, model=model, data=data, config=config, sets=tuple(sets), out=out,
                                   steps=steps, seed=seed, save_every=save_every, resume=resume,
                                   eval_every=eval_every, profile=profile))
+
+
+@app.command()
+def lsp(stdio: bool = typer.Option(True, "--stdio", help="talk JSON-RPC over stdin/stdout (the only transport)")):
+    """Run the language server (diagnostics, hover, go to definition, completion, formatting) over stdio."""
+    from alignspec.editor.server import main as serve
+    serve()
 
 
 def main():
