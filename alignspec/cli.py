@@ -66,15 +66,11 @@ def check(specs: List[str] = typer.Argument(..., help="spec files or built-in na
         typer.echo("--format must be text or json", err=True)
         raise typer.Exit(2)
     if format == "json":
+        from alignspec.dsl.check import problems
         from alignspec.editor.diagnostics import to_json
-        problems = []
-        for ref in specs:
-            try:
-                load(ref)
-            except SpecError as e:
-                problems.append(e)
-        typer.echo(to_json(problems))
-        raise typer.Exit(2 if problems else 0)
+        found = [e for ref in specs for e in problems(ref)]
+        typer.echo(to_json(found))
+        raise typer.Exit(2 if found else 0)
     failed = False
     for ref in specs:
         try:

@@ -28,17 +28,49 @@ def test_json_matches_the_text_report_for_every_bad_spec():
     assert text.returncode == js.returncode == 2
     assert js.stderr == ""
     records = json.loads(js.stdout)
-    assert len(records) == len(BAD)
+    firsts = [r for i, r in enumerate(records) if i == 0 or records[i - 1]["file"] != r["file"]]
+    assert len(firsts) == len(BAD)
     heads = [l for l in text.stderr.splitlines() if l.startswith("tests/bad/")]
     hints = [l[len("hint: "):] for l in text.stderr.splitlines() if l.startswith("hint: ")]
-    assert len(heads) == len(records)
-    for rec, head in zip(records, heads):
+    assert len(heads) == len(firsts)
+    for rec, head in zip(firsts, heads):
         assert tuple(rec) == FIELDS
         assert rec["severity"] == "error"
         where = f"{rec['file']}:{rec['line']}:{rec['column']}: " if rec["line"] else f"{rec['file']}: "
         assert head == where + rec["message"].splitlines()[0], (head, rec)
         assert (rec["end_line"], rec["end_column"]) >= (rec["line"], rec["column"])
-    assert [r["hint"] for r in records if r["hint"]] == hints
+    assert [r["hint"] for r in firsts if r["hint"]] == hints
+    for rec in records:
+        assert tuple(rec) == FIELDS
+
+
+TWO_PROBLEMS = """\
+algorithm two
+data pairs
+
+params
+  beta = 0.1
+
+loss
+  h = beta * sum_tokens(logp - lgp_ref)
+  g = clip(h, 0)
+  both = h + g
+  minimize -mean(logsigmoid(h[chosen] - h[rejected]))
+"""
+
+
+def test_json_reports_each_independent_problem_and_text_the_first(tmp_path):
+    path = tmp_path / "two.align"
+    path.write_text(TWO_PROBLEMS)
+    js = cli("check", "--format", "json", path)
+    text = cli("check", path)
+    assert js.returncode == text.returncode == 2
+    records = json.loads(js.stdout)
+    # `both` and the minimize line only repeat the problems of h and g: each is reported once
+    assert [(r["line"], r["column"], r["kind"]) for r in records] == [(8, 32, "unknown-name"), (9, 7, "arity")]
+    assert "did you mean 'logp_ref'?" == records[0]["hint"]
+    assert text.stderr.splitlines()[0] == f"{path}:8:32: unknown name 'lgp_ref'"
+    assert text.stderr.count("\nhint: ") == 1          # the text format still stops at the first
 
 
 def test_json_for_good_specs_is_an_empty_array():

@@ -205,3 +205,11 @@ def test_formatting_is_fmt(lsp, tmp_path):
     lsp.open(tmp_path / "broken.align", "algorithm b\nloss\n  x = (\n")
     assert tuple(lsp.run(lsp.client.text_document_formatting_async(T.DocumentFormattingParams(
         _doc(tmp_path / "broken.align"), T.FormattingOptions(tab_size=2, insert_spaces=True))))) == ()
+
+
+def test_each_independent_problem_is_a_diagnostic(lsp, tmp_path):
+    text = ("algorithm two\ndata pairs\n\nparams\n  beta = 0.1\n\nloss\n  h = beta * sum_tokens(logp - lgp_ref)\n"
+            "  g = clip(h, 0)\n  minimize -mean(logsigmoid(h[chosen] - h[rejected]))\n")
+    diags = lsp.open(tmp_path / "two.align", text)
+    assert [(d.range.start.line, d.range.start.character, d.code) for d in diags] == [
+        (7, 31, "unknown-name"), (8, 6, "arity")]

@@ -68,8 +68,12 @@ class Analysis:
     tree: A.SpecFile | None = None
     resolved: object = None
     spec: object = None
-    error: SpecError | None = None
+    errors: list[SpecError] = field(default_factory=list)
     symbols: dict[str, Symbol] = field(default_factory=dict)
+
+    @property
+    def error(self) -> SpecError | None:
+        return self.errors[0] if self.errors else None
 
     @property
     def lines(self) -> list[str]:
@@ -78,18 +82,18 @@ class Analysis:
 
 def analyze(text: str, path: str) -> Analysis:
     """Parse, resolve and check `text` as the spec file at `path`."""
-    from alignspec.dsl.check import check
+    from alignspec.dsl.check import check_collecting
     from alignspec.dsl.load import resolve
     from alignspec.dsl.parser import normalize_newlines, parse
     out = Analysis(path, normalize_newlines(text))
     try:
         out.tree = parse(text, path)
         out.resolved = resolve(out.tree)
-        out.spec = check(out.resolved)
+        out.spec, out.errors = check_collecting(out.resolved)
     except SpecError as e:
-        out.error = e
+        out.errors = [e]
     except RecursionError:  # pragma: no cover - the parser bounds nesting
-        out.error = SpecError("expression nested too deeply", Span(path, 1, 1, 1, 1), kind="too-deep")
+        out.errors = [SpecError("expression nested too deeply", Span(path, 1, 1, 1, 1), kind="too-deep")]
     out.symbols = _symbols(out)
     return out
 
@@ -101,22 +105,24 @@ def same_file(a: str, b: str) -> bool:
         return a == b
 
 
-def problem_place(a: Analysis) -> tuple[Place, str] | None:
-    """Where in this document to show its problem, and the message to show there.
+def problem_places(a: Analysis) -> list[tuple[Place, str, SpecError]]:
+    """Where in this document to show each of its problems, and the message to show there.
 
     A problem inside another file (a base spec, a library) is shown on the `extends` or
     `import` line that brings that file in (else on the header), prefixed by its own place."""
-    e = a.error
-    if e is None:
-        return None
-    msg = e.message + (f"\nhint: {e.hint}" if e.hint else "")
-    if same_file(e.span.file, a.path) or not a.tree:
-        return place(e.span), msg
-    at = a.tree.span
-    for imp in a.tree.imports:
-        if _file_of(imp.name, a.path) and same_file(_file_of(imp.name, a.path), e.span.file):
-            at = imp.span
-    return place(at), f"{e.span}: {msg}" if e.span.line else f"{e.span.file}: {msg}"
+    out = []
+    for e in a.errors:
+        msg = e.message + (f"\nhint: {e.hint}" if e.hint else "")
+        if same_file(e.span.file, a.path) or not a.tree:
+            out.append((place(e.span), msg, e))
+            continue
+        at = a.tree.span
+        for imp in a.tree.imports:
+            target = _file_of(imp.name, a.path)
+            if target and same_file(target, e.span.file):
+                at = imp.span
+        out.append((place(at), f"{e.span}: {msg}" if e.span.line else f"{e.span.file}: {msg}", e))
+    return out
 
 
 # ---------------------------------------------------------------- names

@@ -9,8 +9,9 @@ One record per problem, with the checker's own position and hint:
 Lines and columns are 1-based, as in the text report (`file:line:col`); `end_column` is
 exclusive (the caret under the text covers `column .. end_column - 1`). A problem that belongs
 to a whole file (one that cannot be read, a missing built-in) has line and column 0. `hint` is
-null when the checker has none. The checker stops at the first problem of each file, so a file
-gives at most one record.
+null when the checker has none. A file can give several records (`dsl.check.problems`: the
+first problem of each statement, filter and loss term that fails on its own; a syntax or
+structure problem ends the file's check); the first is the one the text format prints.
 """
 
 from __future__ import annotations

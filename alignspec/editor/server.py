@@ -78,14 +78,10 @@ server = SpecServer()
 
 def publish(ls: SpecServer, uri: str) -> None:
     a = ls.analysis(uri)
-    found = an.problem_place(a)
-    diagnostics = []
-    if found is not None:
-        where, message = found
-        e = a.error
-        diagnostics.append(T.Diagnostic(range=ls.range_in(where, a.lines), message=message,
-                                        severity=T.DiagnosticSeverity.Error, code=e.kind, source="alignspec",
-                                        data={"kind": e.kind, "hint": e.hint}))
+    diagnostics = [T.Diagnostic(range=ls.range_in(where, a.lines), message=message,
+                                severity=T.DiagnosticSeverity.Error, code=e.kind, source="alignspec",
+                                data={"kind": e.kind, "hint": e.hint})
+                   for where, message, e in an.problem_places(a)]
     ls.text_document_publish_diagnostics(T.PublishDiagnosticsParams(uri=uri, diagnostics=diagnostics))
 
 
