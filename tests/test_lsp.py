@@ -213,3 +213,32 @@ def test_each_independent_problem_is_a_diagnostic(lsp, tmp_path):
     diags = lsp.open(tmp_path / "two.align", text)
     assert [(d.range.start.line, d.range.start.character, d.code) for d in diags] == [
         (7, 31, "unknown-name"), (8, 6, "arity")]
+
+
+# ---------------------------------------------------------------- the analysis, without the protocol
+def test_problem_in_a_base_spec_is_shown_on_the_header(tmp_path):
+    from alignspec.editor.analysis import analyze, problem_places
+    (tmp_path / "base.align").write_text("algorithm base\ndata pairs\nloss\n  minimize -mean(sum_tokens(lgp))\n")
+    text = "# child\nalgorithm child extends base\n"
+    a = analyze(text, str(tmp_path / "child.align"))
+    ((where, message, e),) = problem_places(a)
+    assert (where.line, where.col) == (1, 0)
+    assert message.startswith(f"{e.span.file}:4:29: unknown name 'lgp'") and e.span.file.endswith("base.align")
+
+
+def test_pipeline_stage_jumps_to_its_spec_and_quantities_hover():
+    from alignspec.editor.analysis import analyze, definition, hover
+    rlhf = ROOT / "algorithms" / "rlhf.align"
+    text = rlhf.read_text()
+    a = analyze(text, str(rlhf))
+    pos = _pos(text, "run(reward_model", 0, 6)
+    where = definition(a, pos.line, pos.character)
+    assert Path(where.path).resolve() == ROOT / "algorithms" / "reward_model.align"
+    assert hover(a, pos.line, pos.character)[0].startswith("spec `reward_model`")
+    grpo = (ROOT / "algorithms" / "grpo.align").read_text()
+    a = analyze(grpo, str(ROOT / "algorithms" / "grpo.align"))
+    pos = _pos(grpo, "logp_old)", 0, 2)
+    text, _ = hover(a, pos.line, pos.character)
+    assert "`logp_old`: action-level" in text and "no gradient" in text
+    pos = _pos(grpo, "\nparams", 0, 1)
+    assert definition(a, pos.line, pos.character) is None
