@@ -242,3 +242,12 @@ def test_pipeline_stage_jumps_to_its_spec_and_quantities_hover():
     assert "`logp_old`: action-level" in text and "no gradient" in text
     pos = _pos(grpo, "\nparams", 0, 1)
     assert definition(a, pos.line, pos.character) is None
+
+
+def test_document_symbols_outline_the_file(lsp, tmp_path):
+    path = tmp_path / "my_variant.align"
+    lsp.open(path, VARIANT)
+    syms = lsp.run(lsp.client.text_document_document_symbol_async(T.DocumentSymbolParams(_doc(path))))
+    assert [s.name for s in syms] == ["common", "params", "loss"]
+    assert [c.name for c in syms[2].children] == ["ratio", "pg", "minimize"]
+    assert syms[1].children[0].name == "eps_high" and syms[1].children[0].kind == T.SymbolKind.Constant

@@ -323,6 +323,34 @@ def completions(a: Analysis, line: int, col: int) -> list[Completion]:
     return out
 
 
+@dataclass
+class Outline:
+    name: str
+    kind: str                 # section | def | import | statement | param | term
+    where: Place              # the whole item
+    children: list["Outline"] = field(default_factory=list)
+
+
+def outline(a: Analysis) -> list[Outline]:
+    """The file's items for an editor's outline: imports, defs, and sections with their statements."""
+    if a.tree is None:
+        return []
+    out = []
+    for item in a.tree.items:
+        if isinstance(item, A.Import):
+            out.append(Outline(item.name, "import", place(item.span)))
+        elif isinstance(item, A.Def):
+            out.append(Outline(item.name, "def", place(item.span)))
+        elif isinstance(item, A.Section):
+            kids = []
+            for st in item.body:
+                name = getattr(st, "name", None) or ("minimize" if isinstance(st, A.Minimize) else "keep")
+                kind = "param" if item.kind == "params" else "term" if isinstance(st, A.Minimize) else "statement"
+                kids.append(Outline(name, kind, place(st.span)))
+            out.append(Outline(item.kind, "section", place(item.span), kids))
+    return out
+
+
 def formatted(text: str, path: str) -> str | None:
     """The canonical text (`alignspec fmt`), or None when the text does not parse."""
     from alignspec.dsl.fmt import format_text

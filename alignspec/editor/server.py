@@ -8,7 +8,8 @@
 - go to definition: statements, parameters (inherited ones in the base file), `def`s (in imported
   libraries), and the files that `extends`, `import` and `run(...)` name, built-ins included;
 - completion: section keywords, functions, quantities, parameters, names in scope, roles;
-- formatting: `alignspec fmt` (no edit when the text does not parse).
+- formatting: `alignspec fmt` (no edit when the text does not parse);
+- document symbols (the outline): imports, defs, sections and their statements.
 
 The answers come from `alignspec.editor.analysis`; this module converts positions between the
 checker's code points and the client's units (UTF-16 unless the client asks otherwise).
@@ -136,6 +137,21 @@ def completion(ls: SpecServer, params: T.CompletionParams):
                               documentation=T.MarkupContent(kind=T.MarkupKind.Markdown, value=c.doc) if c.doc else None)
              for c in an.completions(a, line, col)]
     return T.CompletionList(is_incomplete=False, items=items)
+
+
+_SYMBOLS = {"section": T.SymbolKind.Namespace, "def": T.SymbolKind.Function, "import": T.SymbolKind.Module,
+            "statement": T.SymbolKind.Variable, "param": T.SymbolKind.Constant, "term": T.SymbolKind.Event}
+
+
+@server.feature(T.TEXT_DOCUMENT_DOCUMENT_SYMBOL)
+def document_symbol(ls: SpecServer, params: T.DocumentSymbolParams):
+    a = ls.analysis(params.text_document.uri)
+
+    def symbol(o: an.Outline) -> T.DocumentSymbol:
+        rng = ls.range_in(o.where, a.lines)
+        return T.DocumentSymbol(name=o.name, kind=_SYMBOLS[o.kind], range=rng, selection_range=rng,
+                                children=[symbol(c) for c in o.children] or None)
+    return [symbol(o) for o in an.outline(a)]
 
 
 @server.feature(T.TEXT_DOCUMENT_FORMATTING)
