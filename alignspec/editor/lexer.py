@@ -34,7 +34,6 @@ class AlignspecLexer(RegexLexer):
     aliases = ["alignspec", "align"]
     filenames = ["*.align"]
     mimetypes = ["text/x-alignspec"]
-    url = "https://github.com/alignspec/alignspec"
 
     tokens = {
         "root": [
