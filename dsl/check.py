@@ -83,6 +83,31 @@ def check(res: Resolved, overrides: dict | None = None) -> Spec:
     return _Checker(res, overrides or {}).run()
 
 
+def problems(ref, **overrides) -> list[SpecError]:
+    """Every problem that checking a spec (a path, a built-in name or text) finds; [] when it is fine."""
+    try:
+        res = resolve(read_spec(ref))
+    except SpecError as e:
+        return [e]
+    return check_collecting(res, overrides)[1]
+
+
+def check_collecting(res: Resolved, overrides: dict | None = None) -> tuple[Spec | None, list[SpecError]]:
+    """`check`, going on past a problem: (the Spec or None, the problems found).
+
+    `check` stops at the first problem. This goes on past a problem in one statement of the
+    score, advantage or loss sections, in the filter lines or in the loss terms, and reports the
+    first problem of each of those that fails on its own (a statement that only reads a broken
+    one repeats its problem, which is reported once). Problems in the file's structure (params,
+    sections, data, sampling, train) still end the check. The first problem is always the one
+    `check` raises, so `alignspec check` prints the same either way."""
+    checker = _Checker(res, overrides or {}, collect=True)
+    try:
+        return checker.run(), []
+    except SpecError as e:
+        return None, checker.errors or [e]
+
+
 # ---------------------------------------------------------------------------------------------
 def _literal(expr: A.Expr):
     """The Python value of a literal expression, or raise ValueError."""
@@ -144,9 +169,11 @@ MAX_GROUP = 4096    # responses sampled per prompt
 
 
 class _Checker:
-    def __init__(self, res: Resolved, overrides: dict):
+    def __init__(self, res: Resolved, overrides: dict, collect: bool = False):
         self.res = res
         self.overrides = overrides
+        self.collect = collect               # go on past a failing statement (see `problems`)
+        self.errors: list[SpecError] = []
         self.g = nx.DiGraph()
         self.ids = itertools.count()
         self.params: dict[str, Param] = {}
@@ -180,14 +207,29 @@ class _Checker:
         stages = self._pipeline()
         for name, (section, stmt) in self.stmts.items():
             if section in ("score", "advantage", "loss"):
-                self._stmt_node(name)
-        self._filters()
-        self._terms(stages)
+                self._unit(self._stmt_node, name)
+        self._unit(self._filters)
+        self._unit(self._terms, stages)
+        if self.errors:
+            raise self.errors[0]
         train, schedules = self._train()
         self.g.graph.update(name=f.name, group_size=self.group_size, roles=dict(self.roles), data=data,
                             params={p.name: p.value for p in self.params.values()})
         return Spec(f.name, f.path, res, self.params, data, self.group_size, self.roles, self.g,
                     train, schedules, stages)
+
+    def _unit(self, fn, *args):
+        """Run one independent part of the check; when collecting, record its problem and go on."""
+        if not self.collect:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except SpecError as e:
+            self.building.clear()
+            self.section = ""
+            key = (e.span.file, e.span.line, e.span.col, e.message)
+            if all((x.span.file, x.span.line, x.span.col, x.message) != key for x in self.errors):
+                self.errors.append(e)
 
     # ------------------------------------------------------------------ params
     def _params(self):
