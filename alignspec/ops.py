@@ -671,6 +671,17 @@ def local_totals(batch, n, need=("tokens", "responses", "groups")):
     return out
 
 
+def float_dtype(batch) -> torch.dtype:
+    """The widest floating dtype among the batch's tensors (the default dtype if none): the
+    type of numbers the generated code makes into tensors (``where(c, 0.3, 1)``)."""
+    best = None
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            if best is None or torch.finfo(v.dtype).bits > torch.finfo(best).bits:
+                best = v.dtype
+    return best or torch.get_default_dtype()
+
+
 def valid_mask(mask):
     """The mask as bool, converted once per stage so every masked reduction reuses it."""
     return _valid(mask)

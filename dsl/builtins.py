@@ -41,6 +41,23 @@ QUANTITIES = {q.name: q for q in [
     Quantity("step_std", "action", "score", False, ("flow",), "flow policies: SDE noise std of each step"),
 ]}
 
+# Names the generated module itself uses (compiler/passes/lower.py): a spec may not name a
+# parameter or statement with one of these, nor with a name that starts with "_" (the
+# generated code's temporaries and term variables).
+GENERATED_NAMES = frozenset({
+    "batch", "totals", "with_metrics", "torch", "F", "ops", "math", "mask", "metrics", "terms", "loss",
+    "total", "keep", "rows", "picks", "out", "GROUP", "SAMPLE_GROUP", "ROLES", "n_rows", "score",
+    "advantage", "dtype",
+    # keys of the runtime's batch (runtime/engine.py) that carried values must not replace
+    "prompt_ids", "prompt_mask", "completion_ids", "completion_mask"})
+
+# Words of the grammar: they cannot name a value.
+KEYWORDS = ("algorithm", "and", "data", "def", "extends", "false", "import", "keep", "library", "minimize",
+            "not", "or", "true", "where")
+
+# The largest integer a spec may write (a torch int64); larger numbers take an exponent.
+MAX_INT = 2 ** 63 - 1
+
 # Names that only make sense as arguments of samplers and scorers.
 PSEUDO = {"prompt", "response"}
 ROLES = {"chosen", "rejected"}

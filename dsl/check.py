@@ -10,13 +10,14 @@ pinned to the spec text.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
 
 from . import ast as A
-from .builtins import (DATA_KINDS, EXTERNAL_REQUIRES, FUNCTIONS, PHASES, PSEUDO, QUANTITIES,
+from .builtins import (DATA_KINDS, EXTERNAL_REQUIRES, GENERATED_NAMES, MAX_INT, FUNCTIONS, PHASES, PSEUDO, QUANTITIES,
                        RANK, REFERENCE_MODES, ROLES, TRAIN_KEYS, Fn)
 from .errors import Span, SpecError
 from .load import Resolved, did_you_mean, error, read_spec, resolve
@@ -124,16 +125,20 @@ def coerce(name: str, type_: str, value, span: Span, *, where: str):
     if type_ in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise error(f"{where}: parameter {name!r} is a number ({type_}), got {value!r}", span, "type")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(f"{where}: parameter {name!r} is not a finite number (got {value!r})", span, "type",
+                        "give a finite number")
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise error(f"{where}: parameter {name!r} is too large ({len(str(abs(value)))} digits; "
+                        f"the largest is {MAX_INT})", span, "type", "write large numbers with an exponent, e.g. 1e30")
         if type_ == "int":
-            if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-                raise error(f"{where}: parameter {name!r} is not a finite number", span, "type")
             if float(value) != int(value):
                 raise error(f"{where}: parameter {name!r} is an int, got {value!r}", span, "type")
+            if abs(value) > MAX_INT:
+                raise error(f"{where}: parameter {name!r} is too large for an int (the largest is {MAX_INT})",
+                            span, "type")
             return int(value)
-        try:
-            return float(value)
-        except OverflowError:
-            raise error(f"{where}: parameter {name!r} is too large for a float", span, "type") from None
+        return float(value)
     if type_ == "str" and not isinstance(value, str):
         raise error(f"{where}: parameter {name!r} is a string, got {value!r}", span, "type")
     return value
@@ -227,6 +232,10 @@ class _Checker:
                         "choose another name")
         if name in ROLES:
             raise error(f"{name!r} names a role within a group and cannot be redefined", span, "reserved")
+        if name in GENERATED_NAMES or name.startswith("_"):
+            taken = ", ".join(sorted(GENERATED_NAMES))
+            raise error(f"{name!r} is taken by the generated code", span, "reserved",
+                        f"choose another name; taken: {taken}, and every name that starts with '_'")
         if name in self.res.defs:
             raise error(f"{name!r} is a function (def at {self.res.defs[name].span}) and cannot be redefined",
                         span, "reserved", "choose another name")
