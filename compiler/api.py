@@ -26,7 +26,8 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-BATCH_REDUCTIONS = ("whiten", "batch_std", "mean", "sum", "token_mean_all", "token_sum_all")
+BATCH_REDUCTIONS = ("whiten", "batch_std", "mean", "sum", "token_mean_all", "token_sum_all",
+                    "batch_rank", "batch_sorted", "batch_quantile")
 
 
 class CompiledAlgorithm:

@@ -18,7 +18,7 @@ import networkx as nx
 
 from . import ast as A
 from .builtins import (DATA_KINDS, EXTERNAL_REQUIRES, GENERATED_NAMES, MAX_INT, FUNCTIONS, PHASES, PSEUDO, QUANTITIES,
-                       RANK, REFERENCE_MODES, ROLES, TRAIN_KEYS, Fn)
+                       RANK, REFERENCE_MODES, ROLES, TRAIN_KEYS, UNPAIRED_ONLY, Fn)
 from .errors import Span, SpecError
 from .load import Resolved, did_you_mean, error, read_spec, resolve
 from .unparse import unparse
@@ -384,6 +384,11 @@ class _Checker:
             return self.param_nodes[n]
         if n in QUANTITIES:
             q = QUANTITIES[n]
+            if n in UNPAIRED_ONLY and (self.res.data is None or self.res.data.kind != "unpaired"):
+                raise error(f"{n!r} exists only for unpaired labelled data (`data unpaired`)", e.span, "unknown-name")
+            if n == "logp_sampler" and not self._generates():
+                raise error("'logp_sampler' is recorded by generate(...); this spec samples nothing", e.span,
+                            "unknown-name", "use logp_old, or add: sample\n  responses = generate(prompt, n = ...)")
             if n not in self.input_nodes:
                 self.input_nodes[n] = self._node("input", [], e.span, quantity=n, level=q.level, phase=q.phase,
                                                  grad=q.grad, requires=q.requires)
@@ -481,7 +486,28 @@ class _Checker:
             if name == "gae" and ex not in e.args[:2] and lvl != "batch":
                 raise error(f"the {fn.args[e.args.index(ex)]} of gae must be a number or parameter", ex.span, "level")
         level = fn.gives or first
+        if fn.kind == "order":
+            level = self._order_level(name, args, e, phase, level)
         return self._node(name, args, e.span, level=level, phase=phase, grad=grad, linear=fn.linear)
+
+    def _order_level(self, name, args, e: A.Call, phase, level) -> str:
+        """batch_rank / batch_sorted / batch_quantile: once per rollout, over the whole batch."""
+        if phase == "loss":
+            raise error(f"{name}(...) is computed once per rollout over the whole batch, but this reads a "
+                        "per-update quantity", e.span, "phase",
+                        "read the rollout's values instead: logp_old, entropy_old, value_old, scores")
+        if name == "batch_sorted":
+            rl = self._lvl(args[1])
+            if rl not in ("response", "group"):
+                raise error(f"the rank of batch_sorted is one per response or per group, but `{unparse(e.args[1])}` "
+                            f"is {rl}-level", e.args[1].span, "level", "e.g. batch_sorted(x, batch_rank(y))")
+            return rl
+        if name == "batch_quantile":
+            q = self.g.nodes[args[1]]
+            if q["phase"] != "const" or (q["op"] in ("const", "param") and not 0 <= q.get("value", 0) <= 1):
+                raise error("the q of batch_quantile is a number between 0 and 1 (or a parameter)", e.args[1].span,
+                            "level")
+        return level
 
     def _arity(self, fn: Fn, e: A.Call):
         n = len(e.args)
@@ -609,7 +635,7 @@ class _Checker:
             self.g.graph["sample"] = sample.body[0].value
         elif data == "pairs":
             self.group_size, self.roles = 2, {"chosen": (0, 1), "rejected": (1, 1)}
-        elif data == "demonstrations":
+        elif data in ("demonstrations", "unpaired"):
             self.group_size = 1
         elif data == "prompts":
             raise error("`data prompts` needs a sample section that says how responses are generated",
@@ -618,6 +644,11 @@ class _Checker:
         select = self.res.sections.get("select")
         if select is not None:
             self._select(select)
+
+    def _generates(self) -> bool:
+        sample = self.res.sections.get("sample")
+        return sample is not None and len(sample.body) == 1 and isinstance(sample.body[0], A.Assign) \
+            and isinstance(sample.body[0].value, A.Call) and sample.body[0].value.func == "generate"
 
     def _sample_requires(self, e: A.Call) -> set[str]:
         req = set()

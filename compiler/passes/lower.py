@@ -21,10 +21,10 @@ from pathlib import Path
 import networkx as nx
 
 
-_TORCH_FN = {"exp": "torch.exp", "log": "torch.log", "abs": "torch.abs", "sqrt": "torch.sqrt",
+_TORCH_FN = {"exp": "torch.exp", "log": "torch.log", "log1p": "torch.log1p", "expm1": "torch.expm1", "abs": "torch.abs", "sqrt": "torch.sqrt",
              "square": "torch.square", "sigmoid": "torch.sigmoid", "logsigmoid": "F.logsigmoid",
              "softplus": "F.softplus", "relu": "torch.relu", "tanh": "torch.tanh", "sign": "torch.sign"}
-_MATH_FN = {"exp": "math.exp", "log": "math.log", "abs": "abs", "sqrt": "math.sqrt", "tanh": "math.tanh"}
+_MATH_FN = {"exp": "math.exp", "log": "math.log", "log1p": "math.log1p", "expm1": "math.expm1", "abs": "abs", "sqrt": "math.sqrt", "tanh": "math.tanh"}
 _BIN_PREC = {"+": 60, "-": 60, "*": 70, "/": 70, "**": 90}
 _CMP = {"<", "<=", ">", ">=", "==", "!="}
 _CHEAP = {"+", "-", "*", "/", "**", "neg", "min", "max", "clip", "where", "stopgrad", "alias", "def", "not",
@@ -204,6 +204,11 @@ class _Emitter:
             return (f"ops.whiten({x}, mask)" if lv == "action" else f"ops.whiten({x})"), 100
         if op == "gae":
             return f"ops.gae({texts[0]}, {texts[1]}, mask, {texts[2]}, {texts[3]})", 100
+        if op == "batch_quantile":
+            m = ", mask" if lv == "action" else ""
+            return f"ops.batch_quantile({texts[0]}, {texts[1]}{m})", 100
+        if op in ("batch_rank", "batch_sorted"):
+            return f"ops.{op}({', '.join(texts)})", 100
         if op in ("last_token", "suffix_sum"):
             return f"ops.{op}({x}, mask)", 100
         raise NotImplementedError(f"no lowering for op {op!r}")
@@ -310,7 +315,8 @@ def _prelude(g, em, roots, stage) -> list[str]:
     expressions inlined into them) reads them."""
     nodes = _subtree(g, em, roots, stage)
     out = []
-    if any(g.nodes[n]["op"] in _MASKED for n in nodes):
+    if any(g.nodes[n]["op"] in _MASKED or (g.nodes[n]["op"] == "batch_quantile" and
+                                             g.nodes[g.nodes[n]["args"][0]]["level"] == "action") for n in nodes):
         out.append('    mask = ops.valid_mask(batch["mask"])')
     if any(g.nodes[n]["op"] == "where" and all(em.scalar(x) for x in g.nodes[n]["args"][1:]) for n in nodes):
         out.append("    dtype = ops.float_dtype(batch)")
