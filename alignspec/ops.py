@@ -195,7 +195,7 @@ def token_mean(x: torch.Tensor, mask: torch.Tensor, count=None) -> torch.Tensor:
     valid = _valid(mask)
     total = _masked(x, valid).sum()
     if count is None:
-        total, count = _global_sums(total, valid.sum().to(x.dtype))
+        total, count = _global_sums(total, valid.sum().to(_float_dtype(x)))
         count = count.clamp_min(1)
     return total / count
 

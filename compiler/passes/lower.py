@@ -442,6 +442,8 @@ def _advantage_fn(g, em, nodes, carried) -> list[str]:
             v = em.var[n]
             m = f"ops.token_mean({v}, mask)" if a["level"] == "action" else f"{v}.float().mean()"
             metrics.append(f'"{a["name"]}/mean": {m}')
+        elif a.get("name") and a["level"] == "batch":  # a batch statistic (KTO's z0)
+            metrics.append(f'"{a["name"]}": {em.var[n]}')
     out = [f'"{em.var[n]}": {em.var[n]}' for n in carried]
     lines.append("        metrics = {" + ", ".join(metrics) + "}")
     lines.append("    return {" + ", ".join(out + ['"metrics": metrics']) + "}")
