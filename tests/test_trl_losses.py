@@ -16,7 +16,7 @@ TRL's ORPO casts log-probs to float32 (`.float()`), so orpo is compared at float
 from __future__ import annotations
 
 import torch
-from trl_stubs import StubLM, trainer_self, with_prompt_token
+from trl_stubs import StubLM, trainer_self, trl_dpo, with_prompt_token
 
 import alignspec
 from alignspec import ops
@@ -53,38 +53,14 @@ def _close(a, b, rtol=1e-10):
     torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * max(1.0, float(b.abs().max())))
 
 
-def _split_pairs(x):
-    """Our interleaved (chosen, rejected) rows → TRL's [all chosen; all rejected]."""
-    return torch.cat([x[0::2], x[1::2]])
-
-
-# ------------------------------------------------------------------ aot (DPO loss_type="aot")
-def _trl_dpo(batch, loss_type, beta):
-    from trl.trainer.dpo_trainer import DPOTrainer
-    leaf = batch["logp"].clone().requires_grad_(True)
-    mask = _split_pairs(batch["mask"])
-    lm = StubLM()
-    ids = torch.zeros(mask.shape[0], mask.shape[1] + 1, dtype=torch.long)
-    lm.add(ids, _split_pairs(leaf) * mask)
-    ref = (batch["logp_ref"] * batch["mask"]).sum(1)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": with_prompt_token(mask),
-              "ref_chosen_logps": ref[0::2], "ref_rejected_logps": ref[1::2]}
-    me = trainer_self(ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                      loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0,
-                      use_weighting=False)
-    loss = DPOTrainer._compute_loss(me, lm, inputs, False)
-    (grad,) = torch.autograd.grad(loss, leaf)
-    return loss.detach(), grad
-
-
 def test_aot_matches_trl():
     b = _batch(16, seed=1)
     b["logp_old"] = b["logp"].clone()  # the policy before the update: the same weights
-    want, want_g = _trl_dpo(b, "aot", 0.1)
+    want, want_g = trl_dpo(b, "aot", 0.1)
     got, got_g = _ours("aot", b)
     _close(got, want)
     _close(got_g, want_g)
-    assert not torch.allclose(want, _trl_dpo(b, "sigmoid", 0.1)[0])  # the sorting matters here
+    assert not torch.allclose(want, trl_dpo(b, "sigmoid", 0.1)[0])  # the sorting matters here
 
 
 def test_aot_is_the_same_on_micro_batches_and_processes():
