@@ -195,3 +195,17 @@ def test_grpo_loss_types_as_specs(tmp_path, name):
     rtol = 1e-6 if name == "sapo" else 1e-9  # TRL's sapo makes its temperatures a float32 tensor (torch.where)
     torch.testing.assert_close(got.detach(), want, rtol=rtol, atol=max(rtol * 1e-3, 1e-10))
     torch.testing.assert_close(got_g, want_g, rtol=rtol, atol=max(rtol * 1e-3, 1e-10))
+
+
+def test_the_cookbook_in_the_docs_compiles(tmp_path):
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "language.md").read_text()
+    section = text[text.index("## Cookbook"):]
+    blocks = re.findall(r"```\n(algorithm .*?)```", section, flags=re.S)
+    assert len(blocks) == 3
+    for i, block in enumerate(blocks):
+        p = tmp_path / f"c{i}.align"
+        p.write_text(block)
+        algo = alignspec.compile(p)
+        assert algo.terms
