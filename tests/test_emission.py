@@ -141,3 +141,12 @@ def test_a_library_has_nothing_to_compile():
     with pytest.raises(SpecError) as e:
         alignspec.compile("common")
     assert "common.align:" in str(e.value) and "library" in str(e.value)
+
+
+def test_numbers_without_a_python_literal_are_emitted_as_expressions():
+    import math
+
+    from alignspec.compiler.passes.lower import _num
+    for v in (float("inf"), float("-inf"), 0.3, -2.5, 7):
+        assert eval(_num(v), {}) == v
+    assert math.isnan(eval(_num(float("nan")), {}))

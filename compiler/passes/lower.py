@@ -45,7 +45,7 @@ def _pyname(name: str) -> str:
 def _num(v) -> str:
     """A Python literal for a number (inf and nan have no literal: float('inf'))."""
     if isinstance(v, float) and not math.isfinite(v):
-        return f"float({str(v)!r})" if v == v and v > 0 or v != v else "-float('inf')"
+        return "float('nan')" if v != v else "float('inf')" if v > 0 else "-float('inf')"
     return repr(v)
 
 
