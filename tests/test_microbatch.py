@@ -10,6 +10,9 @@ over micro-batches must equal the full-batch loss and gradient:
 * mean over responses: grpo (seq-mean-token-mean), gspo, rloo, flow_grpo (+ mu_sqdist_ref)
 * mean over groups: dpo, mcts, ampo (after selection: groups of 1 + k rows)
 * sum-based: dr_grpo (token sums / responses / max_tokens)
+* the later built-ins: kto (rows, z0 a rollout mean), orpo and cpo (an NLL over the chosen
+  tokens counted once per rollout), aot (ranks over the whole batch), reinforce_pp (token
+  mean after whiten), grpo_tis
 
 "Processes" are simulated: each process holds a shard of groups and computes its local totals;
 the global totals are their sum (an all-reduce); every micro-batch of every process uses them

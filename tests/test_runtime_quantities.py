@@ -18,15 +18,20 @@ from helpers import read_metrics  # noqa: E402
 pytestmark = pytest.mark.usefixtures("alignspec_cache")  # conftest: a shared model cache, offline
 
 
-@pytest.mark.parametrize("fast", [True, False])
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
-def test_sampler_logprobs_are_those_of_the_distribution_drawn_from(tmp_path, fast, temperature, top_p):
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignspec.runtime.generation import generate_groups
     from alignspec.runtime.tiny import build_tiny_model
-    d = build_tiny_model(tmp_path / "m", "llama", seed=3)
-    model, tok = AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+    d = build_tiny_model(tmp_path_factory.mktemp("m"), "llama", seed=3)
+    return AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_sampler_logprobs_are_those_of_the_distribution_drawn_from(tiny_lm, fast, temperature, top_p):
+    from alignspec.runtime.generation import generate_groups
+    model, tok = tiny_lm
     ro = generate_groups(model, tok, ["1+2=", "3+4=", "9+9="], 3, max_new_tokens=5, temperature=temperature,
                          top_p=top_p, generator_seed=0, fast=fast, sampler_logprobs=True)
     assert ro.sampler_logprobs.shape == ro.completion_ids.shape
