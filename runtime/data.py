@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import RunError
 from .prompts import check_messages, is_conversation
 
-COMPLETIONS = ("response", "chosen", "rejected")
+COMPLETIONS = ("response", "chosen", "rejected", "completion")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -172,3 +172,16 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
                 rec[name] = _completion_text(rec[name], f"{p}: row {i}'s {name}")
         records.append(rec)
     return records
+
+
+def check_labels(records: list[dict], path) -> None:
+    """``data unpaired``: every row's ``label`` is a bool (or 0/1): desirable or not."""
+    for i, rec in enumerate(records):
+        v = rec["label"]
+        if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+            rec["label"] = bool(v)
+            continue
+        raise RunError(f"{path}: row {i}'s label is {v!r}; unpaired data needs true/false (desirable or not)")
+    if len({r["label"] for r in records}) < 2:
+        raise RunError(f"{path}: every row has label {records[0]['label']}; unpaired data needs desirable "
+                       "and undesirable completions")

@@ -245,14 +245,17 @@ class Engine(TrainingLoop):
 
     def _load_data(self) -> list[dict]:
         need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
-                "pairs": ["prompt", "chosen", "rejected"]}.get(self.kind, ["prompt"])
+                "pairs": ["prompt", "chosen", "rejected"],
+                "unpaired": ["prompt", "completion", "label"]}.get(self.kind, ["prompt"])
         if self.builtin:
             recs = self.task.records(self.kind)
             self.say(f"data: built-in task {self.task.name} ({len(recs)} {self.kind} from "
                      f"{len(self.task.train_problems)} training problems; {len(self.task.eval_problems)} held-out)")
             return recs
-        from .data import load_records
+        from .data import check_labels, load_records
         recs = load_records(self.cfg.data, self.cfg.fields, required=need)
+        if self.kind == "unpaired":
+            check_labels(recs, self.cfg.data)
         self.say(f"data: {self.cfg.data} ({len(recs)} rows, {self.kind})")
         return recs
 
@@ -375,14 +378,17 @@ class Engine(TrainingLoop):
                 ro = generate_groups(model, self.tokenizer, [r["prompt"] for r in recs], n,
                                      max_new_tokens=max_tok, temperature=temp, top_p=top_p,
                                      generator_seed=seed, fast=self.cfg.fast_sampling,
-                                     prompt_format=self.prompt_format)
+                                     prompt_format=self.prompt_format,
+                                     sampler_logprobs="logp_sampler" in self.current.inputs)
             groups = [[] for _ in recs]
             pm, cm = ro.prompt_mask.cpu(), ro.completion_mask.cpu()
             for i in range(ro.completion_ids.shape[0]):
                 gi = int(ro.prompt_index[i])
-                groups[gi].append({"p": ro.prompt_ids[i].cpu()[pm[i].bool()].tolist(),
-                                   "c": ro.completion_ids[i].cpu()[cm[i].bool()].tolist(),
-                                   "text": ro.texts[i], "rec": recs[gi]})
+                row = {"p": ro.prompt_ids[i].cpu()[pm[i].bool()].tolist(),
+                       "c": ro.completion_ids[i].cpu()[cm[i].bool()].tolist(), "text": ro.texts[i], "rec": recs[gi]}
+                if ro.sampler_logprobs is not None:  # logp_sampler: as the sampler drew each token
+                    row["ls"] = ro.sampler_logprobs[i].cpu()[cm[i].bool()].tolist()
+                groups[gi].append(row)
             return groups
         if f == "tree_search":  # runtime/mcts_sampler.py
             kw = {k: self._kw(call, k, d) for k, d in (("simulations", 16), ("branching", 3), ("depth", 4),
@@ -402,6 +408,9 @@ class Engine(TrainingLoop):
                       "text": r["chosen"], "rec": r},
                      {"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["rejected"]),
                       "text": r["rejected"], "rec": r}] for r in recs]
+        if self.kind == "unpaired":  # one labelled completion per row (KTO)
+            return [[{"p": self._tok_prompt(r["prompt"]), "c": self._tok_completion(r["completion"]),
+                      "text": r["completion"], "rec": r}] for r in recs]
         from alignspec.dsl import ast
         return self._sample(ast.Call("demonstration", (ast.Name("prompt"),)), recs, seed)
 
@@ -434,9 +443,17 @@ class Engine(TrainingLoop):
                 cid[i, :len(c)] = torch.tensor(c)
                 cm[i, :len(c)] = 1
         d = self.device
-        return {"prompt_ids": pid.to(d), "prompt_mask": pm.to(d), "completion_ids": cid.to(d),
-                "completion_mask": cm.to(d), "mask": cm.to(d, torch.float32),
-                "length": cm.sum(1).to(d, torch.float32)}
+        out = {"prompt_ids": pid.to(d), "prompt_mask": pm.to(d), "completion_ids": cid.to(d),
+               "completion_mask": cm.to(d), "mask": cm.to(d, torch.float32),
+               "length": cm.sum(1).to(d, torch.float32)}
+        if all("ls" in r for r in rows):  # logp_sampler
+            ls = torch.zeros((B, T), dtype=torch.float32)
+            for i, r in enumerate(rows):
+                ls[i, :len(r["ls"])] = torch.tensor(r["ls"], dtype=torch.float32)
+            out["logp_sampler"] = ls.to(d)
+        if self.kind == "unpaired":  # label: 1 desirable, 0 undesirable
+            out["label"] = torch.tensor([float(r["rec"]["label"]) for r in rows], device=d)
+        return out
 
     # -- rollout ------------------------------------------------------------------------
     def _rollout(self, times) -> tuple[dict | None, dict]:
@@ -540,7 +557,17 @@ class Engine(TrainingLoop):
         def all_sum(t):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             return t
-        return ops.batch_stats_reduce(all_sum)
+
+        def all_cat(x):  # order statistics (ops.batch_rank, ...): every process's values, in rank order
+            sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(self.world)]
+            dist.all_gather(sizes, torch.tensor([x.numel()], device=x.device))
+            sizes = [int(n) for n in sizes]
+            padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+            padded[:x.numel()] = x
+            parts = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(parts, padded)
+            return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:self.rank])
+        return ops.batch_stats_reduce(all_sum, all_cat)
 
     def _no_grad_forwards(self, batch, times):
         algo = self.current
@@ -549,15 +576,20 @@ class Engine(TrainingLoop):
         rows = batch["mask"].shape[0]
         need_logp = "logp_old" in algo.inputs or self.cfg.force_old_forward
         need_value = "value_old" in algo.inputs
+        need_ent = "entropy_old" in algo.inputs
+        need_logp = need_logp or need_ent
         # with self-play iterations the policy that sampled is the frozen iterate pi_t (iterations.py);
         # the critic (value head) is the current model's
         it = getattr(self, "iterate", None)
         sampler = it if it is not None else self.model
-        lo, vo = [], []
+        lo, vo, eo = [], [], []
         for sl in self._micro_slices(rows, G) if need_logp or need_value else []:
             if need_logp or sampler is self.model:
-                o = self._forward(sampler, batch, sl, grad=False, value=need_value and sampler is self.model)
+                o = self._forward(sampler, batch, sl, grad=False, value=need_value and sampler is self.model,
+                                  entropy=need_ent)
                 lo.append(o["logp"])
+                if need_ent:
+                    eo.append(o["entropy"])
                 if "value" in o:
                     vo.append(o["value"])
             if need_value and sampler is not self.model:
@@ -566,11 +598,35 @@ class Engine(TrainingLoop):
             batch["logp_old"] = torch.cat(lo)
         if vo:
             batch["value_old"] = torch.cat(vo)
+        if eo:
+            batch["entropy_old"] = torch.cat(eo)
+        if "logp_mismatch" in algo.inputs or "logp_ref_mismatch" in algo.inputs:
+            self._mismatched_forwards(batch, sampler)
         if "logp_ref" in algo.inputs or (self.cfg.force_reference and self.reference is not None):
             lr = self.ref_cache.logprobs(batch, getattr(self, "_batch_rows", None), self._reference_forward)
             if "logp_ref" in algo.inputs:
                 batch["logp_ref"] = lr
         times["time/ref_old_forward"] += time.perf_counter() - t0
+
+    def _mismatched_forwards(self, batch, policy):
+        """KTO's reference point: each row's completion after the next row's prompt (the
+        completions rotated by one within this process's batch, as TRL's KTOTrainer does),
+        summed log-probs under the policy (no grad) and the reference."""
+        rows = self._batch_rows
+        mism = self._tensors([{"p": rows[(i + 1) % len(rows)]["p"], "c": r["c"], "rec": r["rec"]}
+                              for i, r in enumerate(rows)])
+        slices = self._micro_slices(len(rows), 1)
+        for key, model in (("logp_mismatch", policy), ("logp_ref_mismatch", None)):
+            if key not in self.current.inputs:
+                continue
+            if model is None:
+                from .fastpath import reference_model_ctx
+                model, ctx = reference_model_ctx(self)
+            else:
+                ctx = contextlib.nullcontext()
+            with ctx:
+                lp = torch.cat([self._forward(model, mism, sl, grad=False)["logp"] for sl in slices])
+            batch[key] = (lp * mism["mask"]).sum(1)
 
     def reference_needed(self) -> bool:
         return "logp_ref" in self.algo.inputs or (self.cfg.force_reference and self.reference is not None)
