@@ -1,12 +1,13 @@
 # Two commands that work on a fresh machine (Python 3.10+):
 #   make demo   set up .venv and train GRPO on the built-in task and tiny model
 #   make test   set up .venv and run the test suite (what CI runs)
+#   make docs   serve the documentation site at http://127.0.0.1:8000 (tests/test_docs.py builds it, strict)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-trl fuzz clean
+.PHONY: setup demo test bench bench-trl fuzz clean docs docs-build
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+docs-build: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: setup
 	$(PY) bench/loss_step.py
 
@@ -34,4 +41,4 @@ fuzz: setup
 	$(PY) bench/fuzz.py --examples 20000
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build site *.egg-info

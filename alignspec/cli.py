@@ -6,6 +6,8 @@
     alignspec graph SPEC [-o FILE] [--format dot|svg|png]
     alignspec compile SPEC [-o step.py] [--set k=v] [--dump-after PASS]
     alignspec list | new NAME [--from BASE] | run SPEC ...
+    alignspec check SPEC... --format json   the problems as a JSON array on stdout
+    alignspec lsp                  the language server, over stdio
 
 Editor-speed commands (check, fmt, diff, graph, list, new) never import torch. Errors go
 to stderr as `file:line:col: message` with the line and a caret.
@@ -77,10 +79,23 @@ def _value(v: str):
 
 
 @app.command()
-def check(specs: List[str] = typer.Argument(..., help="spec files or built-in names")):
+def check(specs: List[str] = typer.Argument(..., help="spec files or built-in names"),
+          format: str = typer.Option("text", "--format",
+                                     help="text: one line per file, errors on stderr; json: a JSON array of the "
+                                          "problems on stdout (file, line, column, end_line, end_column, severity, "
+                                          "kind, message, hint)")):
     """Parse and check spec files; print one line per file."""
     from alignspec.dsl.check import load
     from alignspec.dsl.errors import SpecError
+    if format not in ("text", "json"):
+        typer.echo("--format must be text or json", err=True)
+        raise typer.Exit(2)
+    if format == "json":
+        from alignspec.dsl.check import problems
+        from alignspec.editor.diagnostics import to_json
+        found = [e for ref in specs for e in problems(_ref(ref))]
+        typer.echo(to_json(found))
+        raise typer.Exit(2 if found else 0)
     failed = False
     for ref in specs:
         try:
@@ -285,6 +300,13 @@ def run(spec: str,
     raise typer.Exit(run_from_cli(spec, model=model, data=data, config=config, sets=tuple(sets), out=out,
                                   steps=steps, seed=seed, save_every=save_every, resume=resume,
                                   eval_every=eval_every, profile=profile))
+
+
+@app.command()
+def lsp(stdio: bool = typer.Option(True, "--stdio", help="talk JSON-RPC over stdin/stdout (the only transport)")):
+    """Run the language server (diagnostics, hover, go to definition, completion, formatting) over stdio."""
+    from alignspec.editor.server import main as serve
+    serve()
 
 
 def main():

@@ -56,22 +56,39 @@ __all__ = [
     "select_coreset",
     "select_opt",
     "gather_rows",
+    "batch_rank",
+    "batch_sorted",
+    "batch_quantile",
 ]
 
 _BATCH_SUM = None  # set by batch_stats_reduce: sums a tensor over processes
+_BATCH_GATHER = None  # set by batch_stats_reduce: concatenates a 1-D tensor over processes
 
 
 @contextlib.contextmanager
-def batch_stats_reduce(sum_fn):
+def batch_stats_reduce(sum_fn, gather_fn=None):
     """Within the block, batch-wide statistics sum their partial sums and counts with
-    ``sum_fn(tensor) -> tensor`` (e.g. an all-reduce over processes). Every process must
-    run the same statistics in the same order (they run the same compiled code)."""
-    global _BATCH_SUM
+    ``sum_fn(tensor) -> tensor`` (e.g. an all-reduce over processes), and order statistics
+    (``batch_rank``, ``batch_sorted``, ``batch_quantile``) see every process's values through
+    ``gather_fn(x) -> (concatenation in process order, this process's offset)``. Every process
+    must run the same statistics in the same order (they run the same compiled code)."""
+    global _BATCH_SUM, _BATCH_GATHER
     prev, _BATCH_SUM = _BATCH_SUM, sum_fn
+    prev_g, _BATCH_GATHER = _BATCH_GATHER, gather_fn
     try:
         yield
     finally:
-        _BATCH_SUM = prev
+        _BATCH_SUM, _BATCH_GATHER = prev, prev_g
+
+
+def global_cat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The 1-D ``x`` of every process, concatenated in process order, and this process's
+    offset in it (``x`` itself and 0 outside :func:`batch_stats_reduce`)."""
+    if _BATCH_GATHER is None:
+        if _BATCH_SUM is not None:
+            raise RuntimeError("an order statistic over several processes needs batch_stats_reduce(sum_fn, gather_fn)")
+        return x, 0
+    return _BATCH_GATHER(x)
 
 
 def _global_sums(*parts: torch.Tensor) -> list[torch.Tensor]:
@@ -178,7 +195,7 @@ def token_mean(x: torch.Tensor, mask: torch.Tensor, count=None) -> torch.Tensor:
     valid = _valid(mask)
     total = _masked(x, valid).sum()
     if count is None:
-        total, count = _global_sums(total, valid.sum().to(x.dtype))
+        total, count = _global_sums(total, valid.sum().to(_float_dtype(x)))
         count = count.clamp_min(1)
     return total / count
 
@@ -671,6 +688,20 @@ def local_totals(batch, n, need=("tokens", "responses", "groups")):
     return out
 
 
+def float_dtype(batch) -> torch.dtype:
+    """The widest floating dtype among the batch's tensors (the default dtype if none): the
+    type of numbers the generated code makes into tensors (``where(c, 0.3, 1)``)."""
+    best = None
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            if best is None or torch.finfo(v.dtype).bits > torch.finfo(best).bits:
+                best = v.dtype
+    return best or torch.get_default_dtype()
+
+
 def valid_mask(mask):
     """The mask as bool, converted once per stage so every masked reduction reuses it."""
     return _valid(mask)
+
+
+from .batch_order import batch_quantile, batch_rank, batch_sorted  # noqa: E402  (they read global_cat)

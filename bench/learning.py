@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ["sft", "reward_model", "ppo", "rlhf", "dpo", "grpo", "dapo", "flow_grpo", "spin", "sppo", "rspo",
-         "ampo", "mcts"]
+         "ampo", "mcts", "kto", "orpo", "cpo", "aot", "reinforce_pp", "grpo_tis"]
 METRIC = {"reward_model": "held-out pairwise acc.", "mcts": "step-task accuracy", "rlhf": "last stage's accuracy",
           "flow_grpo": "mean reward of ODE samples"}
 

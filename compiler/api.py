@@ -26,7 +26,8 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-BATCH_REDUCTIONS = ("whiten", "batch_std", "mean", "sum", "token_mean_all", "token_sum_all")
+BATCH_REDUCTIONS = ("whiten", "batch_std", "mean", "sum", "token_mean_all", "token_sum_all",
+                    "batch_rank", "batch_sorted", "batch_quantile")
 
 
 class CompiledAlgorithm:
@@ -143,6 +144,10 @@ def compile(spec_or_path, *, debug: bool = False, **overrides) -> CompiledAlgori
         spec = spec_or_path if not overrides else load_again(spec_or_path, overrides)
     else:
         spec = load(spec_or_path, **overrides)
+    if spec.resolved.file.kind == "library":
+        from alignspec.dsl.load import error
+        raise error(f"{spec.name} is a library (only `def`s): there is nothing to compile; "
+                    "import it from an algorithm (`import " + spec.name + "`)", spec.resolved.file.span, "library")
     if spec.is_pipeline:
         from alignspec.dsl.load import error
         raise error(f"{spec.name} is a pipeline of stages ({', '.join(s.name for s in spec.stages)}); "

@@ -20,6 +20,7 @@ SAMPLER_OPTIONS: dict[str, dict[str, object]] = {
     "flow_sde": {"n": 1, "steps": 10, "noise": 0.7},
     "demonstration": {},
     "pairs": {},
+    "unpaired": {},
     "concat": {},
 }
 
@@ -28,7 +29,7 @@ SAMPLER_OPTIONS: dict[str, dict[str, object]] = {
 class SamplerPlan:
     """One sampler of the ``sample`` section (or of the data, when the spec has none).
 
-    kind: generate | demonstration | pairs | concat | tree_search | flow_sde;
+    kind: generate | demonstration | pairs | unpaired | concat | tree_search | flow_sde;
     options: (name, value) with params resolved to their values and defaults filled in;
     parts: the samplers a ``concat`` joins, in order; rows: responses per group it yields;
     line: the spec line it comes from (0 when it comes from ``data``).
@@ -93,7 +94,7 @@ class RunPlan:
     """Everything about a spec's run that is not a step function (see the module docstring)."""
 
     name: str
-    data: str                      # prompts | demonstrations | pairs: what a data row holds
+    data: str                      # prompts | demonstrations | pairs | unpaired: what a data row holds
     sampler: SamplerPlan
     sample_group_size: int         # rows per group as sampled
     group_size: int                # rows per group in the training batch (after select)
@@ -117,7 +118,7 @@ class RunPlan:
     @property
     def offline(self) -> bool:
         """Whether every row comes from the data (no sampling by a model)."""
-        return self.sampler.kind in ("demonstration", "pairs")
+        return self.sampler.kind in ("demonstration", "pairs", "unpaired")
 
     @property
     def generates(self) -> bool:

@@ -34,12 +34,39 @@ QUANTITIES = {q.name: q for q in [
     Quantity("value_old", "action", "model", False, ("critic",), "critic estimate before the update"),
     Quantity("rm_score", "response", "loss", True, ("reward_head",),
              "score of the reward model being trained (sequence-classification head)"),
+    Quantity("entropy_old", "action", "model", False, ("policy",),
+             "policy entropy at each position, from the no-grad forward before the updates"),
+    Quantity("logp_sampler", "action", "score", False, ("sampler_logprobs",),
+             "log-prob of each sampled token as the sampler drew it (its temperature, its own forward)"),
+    Quantity("label", "response", "score", False, (), "data unpaired: 1 for a desirable completion, 0 otherwise"),
+    Quantity("logp_mismatch", "response", "model", False, ("policy", "mismatch"),
+             "data unpaired: summed log-prob of the row's completion after the next row's prompt "
+             "(a mismatched pair of the same batch), under the policy before the update"),
+    Quantity("logp_ref_mismatch", "response", "model", False, ("reference", "mismatch"),
+             "data unpaired: the same mismatched pair under the reference model"),
     Quantity("mask", "action", "score", False, (), "1 on valid actions"),
     Quantity("length", "response", "score", False, (), "number of valid actions of each response"),
     Quantity("mu_sqdist_ref", "action", "loss", True, ("flow", "reference"),
              "flow policies: mean over latent elements of (mu_theta - mu_ref)^2 per denoising step"),
     Quantity("step_std", "action", "score", False, ("flow",), "flow policies: SDE noise std of each step"),
 ]}
+
+# Names the generated module itself uses (compiler/passes/lower.py): a spec may not name a
+# parameter or statement with one of these, nor with a name that starts with "_" (the
+# generated code's temporaries and term variables).
+GENERATED_NAMES = frozenset({
+    "batch", "totals", "with_metrics", "torch", "F", "ops", "math", "mask", "metrics", "terms", "loss",
+    "total", "keep", "rows", "picks", "out", "GROUP", "SAMPLE_GROUP", "ROLES", "n_rows", "score",
+    "advantage", "dtype",
+    # keys of the runtime's batch (runtime/engine.py) that carried values must not replace
+    "prompt_ids", "prompt_mask", "completion_ids", "completion_mask"})
+
+# Words of the grammar: they cannot name a value.
+KEYWORDS = ("algorithm", "and", "data", "def", "extends", "false", "import", "keep", "library", "minimize",
+            "not", "or", "true", "where")
+
+# The largest integer a spec may write (a torch int64); larger numbers take an exponent.
+MAX_INT = 2 ** 63 - 1
 
 # Names that only make sense as arguments of samplers and scorers.
 PSEUDO = {"prompt", "response"}
@@ -67,7 +94,7 @@ def _ew(name, *args, doc=""):
 
 FUNCTIONS: dict[str, Fn] = {f.name: f for f in [
     # elementwise
-    *[_ew(n, "x") for n in ("exp", "log", "abs", "sqrt", "square", "sigmoid", "logsigmoid",
+    *[_ew(n, "x") for n in ("exp", "log", "log1p", "expm1", "abs", "sqrt", "square", "sigmoid", "logsigmoid",
                             "softplus", "relu", "tanh", "sign")],
     _ew("stopgrad", "x", doc="the value without its gradient"),
     _ew("min", "first", "second"), _ew("max", "first", "second"),
@@ -92,6 +119,13 @@ FUNCTIONS: dict[str, Fn] = {f.name: f for f in [
     Fn("whiten", "scan", ("x",), takes=("action", "response"), gives=None, rollout_only=True),
     Fn("gae", "scan", ("rewards", "values", "gamma", "lam"), takes=("action",), gives="action",
        rollout_only=True),
+    # order statistics over the whole batch (every process's rows), once per rollout
+    Fn("batch_rank", "order", ("x",), takes=("response", "group"), rollout_only=True,
+       doc="rank of each value among the batch's (0 = smallest)"),
+    Fn("batch_sorted", "order", ("x", "rank"), takes=("response", "group"), rollout_only=True,
+       doc="the batch's values of x sorted ascending, read at each row's rank"),
+    Fn("batch_quantile", "order", ("x", "q"), takes=("action", "response", "group"), gives="batch",
+       rollout_only=True, doc="the q-quantile of the batch's (valid) values"),
     Fn("last_token", "scan", ("x",), takes=("response",), gives="action"),
     Fn("suffix_sum", "scan", ("x",), takes=("action",), gives="action"),
     # external scorers: bound by the run's configuration
@@ -120,7 +154,9 @@ EXTERNAL_REQUIRES = {"reward": "reward", "reward_model": "reward_model",
                      "preference": "preference_model", "embedding": "embedding"}
 
 SECTIONS = ("params", "sample", "score", "filter", "select", "advantage", "loss", "train", "pipeline")
-DATA_KINDS = ("prompts", "demonstrations", "pairs")
+DATA_KINDS = ("prompts", "demonstrations", "pairs", "unpaired")
+# Quantities that exist only for some data kinds or samplers.
+UNPAIRED_ONLY = ("label", "logp_mismatch", "logp_ref_mismatch")
 TRAIN_KEYS = {"epochs": int, "minibatches": int, "iterations": int, "reference": str,
               "logprob_temperature": object}
 REFERENCE_MODES = ("fixed", "iterate")

@@ -10,14 +10,15 @@ pinned to the spec text.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
 
 from . import ast as A
-from .builtins import (DATA_KINDS, EXTERNAL_REQUIRES, FUNCTIONS, PHASES, PSEUDO, QUANTITIES,
-                       RANK, REFERENCE_MODES, ROLES, TRAIN_KEYS, Fn)
+from .builtins import (DATA_KINDS, EXTERNAL_REQUIRES, GENERATED_NAMES, MAX_INT, FUNCTIONS, PHASES, PSEUDO, QUANTITIES,
+                       RANK, REFERENCE_MODES, ROLES, TRAIN_KEYS, UNPAIRED_ONLY, Fn)
 from .errors import Span, SpecError
 from .load import Resolved, did_you_mean, error, read_spec, resolve
 from .unparse import unparse
@@ -83,6 +84,31 @@ def check(res: Resolved, overrides: dict | None = None) -> Spec:
     return _Checker(res, overrides or {}).run()
 
 
+def problems(ref, **overrides) -> list[SpecError]:
+    """Every problem that checking a spec (a path, a built-in name or text) finds; [] when it is fine."""
+    try:
+        res = resolve(read_spec(ref))
+    except SpecError as e:
+        return [e]
+    return check_collecting(res, overrides)[1]
+
+
+def check_collecting(res: Resolved, overrides: dict | None = None) -> tuple[Spec | None, list[SpecError]]:
+    """`check`, going on past a problem: (the Spec or None, the problems found).
+
+    `check` stops at the first problem. This goes on past a problem in one statement of the
+    score, advantage or loss sections, in the filter lines or in the loss terms, and reports the
+    first problem of each of those that fails on its own (a statement that only reads a broken
+    one repeats its problem, which is reported once). Problems in the file's structure (params,
+    sections, data, sampling, train) still end the check. The first problem is always the one
+    `check` raises, so `alignspec check` prints the same either way."""
+    checker = _Checker(res, overrides or {}, collect=True)
+    try:
+        return checker.run(), []
+    except SpecError as e:
+        return None, checker.errors or [e]
+
+
 # ---------------------------------------------------------------------------------------------
 def _literal(expr: A.Expr):
     """The Python value of a literal expression, or raise ValueError."""
@@ -124,16 +150,20 @@ def coerce(name: str, type_: str, value, span: Span, *, where: str):
     if type_ in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise error(f"{where}: parameter {name!r} is a number ({type_}), got {value!r}", span, "type")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(f"{where}: parameter {name!r} is not a finite number (got {value!r})", span, "type",
+                        "give a finite number")
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise error(f"{where}: parameter {name!r} is too large ({len(str(abs(value)))} digits; "
+                        f"the largest is {MAX_INT})", span, "type", "write large numbers with an exponent, e.g. 1e30")
         if type_ == "int":
-            if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-                raise error(f"{where}: parameter {name!r} is not a finite number", span, "type")
             if float(value) != int(value):
                 raise error(f"{where}: parameter {name!r} is an int, got {value!r}", span, "type")
+            if abs(value) > MAX_INT:
+                raise error(f"{where}: parameter {name!r} is too large for an int (the largest is {MAX_INT})",
+                            span, "type")
             return int(value)
-        try:
-            return float(value)
-        except OverflowError:
-            raise error(f"{where}: parameter {name!r} is too large for a float", span, "type") from None
+        return float(value)
     if type_ == "str" and not isinstance(value, str):
         raise error(f"{where}: parameter {name!r} is a string, got {value!r}", span, "type")
     return value
@@ -144,9 +174,11 @@ MAX_GROUP = 4096    # responses sampled per prompt
 
 
 class _Checker:
-    def __init__(self, res: Resolved, overrides: dict):
+    def __init__(self, res: Resolved, overrides: dict, collect: bool = False):
         self.res = res
         self.overrides = overrides
+        self.collect = collect               # go on past a failing statement (see `problems`)
+        self.errors: list[SpecError] = []
         self.g = nx.DiGraph()
         self.ids = itertools.count()
         self.params: dict[str, Param] = {}
@@ -180,14 +212,29 @@ class _Checker:
         stages = self._pipeline()
         for name, (section, stmt) in self.stmts.items():
             if section in ("score", "advantage", "loss"):
-                self._stmt_node(name)
-        self._filters()
-        self._terms(stages)
+                self._unit(self._stmt_node, name)
+        self._unit(self._filters)
+        self._unit(self._terms, stages)
+        if self.errors:
+            raise self.errors[0]
         train, schedules = self._train()
         self.g.graph.update(name=f.name, group_size=self.group_size, roles=dict(self.roles), data=data,
                             params={p.name: p.value for p in self.params.values()})
         return Spec(f.name, f.path, res, self.params, data, self.group_size, self.roles, self.g,
                     train, schedules, stages)
+
+    def _unit(self, fn, *args):
+        """Run one independent part of the check; when collecting, record its problem and go on."""
+        if not self.collect:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except SpecError as e:
+            self.building.clear()
+            self.section = ""
+            key = (e.span.file, e.span.line, e.span.col, e.message)
+            if all((x.span.file, x.span.line, x.span.col, x.message) != key for x in self.errors):
+                self.errors.append(e)
 
     # ------------------------------------------------------------------ params
     def _params(self):
@@ -233,6 +280,10 @@ class _Checker:
                         "choose another name")
         if name in ROLES:
             raise error(f"{name!r} names a role within a group and cannot be redefined", span, "reserved")
+        if name in GENERATED_NAMES or name.startswith("_"):
+            taken = ", ".join(sorted(GENERATED_NAMES))
+            raise error(f"{name!r} is taken by the generated code", span, "reserved",
+                        f"choose another name; taken: {taken}, and every name that starts with '_'")
         if name in self.res.defs:
             raise error(f"{name!r} is a function (def at {self.res.defs[name].span}) and cannot be redefined",
                         span, "reserved", "choose another name")
@@ -381,6 +432,11 @@ class _Checker:
             return self.param_nodes[n]
         if n in QUANTITIES:
             q = QUANTITIES[n]
+            if n in UNPAIRED_ONLY and (self.res.data is None or self.res.data.kind != "unpaired"):
+                raise error(f"{n!r} exists only for unpaired labelled data (`data unpaired`)", e.span, "unknown-name")
+            if n == "logp_sampler" and not self._generates():
+                raise error("'logp_sampler' is recorded by generate(...); this spec samples nothing", e.span,
+                            "unknown-name", "use logp_old, or add: sample\n  responses = generate(prompt, n = ...)")
             if n not in self.input_nodes:
                 self.input_nodes[n] = self._node("input", [], e.span, quantity=n, level=q.level, phase=q.phase,
                                                  grad=q.grad, requires=q.requires)
@@ -478,7 +534,28 @@ class _Checker:
             if name == "gae" and ex not in e.args[:2] and lvl != "batch":
                 raise error(f"the {fn.args[e.args.index(ex)]} of gae must be a number or parameter", ex.span, "level")
         level = fn.gives or first
+        if fn.kind == "order":
+            level = self._order_level(name, args, e, phase, level)
         return self._node(name, args, e.span, level=level, phase=phase, grad=grad, linear=fn.linear)
+
+    def _order_level(self, name, args, e: A.Call, phase, level) -> str:
+        """batch_rank / batch_sorted / batch_quantile: once per rollout, over the whole batch."""
+        if phase == "loss":
+            raise error(f"{name}(...) is computed once per rollout over the whole batch, but this reads a "
+                        "per-update quantity", e.span, "phase",
+                        "read the rollout's values instead: logp_old, entropy_old, value_old, scores")
+        if name == "batch_sorted":
+            rl = self._lvl(args[1])
+            if rl not in ("response", "group"):
+                raise error(f"the rank of batch_sorted is one per response or per group, but `{unparse(e.args[1])}` "
+                            f"is {rl}-level", e.args[1].span, "level", "e.g. batch_sorted(x, batch_rank(y))")
+            return rl
+        if name == "batch_quantile":
+            q = self.g.nodes[args[1]]
+            if q["phase"] != "const" or (q["op"] in ("const", "param") and not 0 <= q.get("value", 0) <= 1):
+                raise error("the q of batch_quantile is a number between 0 and 1 (or a parameter)", e.args[1].span,
+                            "level")
+        return level
 
     def _arity(self, fn: Fn, e: A.Call):
         n = len(e.args)
@@ -606,8 +683,10 @@ class _Checker:
             return 1, False
         if e.func in ("generate", "flow_sde"):
             n = self._int_arg(kw["n"], "n") if "n" in kw else 1
-            if not 1 <= n <= MAX_GROUP:
-                raise error(f"n must be between 1 and {MAX_GROUP:,} (got {n:,})", kw["n"].span, "type",
+            if n < 1:
+                raise error("n must be at least 1", kw["n"].span, "type")
+            if n > MAX_GROUP:
+                raise error(f"n must be at most {MAX_GROUP:,} (got {n:,})", kw["n"].span, "type",
                             "n is the number of responses sampled for each prompt")
             return n, False
         if e.func == "tree_search":
@@ -630,7 +709,7 @@ class _Checker:
             self.g.graph["sample"] = sample.body[0].value
         elif data == "pairs":
             self.group_size, self.roles = 2, {"chosen": (0, 1), "rejected": (1, 1)}
-        elif data == "demonstrations":
+        elif data in ("demonstrations", "unpaired"):
             self.group_size = 1
         elif data == "prompts":
             raise error("`data prompts` needs a sample section that says how responses are generated",
@@ -639,6 +718,11 @@ class _Checker:
         select = self.res.sections.get("select")
         if select is not None:
             self._select(select)
+
+    def _generates(self) -> bool:
+        sample = self.res.sections.get("sample")
+        return sample is not None and len(sample.body) == 1 and isinstance(sample.body[0], A.Assign) \
+            and isinstance(sample.body[0].value, A.Call) and sample.body[0].value.func == "generate"
 
     def _sample_requires(self, e: A.Call) -> set[str]:
         req = set()

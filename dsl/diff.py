@@ -219,6 +219,7 @@ class _Side:
                     self.stmts[st.name] = (kind, st)
         self._memo: dict[str, _N] = {}
         self._locals = True
+        self._only: str | None = None  # section_roots: inline only this section's statements
         self.used_params: set[str] = set()
         self.used_defs: set[str] = set()
         if self.library:
@@ -251,6 +252,34 @@ class _Side:
             self._memo[name] = node
         return self._memo[name]
 
+    def section_roots(self, section: str) -> dict[str, _N]:
+        """The used statements of `section` that something outside it reads, each in canonical
+        form with the statements of its own section inlined and other sections' values as
+        placeholders: what the section contributes, whatever the rest of the spec does."""
+        used = [n for n in self._memo if self.stmts[n][0] == section]
+        inside = set()
+        for n in used:
+            inside |= {x.id for x in A.walk(self.stmts[n][1].value) if isinstance(x, A.Name) and x.id != n}
+        roots = [n for n in used if n not in inside]
+        saved, self._memo, self._only = self._memo, {}, section
+        try:
+            return {n: self.local(n) for n in roots}
+        finally:
+            self._memo, self._only = saved, None
+
+    def statements(self, section: str, roots: list[str]) -> str:
+        """The statements `roots` and the ones of the same section they read, in file order."""
+        seen, stack = set(), list(roots)
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            stack += [x.id for x in A.walk(self.stmts[n][1].value) if isinstance(x, A.Name)
+                      and x.id in self.stmts and self.stmts[x.id][0] == section]
+        sts = sorted((self.stmts[n][1] for n in seen), key=lambda st: (st.span.line, st.span.col))
+        return "; ".join(unparse_stmt(st) for st in sts) or "(nothing)"
+
     def canon_def(self, d: A.Def) -> _N:
         saved, self._locals = self._locals, False
         try:
@@ -267,6 +296,8 @@ class _Side:
             return self._mk("leaf", e, origin, op="bool", value=bool(e.value))
         if isinstance(e, A.Name):
             if self._locals and e.id in self.stmts:
+                if self._only and self.stmts[e.id][0] != self._only:  # another section's value
+                    return self._mk("leaf", e, origin, op="local", value=self.stmts[e.id][0])
                 return self.local(e.id)
             if self._locals and e.id in self.params:
                 self.used_params.add(e.id)
@@ -522,6 +553,7 @@ class _Differ:
             self.filters()
             self.selects()
             self.loss()
+            self.rollout_sections()
             self.train()
             self.pipeline()
             self.params()
@@ -792,6 +824,21 @@ class _Differ:
         for (sa, na), (sb, nb) in pairs:
             prefix = f"term {sb.name} " if sb.name else "minimize "
             self.d(na, nb, _Ctx(prefix, na, nb))
+
+    def rollout_sections(self):
+        """Every changed score and advantage section is reported, even when the loss changed
+        too and the comparison above stopped before reaching it (ppo → grpo)."""
+        for section in ("score", "advantage"):
+            if any(r.section == section for r in self.recs):
+                continue
+            ra, rb = self.a.section_roots(section), self.b.section_roots(section)
+            ka, kb = Counter(n.key for n in ra.values()), Counter(n.key for n in rb.values())
+            if ka == kb:
+                continue
+            gone = [n for n, x in ra.items() if x.key in ka - kb]
+            new = [n for n, x in rb.items() if x.key in kb - ka]
+            ta, tb = self.a.statements(section, gone), self.b.statements(section, new)
+            self.emit(section, "changed", f"{ta} → {tb}", ta, tb)
 
     def train(self):
         ta, tb = self.a.spec.train, self.b.spec.train

@@ -16,6 +16,7 @@ from lark.visitors import Transformer_NonRecursive
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast as A
+from .builtins import KEYWORDS, MAX_INT, SECTIONS
 from .errors import Span, SpecError
 
 MAX_DEPTH = 100  # brackets
@@ -97,6 +98,10 @@ class _Builder(Transformer_NonRecursive):
         except ValueError:
             raise SpecError(f"number too long ({len(text)} digits)", _tok_span(self.path, tok), kind="type",
                             hint="write large numbers with an exponent, e.g. 1e30") from None
+        if value in (float("inf"), float("-inf")) or (isinstance(value, int) and value > MAX_INT):
+            raise SpecError(f"number too large: {text if len(text) < 40 else text[:40] + '…'}",
+                            _tok_span(self.path, tok), kind="type",
+                            hint=f"floats go up to about 1.8e308, integers up to {MAX_INT}")
         return A.Number(value, text, span=self._span(meta))
 
     @v_args(meta=True)
@@ -382,5 +387,11 @@ def _syntax_error(e: UnexpectedInput, path: str, lines: list[str]) -> SpecError:
     if expected:
         shown = expected if len(expected) <= 6 else expected[:6] + ["…"]
         msg += "; expected " + ", ".join(shown)
+    before = (_line(lines, line) or "")[:col - 1].split()
+    if before and (before[-1] in KEYWORDS or before[-1] in SECTIONS) and msg.startswith("unexpected '='"):
+        # `keep = ...`: a keyword where a name was meant
+        return SpecError(f"{before[-1]!r} is a keyword of the language and cannot name a value",
+                         Span(path, line, col, line, end), kind="syntax", source_line=_line(lines, line),
+                         hint="choose another name; keywords: " + ", ".join(KEYWORDS + SECTIONS))
     return SpecError(msg, Span(path, line, col, line, end), kind="syntax",
                      source_line=_line(lines, line))

@@ -65,6 +65,13 @@ PRESETS: dict[str, dict] = {
     "rspo": {"batch_size": 32, "lr_schedule": "linear", "params": {"eta": 10.0}},
     "ampo": {"lr": 1e-4},
     "mcts": {"lr": 3e-4},
+    # the offline preference losses as dpo; the RL specs as their closest seed
+    "kto": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
+    "orpo": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
+    "cpo": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
+    "aot": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
+    "reinforce_pp": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
+    "grpo_tis": {"lr_schedule": "linear"},
 }
 
 

@@ -244,3 +244,28 @@ def test_diff_does_not_import_torch():
     code = ("import sys; from alignspec.dsl.diff import diff_specs; diff_specs('grpo', 'dapo'); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("a,b", [("ppo", "grpo"), ("grpo", "ppo")])
+def test_every_changed_section_is_reported_even_when_the_loss_changed_too(a, b):
+    msgs = [c.message for c in diff_specs(a, b)]
+    score = [m for m in msgs if m.startswith("score:")]
+    adv = [m for m in msgs if m.startswith("advantage:")]
+    assert len(score) == 1 and "reward_model(response)" in score[0] and "reward(response)" in score[0]
+    assert len(adv) == 1 and "gae(" in adv[0] and "whiten(" in adv[0] and "group_std(r)" in adv[0]
+    first = score[0].index("reward_model") < score[0].index("→")
+    assert first == (a == "ppo")  # the direction follows the arguments
+
+
+def test_a_split_statement_is_no_section_change(tmp_path):
+    one = tmp_path / "one.align"
+    one.write_text("algorithm one\nimport common\nparams\n  n: int = 4\nsample\n  x = generate(prompt, n = n)\n"
+                   "score\n  r = reward(response)\nadvantage\n  A = (r - group_mean(r)) / (group_std(r) + 1e-4)\n"
+                   "loss\n  minimize -mean(mean_tokens(exp(logp - logp_old) * A))\n")
+    two = tmp_path / "two.align"
+    two.write_text(one.read_text().replace("algorithm one", "algorithm two").replace(
+        "  A = (r - group_mean(r)) / (group_std(r) + 1e-4)",
+        "  d = r - group_mean(r)\n  A = d / (group_std(r) + 1e-4)").replace("minimize -mean(mean_tokens(exp(",
+                                                                             "minimize -mean(sum_tokens(exp("))
+    msgs = [c.message for c in diff_specs(str(one), str(two))]
+    assert msgs == ["loss: aggregation mean(mean_tokens(·)) → mean(sum_tokens(·))"]

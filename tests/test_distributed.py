@@ -2,7 +2,8 @@
 
 One optimizer step on 2 processes with the global batch split between them must give the
 parameters of 1 process with the whole batch (to 1e-5): a token-mean spec, a sequence-mean
-spec, a filter that leaves the processes uneven, and whiten over the batch.
+spec, a filter that leaves the processes uneven, whiten over the batch, and ranks and a
+quantile over the batch (order statistics gather every process's values).
 
 The engine wraps its training forward in DDP through ``accelerator.prepare``; these tests
 check the parts of that which silent bugs hide in: processes that end an update with
@@ -66,6 +67,18 @@ loss
   minimize -mean(A * mean_tokens(logp))
 """
 
+# ranks and a quantile over both processes' rows (a process alone would rank 0, 1)
+ORDER_SPEC = """\
+algorithm order
+data demonstrations
+score
+  r = reward(response)
+advantage
+  A = where(r >= batch_quantile(r, 0.5), 1, -1) * (1 + batch_rank(r))
+loss
+  minimize -mean(A * mean_tokens(logp))
+"""
+
 SCRIPT = r"""
 import json, os, sys
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -102,8 +115,8 @@ def _launch(nproc: int, args: list[str], env: dict, cwd: Path) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("spec_text", [TOKEN_MEAN_SPEC, SEQ_MEAN_SPEC, FILTER_SPEC, WHITEN_SPEC],
-                         ids=["token_mean", "seq_mean", "uneven_micro_batches", "whiten"])
+@pytest.mark.parametrize("spec_text", [TOKEN_MEAN_SPEC, SEQ_MEAN_SPEC, FILTER_SPEC, WHITEN_SPEC, ORDER_SPEC],
+                         ids=["token_mean", "seq_mean", "uneven_micro_batches", "whiten", "rank_quantile"])
 def test_two_processes_match_one_process(spec_text, tmp_path):
     from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", "llama", seed=3)

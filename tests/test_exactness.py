@@ -142,6 +142,12 @@ def make_batch(G, n, *, seed=0, lengths=None, single=1, reward=None, preference=
         "embedding": rnd(B, D),
     }
     b["length"] = mask.sum(-1)
+    extra = torch.Generator().manual_seed(seed + 1000)  # after every draw above: earlier cases unchanged
+    b["label"] = (torch.rand(B, generator=extra) < 0.5).to(DT64)
+    b["logp_mismatch"] = -3.0 * torch.rand(B, generator=extra, dtype=DT64) * lengths
+    b["logp_ref_mismatch"] = b["logp_mismatch"] - 0.3 * torch.randn(B, generator=extra, dtype=DT64) - 0.1
+    b["logp_sampler"] = act(b["logp_old"] + 0.6 * (torch.rand(B, t, generator=extra, dtype=DT64) - 0.3))
+    b["entropy_old"] = act(torch.rand(B, t, generator=extra, dtype=DT64))
     return b
 
 
@@ -551,8 +557,96 @@ def ref_flow_grpo(b, p):
     return policy / rows + p["beta"] * (kl / rows)
 
 
+def ref_kto(b, p):
+    B = b["mask"].shape[0]
+    z0 = torch.clamp(sum(b["logp_mismatch"][i] - b["logp_ref_mismatch"][i] for i in range(B)) / B, min=0.0)
+    total = 0.0
+    for i in range(B):
+        h = seq_sum(b["logp"] - b["logp_ref"], b, i)
+        if b["label"][i] > 0:
+            total = total + p["desirable_weight"] * (1 - sigma(p["beta"] * (h - z0)))
+        else:
+            total = total + p["undesirable_weight"] * (1 - sigma(p["beta"] * (z0 - h)))
+    return total / B
+
+
+def _chosen_nll(b):
+    tokens = sum(idx(b["mask"], 2 * g).numel() for g in pairs(b))
+    return -sum(seq_sum(b["logp"], b, 2 * g) for g in pairs(b)) / tokens
+
+
+def ref_orpo(b, p):
+    total = 0.0
+    for g in pairs(b):
+        c, r = seq_mean(b["logp"], b, 2 * g), seq_mean(b["logp"], b, 2 * g + 1)
+        log_odds = (c - torch.log(1 - torch.exp(c))) - (r - torch.log(1 - torch.exp(r)))  # Eq. 7
+        total = total + torch.log(sigma(log_odds))
+    return _chosen_nll(b) - p["beta"] * total / len(pairs(b))
+
+
+def ref_cpo(b, p):
+    total = 0.0
+    for g in pairs(b):
+        c, r = seq_sum(b["logp"], b, 2 * g), seq_sum(b["logp"], b, 2 * g + 1)
+        total = total + torch.log(sigma(p["beta"] * (c - r)))
+    return -total / len(pairs(b)) + p["cpo_alpha"] * _chosen_nll(b)
+
+
+def ref_aot(b, p):
+    """TRL's loss_type="aot": both margins sorted over the batch, paired by rank."""
+    m = torch.stack([seq_sum(b["logp"], b, 2 * g) - seq_sum(b["logp"], b, 2 * g + 1) for g in pairs(b)])
+    m_ref = torch.stack([seq_sum(b["logp_ref"], b, 2 * g) - seq_sum(b["logp_ref"], b, 2 * g + 1) for g in pairs(b)])
+    d = torch.sort(m).values - torch.sort(m_ref).values
+    return -sum(torch.log(sigma(p["beta"] * x)) for x in d) / len(d)
+
+
+def aot_batch(seed):
+    b = make_batch(8, 2, seed=seed)
+    b["logp_old"] = b["logp"].clone()  # the policy before the update: the same weights
+    return b
+
+
+def ref_reinforce_pp(b, p):
+    B = b["mask"].shape[0]
+    adv = []
+    for i in range(B):
+        ix = idx(b["mask"], i)
+        kl = b["logp_old"][i, ix] - b["logp_ref"][i, ix]
+        adv.append(torch.stack([b["reward"][i] - p["beta"] * kl[t:].sum() for t in range(ix.numel())]))
+    flat = torch.cat(adv)
+    mean = flat.sum() / flat.numel()
+    var = ((flat - mean) ** 2).sum() / (flat.numel() - 1)
+    total = 0.0
+    for i in range(B):
+        ix = idx(b["mask"], i)
+        A = (adv[i] - mean) / torch.sqrt(var + 1e-8)
+        ratio = torch.exp(b["logp"][i, ix] - b["logp_old"][i, ix])
+        total = total + clipped_surrogate(ratio, A, 1 - p["eps"], 1 + p["eps"]).sum()
+    return -total / flat.numel()
+
+
+def ref_grpo_tis(b, p):
+    n, eps, beta = p["n"], p["eps"], p["beta"]
+    A = group_zscore(b["reward"], n)
+    B = b["logp"].shape[0]
+    total = 0.0
+    for i in range(B):
+        ix = idx(b["mask"], i)
+        lp, old = b["logp"][i, ix], b["logp_old"][i, ix]
+        w = torch.clamp(torch.exp(old - b["logp_sampler"][i, ix]), max=p["tis_cap"])
+        per_tok = w * clipped_surrogate(torch.exp(lp - old), A[i], 1 - eps, 1 + eps) - beta * k3(lp, b["logp_ref"][i, ix])
+        total = total + per_tok.sum() / ix.numel()
+    return -total / B
+
+
 # ----------------------------------------------------------------------------- cases
 DEFAULTS = {
+    "kto": dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0),
+    "orpo": dict(beta=0.1),
+    "cpo": dict(beta=0.1, cpo_alpha=1.0),
+    "aot": dict(beta=0.1),
+    "reinforce_pp": dict(n=1, beta=0.001, eps=0.2),
+    "grpo_tis": dict(n=8, eps=0.2, beta=0.04, tis_cap=3.0),
     "grpo": dict(n=8, eps=0.2, beta=0.04),
     "dapo": dict(n=8, eps=0.2, beta=0.04, eps_high=0.28, max_len=20480, cache=4096),
     "cispo": dict(n=8, eps=0.2, beta=0.04, eps_high=4.0),
@@ -672,6 +766,15 @@ CASES = {
     "rspo": ("rspo", {}, lambda: rspo_batch(23), ref_rspo, ["logp"]),
     "sppo-rows01": ("sppo", {"eta": 10.0}, lambda: rows01(sppo_batch(24)), ref_sppo, ["logp"]),
     "rspo-rows01": ("rspo", {}, lambda: rows01(rspo_batch(25)), ref_rspo, ["logp"]),
+    "kto": ("kto", {}, lambda: make_batch(10, 1, seed=26), ref_kto, ["logp"]),
+    "kto-z0": ("kto", {"beta": 2.0, "undesirable_weight": 1.5}, lambda: make_batch(10, 1, seed=27), ref_kto, ["logp"]),
+    "orpo": ("orpo", {}, lambda: make_batch(6, 2, seed=28), ref_orpo, ["logp"]),
+    "cpo": ("cpo", {}, lambda: make_batch(6, 2, seed=29), ref_cpo, ["logp"]),
+    "aot": ("aot", {}, lambda: aot_batch(30), ref_aot, ["logp"]),
+    "reinforce_pp": ("reinforce_pp", {}, lambda: make_batch(10, 1, seed=31), ref_reinforce_pp, ["logp"]),
+    "reinforce_pp-beta": ("reinforce_pp", {"beta": 0.5}, lambda: make_batch(10, 1, seed=32), ref_reinforce_pp,
+                          ["logp"]),
+    "grpo_tis": ("grpo_tis", {"tis_cap": 1.1}, lambda: make_batch(3, 8, seed=33), ref_grpo_tis, ["logp"]),
 }
 # Cases that fail because of a compiler bug (see the module docstring and the tests at the end).
 KNOWN_BUGS: dict[str, str] = {}  # case id → reason, for a compiler bug found and not yet fixed

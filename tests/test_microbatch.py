@@ -10,6 +10,9 @@ over micro-batches must equal the full-batch loss and gradient:
 * mean over responses: grpo (seq-mean-token-mean), gspo, rloo, flow_grpo (+ mu_sqdist_ref)
 * mean over groups: dpo, mcts, ampo (after selection: groups of 1 + k rows)
 * sum-based: dr_grpo (token sums / responses / max_tokens)
+* the later built-ins: kto (rows, z0 a rollout mean), orpo and cpo (an NLL over the chosen
+  tokens counted once per rollout), aot (ranks over the whole batch), reinforce_pp (token
+  mean after whiten), grpo_tis
 
 "Processes" are simulated: each process holds a shard of groups and computes its local totals;
 the global totals are their sum (an all-reduce); every micro-batch of every process uses them
@@ -64,6 +67,16 @@ def make_batch(G, n, *, seed=0, reward=None):
         "embedding": rnd(B, 3),
     }
     b["length"] = b["mask"].sum(-1)
+    extra = torch.Generator().manual_seed(seed + 1000)
+    b["label"] = (torch.rand(B, generator=extra) < 0.5).to(DT)
+    b["logp_mismatch"] = -3.0 * torch.rand(B, generator=extra, dtype=DT)
+    b["logp_ref_mismatch"] = b["logp_mismatch"] - 0.3 * torch.randn(B, generator=extra, dtype=DT)
+    b["logp_sampler"] = act(b["logp_old"] + 0.3 * rnd(B, T))
+    return b
+
+
+def same_weights(b):
+    b["logp_old"] = b["logp"].clone()  # aot ranks by the policy before the update
     return b
 
 
@@ -99,6 +112,12 @@ CASES = {
     "ampo": ("ampo", {"alpha": 0.5}, lambda: make_batch(4, 8, seed=13), ["logp"]),
     "dr_grpo": ("dr_grpo", {"beta": 0.04, "max_tokens": T}, lambda: make_batch(4, 8, seed=14), ["logp"]),
     "dr_grpo-offpolicy": (offpolicy("dr_grpo"), {}, lambda: make_batch(4, 8, seed=15), ["logp"]),
+    "kto": ("kto", {}, lambda: make_batch(12, 1, seed=16), ["logp"]),
+    "orpo": ("orpo", {}, lambda: make_batch(8, 2, seed=17), ["logp"]),
+    "cpo": ("cpo", {}, lambda: make_batch(8, 2, seed=18), ["logp"]),
+    "aot": ("aot", {}, lambda: same_weights(make_batch(8, 2, seed=19)), ["logp"]),
+    "reinforce_pp": ("reinforce_pp", {}, lambda: make_batch(12, 1, seed=20), ["logp"]),
+    "grpo_tis": ("grpo_tis", {}, lambda: make_batch(4, 8, seed=21), ["logp"]),
 }
 TOKEN_MEAN_ALL = ["dapo", "sft", "ppo"]
 

@@ -207,7 +207,7 @@ def test_damaged_checkpoints_give_clear_errors(tmp_path, capsys, damage):
     (f"seed={2**40}", "less than or equal to"),
     ("lora_alpha=-4", "greater than 0"),
     ("lr=nan", "finite number"),
-    ("n=100000000", "n must be between 1 and 4,096"),
+    ("n=100000000", "n must be at most 4,096"),
 ])
 def test_out_of_range_settings_are_refused_before_loading(tmp_path, capsys, setting, words):
     spec = "grpo" if setting.startswith("n=") else "sft"

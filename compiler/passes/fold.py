@@ -16,7 +16,7 @@ import networkx as nx
 
 from .. import ir
 
-_EVAL = {"exp": math.exp, "log": math.log, "abs": abs, "sqrt": math.sqrt, "square": lambda x: x * x,
+_EVAL = {"exp": math.exp, "log": math.log, "log1p": math.log1p, "expm1": math.expm1, "abs": abs, "sqrt": math.sqrt, "square": lambda x: x * x,
          "sigmoid": lambda x: 1 / (1 + math.exp(-x)), "tanh": math.tanh, "relu": lambda x: max(x, 0.0),
          "softplus": lambda x: math.log1p(math.exp(x)), "logsigmoid": lambda x: -math.log1p(math.exp(-x)),
          "sign": lambda x: (x > 0) - (x < 0), "min": min, "max": max, "stopgrad": lambda x: x,

@@ -14,7 +14,9 @@ The module imports only torch, math and alignspec.ops.
 
 from __future__ import annotations
 
+import builtins
 import keyword
+import math
 from pathlib import Path
 
 import networkx as nx
@@ -22,25 +24,26 @@ import networkx as nx
 from ..plan import plan_source
 
 
-_TORCH_FN = {"exp": "torch.exp", "log": "torch.log", "abs": "torch.abs", "sqrt": "torch.sqrt",
+_TORCH_FN = {"exp": "torch.exp", "log": "torch.log", "log1p": "torch.log1p", "expm1": "torch.expm1", "abs": "torch.abs", "sqrt": "torch.sqrt",
              "square": "torch.square", "sigmoid": "torch.sigmoid", "logsigmoid": "F.logsigmoid",
              "softplus": "F.softplus", "relu": "torch.relu", "tanh": "torch.tanh", "sign": "torch.sign"}
-_MATH_FN = {"exp": "math.exp", "log": "math.log", "abs": "abs", "sqrt": "math.sqrt", "tanh": "math.tanh"}
+_MATH_FN = {"exp": "math.exp", "log": "math.log", "log1p": "math.log1p", "expm1": "math.expm1", "abs": "abs", "sqrt": "math.sqrt", "tanh": "math.tanh"}
 _BIN_PREC = {"+": 60, "-": 60, "*": 70, "/": 70, "**": 90}
 _CMP = {"<", "<=", ">", ">=", "==", "!="}
 _CHEAP = {"+", "-", "*", "/", "**", "neg", "min", "max", "clip", "where", "stopgrad", "alias", "def", "not",
           "and", "or", *_TORCH_FN, *_CMP}
-_RESERVED = {"batch", "totals", "torch", "F", "ops", "math", "mask", "metrics", "terms", "loss", "keep", "rows",
-             "picks", "out", "GROUP", "SAMPLE_GROUP", "n_rows"}
+_PY_NAMES = set(dir(builtins)) | set(keyword.kwlist) | set(keyword.softkwlist)
 _STAGE = {"const": None, "score": "score", "model": "advantage", "loss": "loss"}
 
 
 def _pyname(name: str) -> str:
-    """A spec name as a Python identifier of the generated module (a checked identifier: the
-    grammar's NAME; anything else is refused rather than emitted)."""
+    """The Python name of a spec name: a Python keyword or built-in gets a trailing "_", and so
+    does every name that already ends in "_", so two spec names never share a Python name.
+    (The checker rejects the names the generated code itself uses: GENERATED_NAMES.) Only a
+    checked identifier (the grammar's NAME) is emitted; anything else is refused."""
     if not (name.isidentifier() and name.isascii()):
         raise ValueError(f"not an identifier: {name!r}")
-    if keyword.iskeyword(name) or name in _RESERVED or name in dir(__builtins__):
+    if name in _PY_NAMES or name.endswith("_"):
         return name + "_"
     return name
 
@@ -59,6 +62,13 @@ def _text(s: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def _num(v) -> str:
+    """A Python literal for a number (inf and nan have no literal: float('inf'))."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "float('nan')" if v != v else "float('inf')" if v > 0 else "-float('inf')"
+    return repr(v)
 
 
 class _Emitter:
@@ -126,7 +136,7 @@ class _Emitter:
         op, args = a["op"], a["args"]
         if op == "const":
             v = a["value"]
-            return (repr(v), 100 if (not isinstance(v, (int, float)) or v >= 0) else 80)
+            return (_num(v), 100 if (not isinstance(v, (int, float)) or v >= 0) else 80)
         if op == "str":
             return repr(a["value"]), 100
         if op == "param":
@@ -180,6 +190,11 @@ class _Emitter:
                 return f"torch.clamp({texts[0]}, {texts[1]}, {texts[2]})", 100
             return f"torch.clamp(torch.clamp({texts[0]}, min={texts[1]}), max={texts[2]})", 100
         if op == "where":
+            if self.scalar(args[0]):
+                return f"({texts[1]} if {texts[0]} else {texts[2]})", 100
+            if self.scalar(args[1]) and self.scalar(args[2]):
+                # two numbers: torch would make a float32 tensor; use the batch's float type
+                return f"torch.where({texts[0]}, torch.as_tensor({texts[1]}, dtype=dtype), {texts[2]})", 100
             return f"torch.where({texts[0]}, {texts[1]}, {texts[2]})", 100
         if op == "input":
             return f'batch["{a["quantity"]}"]', 100
@@ -211,6 +226,11 @@ class _Emitter:
             return (f"ops.whiten({x}, mask)" if lv == "action" else f"ops.whiten({x})"), 100
         if op == "gae":
             return f"ops.gae({texts[0]}, {texts[1]}, mask, {texts[2]}, {texts[3]})", 100
+        if op == "batch_quantile":
+            m = ", mask" if lv == "action" else ""
+            return f"ops.batch_quantile({texts[0]}, {texts[1]}{m})", 100
+        if op in ("batch_rank", "batch_sorted"):
+            return f"ops.{op}({', '.join(texts)})", 100
         if op in ("last_token", "suffix_sum"):
             return f"ops.{op}({x}, mask)", 100
         raise NotImplementedError(f"no lowering for op {op!r}")
@@ -309,9 +329,20 @@ def _loads(g, em, roots, stage):
     return out
 
 
-def _uses_mask(g, nodes) -> bool:
-    return any(g.nodes[n]["op"] in ("sum_tokens", "mean_tokens", "token_mean_all", "token_sum_all", "whiten", "gae",
-                                    "last_token", "suffix_sum") for n in nodes)
+_MASKED = ("sum_tokens", "mean_tokens", "token_mean_all", "token_sum_all", "whiten", "gae", "last_token", "suffix_sum")
+
+
+def _prelude(g, em, roots, stage) -> list[str]:
+    """`mask = ...` and `dtype = ...` when a stage's code (named statements and the
+    expressions inlined into them) reads them."""
+    nodes = _subtree(g, em, roots, stage)
+    out = []
+    if any(g.nodes[n]["op"] in _MASKED or (g.nodes[n]["op"] == "batch_quantile" and
+                                             g.nodes[g.nodes[n]["args"][0]]["level"] == "action") for n in nodes):
+        out.append('    mask = ops.valid_mask(batch["mask"])')
+    if any(g.nodes[n]["op"] == "where" and all(em.scalar(x) for x in g.nodes[n]["args"][1:]) for n in nodes):
+        out.append("    dtype = ops.float_dtype(batch)")
+    return out
 
 
 def _subtree(g, em, roots, stage):
@@ -351,7 +382,7 @@ def _header(g, em) -> list[str]:
     for p, v in g.graph["params"].items():
         doc = f"  # {_text(docs[p])}" if docs.get(p) else ""
         unused = "" if p in used else "  # (not read by this parametrization)"
-        lines.append(f"{_pyname(p)} = {v!r}{doc or unused}")
+        lines.append(f"{_pyname(p)} = {_num(v) if isinstance(v, float) else repr(v)}{doc or unused}")
     lines += ["",
               f"SAMPLE_GROUP = {g.graph['sample_group_size']}  # rows per group as sampled",
               f"GROUP = {g.graph['group_size']}  # rows per group in the training batch",
@@ -371,8 +402,7 @@ def _score_fn(g, em, nodes, carried) -> list[str]:
              "    Returns the rows of `batch` that form the training batch (contiguous groups of GROUP)",
              "    and the values later stages read, already restricted to those rows.",
              '    """']
-    if _uses_mask(g, body):
-        lines.append('    mask = ops.valid_mask(batch["mask"])')
+    lines += _prelude(g, em, body + keeps + selects, "score")
     lines += _loads(g, em, body + keeps + selects, "score")
     lines.append("    with torch.no_grad():")
     inner = [_stmt(em, n) for n in body if g.nodes[n]["op"] not in ("input", "external")]
@@ -422,8 +452,11 @@ def _score_fn(g, em, nodes, carried) -> list[str]:
 def _advantage_fn(g, em, nodes, carried) -> list[str]:
     lines = ['def advantage(batch):',
              '    """Once per rollout, after the no-grad forwards (logp_old, logp_ref, value_old), without gradients."""']
-    if _uses_mask(g, nodes) or any(g.nodes[n].get("name") and g.nodes[n]["level"] == "action" for n in nodes):
-        lines.append('    mask = ops.valid_mask(batch["mask"])')
+    pre = _prelude(g, em, nodes, "advantage")
+    if not any(l.startswith("    mask") for l in pre) and any(
+            g.nodes[n].get("name") and g.nodes[n]["level"] == "action" for n in nodes):
+        pre.insert(0, '    mask = ops.valid_mask(batch["mask"])')
+    lines += pre
     lines += _loads(g, em, nodes, "advantage")
     lines.append("    with torch.no_grad():")
     lines += ["    " + _stmt(em, n) for n in nodes if g.nodes[n]["op"] not in ("input", "external")]
@@ -434,6 +467,8 @@ def _advantage_fn(g, em, nodes, carried) -> list[str]:
             v = em.var[n]
             m = f"ops.token_mean({v}, mask)" if a["level"] == "action" else f"{v}.float().mean()"
             metrics.append(f'"{a["name"]}/mean": {m}')
+        elif a.get("name") and a["level"] == "batch":  # a batch statistic (KTO's z0)
+            metrics.append(f'"{a["name"]}": {em.var[n]}')
     out = [f'"{em.var[n]}": {em.var[n]}' for n in carried]
     lines.append("        metrics = {" + ", ".join(metrics) + "}")
     lines.append("    return {" + ", ".join(out + ['"metrics": metrics']) + "}")
@@ -451,6 +486,7 @@ def _loss_fn(g, em, nodes) -> list[str]:
              '    """']
     all_nodes = nodes + terms
     lines.append('    mask = ops.valid_mask(batch["mask"])' if "mask" in g.graph["inputs"] else "    mask = None")
+    lines += [ln for ln in _prelude(g, em, all_nodes, "loss") if not ln.startswith("    mask")]
     need = sorted({"tokens" if g.nodes[n]["op"] == "token_mean_all" else
                    "groups" if g.nodes[g.nodes[n]["args"][0]]["level"] == "group" else "responses"
                    for n in _subtree(g, em, terms, "loss") if g.nodes[n]["op"] in ("token_mean_all", "mean")})
@@ -459,14 +495,20 @@ def _loss_fn(g, em, nodes) -> list[str]:
     lines += _loads(g, em, all_nodes, "loss")
     lines += [_stmt(em, n) for n in nodes if g.nodes[n]["op"] not in ("input", "external")]
     tnames = []
+    taken = set(em.var.values()) | {_pyname(p) for p in g.graph["params"]}
     for t in terms:
         a = g.nodes[t]
         tn = f"term_{_pyname(a['term'])}" if len(terms) > 1 else "total"
+        while tn != "total" and tn in taken:  # a statement already has this name
+            tn += "_"
+        taken.add(tn)
         text, _ = em.ref(a["args"][0], t)
         lines.append(f"    {tn} = {text}  # {em.where(t)}")
         tnames.append((a["term"], tn))
-    if len(terms) > 1:
+    if 1 < len(terms) <= 32:
         lines.append("    total = " + " + ".join(tn for _, tn in tnames))
+    elif len(terms) > 32:  # a long `a + b + ...` nests too deep for Python's compiler
+        lines.append("    total = sum((" + ", ".join(tn for _, tn in tnames) + "))")
     # metrics: every named value, every clip, every term
     mlines = []
     for n in nodes:

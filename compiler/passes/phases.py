@@ -11,6 +11,8 @@ Ensures:
   update, with gradients); `grad` is recomputed likewise.
 - metadata `inputs` (name → level of everything read from the batch) and `requires` (the
   models, forwards and services this parametrization needs) describe exactly the live graph.
+- a SpecError (at the first `minimize`) when folding left no term with a gradient
+  (`ampo` with beta = 0 and alpha = 0 minimizes a constant).
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def phases(g: nx.DiGraph) -> nx.DiGraph:
         if a["op"] == "index" and g.graph.get("selects"):
             # roles name rows of the selected group: read them after selection, not before
             a["phase"] = max(a["phase"], "model", key=PHASES.index)
+    terms = g.graph.get("terms", [])
+    if terms and not any(g.nodes[t]["grad"] for t in terms):
+        from alignspec.dsl.load import error
+        zeros = ", ".join(f"{k} = {v}" for k, v in g.graph.get("params", {}).items() if v == 0 and not isinstance(v, bool))
+        raise error("with these parameter values" + (f" ({zeros})" if zeros else "") + " no loss term depends on a "
+                    "trained quantity (logp, value, entropy, rm_score): nothing would learn",
+                    g.nodes[terms[0]]["span"], "phase", "choose parameter values that keep a trained term")
     inputs, requires = {}, set()
     for n, a in g.nodes(data=True):
         if a["op"] == "input":

@@ -34,7 +34,7 @@ def plan(g: nx.DiGraph) -> nx.DiGraph:
         data = meta.get("data") or "prompts"
     else:
         data = meta.get("data") or ("pairs" if G == 2 else "demonstrations")
-        kind = "pairs" if data == "pairs" else "demonstration"
+        kind = {"pairs": "pairs", "unpaired": "unpaired"}.get(data, "demonstration")
         sampler = SamplerPlan(kind, rows=2 if kind == "pairs" else 1)
     train = meta.get("train", {})
     filters = tuple(FilterPlan(g.nodes[k].get("scope", "groups"), g.nodes[k]["span"].line)

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import RunError
 from .prompts import check_messages, is_conversation
 
-COMPLETIONS = ("response", "chosen", "rejected")
+COMPLETIONS = ("response", "chosen", "rejected", "completion")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -67,7 +67,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise RunError(f"{path}: row {len(rows)} (line {n}) is not valid JSON: {e}") from None
+                raise RunError(f"could not read {path}: row {len(rows)} (line {n}) is not valid JSON: {e}") from None
             if not isinstance(row, dict):
                 raise RunError(f"{path}: row {len(rows)} (line {n}) is a JSON {type(row).__name__}, not an object "
                                "of fields", hint='each line holds one row, e.g. {"prompt": "..."}')
@@ -156,7 +156,9 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
                     f"{p}: row {i} has no field '{src}'{via} (missing or null); the row has fields: "
                     f"{', '.join(present) or '(none)'}",
                     hint=f"map a field with fields={{'{name}': '<their field>'}}")
-        for name in required:
+        for name in ("prompt", *COMPLETIONS):
+            if name not in required:
+                continue
             value = rec[name]
             if not isinstance(value, (str, list, tuple)):
                 raise RunError(f"{p}: row {i}'s {name} is a {type(value).__name__} ({str(value)[:40]!r}), not text",
@@ -170,3 +172,16 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
                 rec[name] = _completion_text(rec[name], f"{p}: row {i}'s {name}")
         records.append(rec)
     return records
+
+
+def check_labels(records: list[dict], path) -> None:
+    """``data unpaired``: every row's ``label`` is a bool (or 0/1): desirable or not."""
+    for i, rec in enumerate(records):
+        v = rec["label"]
+        if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+            rec["label"] = bool(v)
+            continue
+        raise RunError(f"{path}: row {i}'s label is {v!r}; unpaired data needs true/false (desirable or not)")
+    if len({r["label"] for r in records}) < 2:
+        raise RunError(f"{path}: every row has label {records[0]['label']}; unpaired data needs desirable "
+                       "and undesirable completions")

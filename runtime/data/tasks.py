@@ -9,7 +9,8 @@ in the training set). The task provides
   training problem and per nearby wrong sum ``a+b-2 .. a+b+2`` in 0..18, 293 rows; these are
   the warm model's typical mistakes, so every pair says something about the answers it
   actually confuses -- with one fixed wrong sum per problem, DPO rarely sees the model's own
-  mistake and does not lift held-out accuracy);
+  mistake and does not lift held-out accuracy); ``unpaired`` (prompt + completion + label, for
+  KTO): the same answers as labelled rows, each right answer as often as the wrong ones;
 - ``eval_score(model, tokenizer)``: greedy exact-match accuracy on the held-out problems;
 - ``builtin_model_dir(warm=...)``: the tiny built-in Llama (about 100k parameters), either
   freshly initialized or after a short SFT warm-up on the training problems. Both are cached
@@ -73,6 +74,11 @@ class ArithmeticTask:
             row = {"prompt": f"{a}+{b}=", "answer": str(a + b)}
             if kind == "pairs":
                 rows.extend({**row, "chosen": row["answer"], "rejected": w} for w in _nearby_wrong(a, b))
+                continue
+            if kind == "unpaired":  # KTO: the pairs' answers as labelled rows, as many right as wrong
+                for w in _nearby_wrong(a, b):
+                    rows += [{**row, "completion": row["answer"], "label": True},
+                             {**row, "completion": w, "label": False}]
                 continue
             if kind == "demonstrations":
                 row["response"] = row["answer"]

@@ -55,9 +55,11 @@ def scorer_prompt(tokenizer, row: dict):
     return tokenizer.decode(row["p"], skip_special_tokens=True)
 
 
-def tensors(rows: list[dict], pad: int, device) -> dict:
+def tensors(rows: list[dict], pad: int, device, *, labels: bool = False) -> dict:
     """Prompts left-padded, completions right-padded: ``prompt_ids``, ``prompt_mask``,
-    ``completion_ids``, ``completion_mask`` (long), ``mask`` (float), ``length``."""
+    ``completion_ids``, ``completion_mask`` (long), ``mask`` (float), ``length``; with rows
+    that carry the sampler's log-probs (``ls``), ``logp_sampler``; with ``labels`` (data
+    unpaired), each record's ``label`` (1 desirable, 0 undesirable)."""
     B = len(rows)
     P = max(len(r["p"]) for r in rows)
     T = max(1, max(len(r["c"]) for r in rows))
@@ -74,6 +76,14 @@ def tensors(rows: list[dict], pad: int, device) -> dict:
             cid[i, :len(c)] = torch.tensor(c)
             cm[i, :len(c)] = 1
     d = device
-    return {"prompt_ids": pid.to(d), "prompt_mask": pm.to(d), "completion_ids": cid.to(d),
-            "completion_mask": cm.to(d), "mask": cm.to(d, torch.float32),
-            "length": cm.sum(1).to(d, torch.float32)}
+    out = {"prompt_ids": pid.to(d), "prompt_mask": pm.to(d), "completion_ids": cid.to(d),
+           "completion_mask": cm.to(d), "mask": cm.to(d, torch.float32),
+           "length": cm.sum(1).to(d, torch.float32)}
+    if all("ls" in r for r in rows):  # logp_sampler
+        ls = torch.zeros((B, T), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            ls[i, :len(r["ls"])] = torch.tensor(r["ls"], dtype=torch.float32)
+        out["logp_sampler"] = ls.to(d)
+    if labels:  # label: 1 desirable, 0 undesirable
+        out["label"] = torch.tensor([float(r["rec"]["label"]) for r in rows], device=d)
+    return out

@@ -158,14 +158,17 @@ class TokenPolicy:
 
     def _load_data(self, run) -> list[dict]:
         need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
-                "pairs": ["prompt", "chosen", "rejected"]}[run.kind]
+                "pairs": ["prompt", "chosen", "rejected"],
+                "unpaired": ["prompt", "completion", "label"]}[run.kind]
         if run.builtin:
             recs = run.task.records(run.kind)
             run.say(f"data: built-in task {run.task.name} ({len(recs)} {run.kind} from "
                     f"{len(run.task.train_problems)} training problems; {len(run.task.eval_problems)} held-out)")
             return recs
-        from ..data.records import load_records
+        from ..data.records import check_labels, load_records
         recs = load_records(run.cfg.data, run.cfg.fields, required=need)
+        if run.kind == "unpaired":
+            check_labels(recs, run.cfg.data)
         run.say(f"data: {run.cfg.data} ({len(recs)} rows, {run.kind})")
         return recs
 
@@ -198,7 +201,7 @@ class TokenPolicy:
         return [r for g in groups for r in g]
 
     def batch_of(self, run, rows: list[dict]) -> dict:
-        return token_rows.tensors(rows, run.tokenizer.pad_token_id, run.device)
+        return token_rows.tensors(rows, run.tokenizer.pad_token_id, run.device, labels=run.kind == "unpaired")
 
     def score_rows(self, run, rows: list[dict], batch: dict) -> None:
         prompts = [token_rows.scorer_prompt(run.tokenizer, r) for r in rows]  # as in the data, not templated
@@ -260,46 +263,16 @@ class TokenPolicy:
         return run.wrapped.parameters()
 
     def no_grad_forwards(self, run, batch: dict) -> None:
-        """``logp_old`` / ``value_old`` (micro-batches of whole groups) and ``logp_ref``, when read."""
-        from ..loop.update import micro_slices
-        algo, cfg = run.current, run.cfg
-        rows = batch["mask"].shape[0]
-        need_logp = "logp_old" in algo.inputs or cfg.force_old_forward
-        need_value = "value_old" in algo.inputs
-        # with self-play iterations the policy that sampled is the frozen iterate pi_t (loop/iterations.py);
-        # the critic (value head) is the current model's
-        it = getattr(run, "iterate", None)
-        sampler = it if it is not None else run.model
-        lo, vo = [], []
-        for sl in micro_slices(run, rows, algo.plan.group_size) if need_logp or need_value else []:
-            if need_logp or sampler is run.model:
-                o = self.forward_rows(run, sampler, batch, sl, grad=False, value=need_value and sampler is run.model)
-                lo.append(o["logp"])
-                if "value" in o:
-                    vo.append(o["value"])
-            if need_value and sampler is not run.model:
-                vo.append(self.forward_rows(run, run.model, batch, sl, grad=False, value=True)["value"])
-        if "logp_old" in algo.inputs:
-            batch["logp_old"] = torch.cat(lo)
-        if vo:
-            batch["value_old"] = torch.cat(vo)
-        if self.reference_needed(run):
-            lr = run.ref_cache.logprobs(batch, run.batch_rows, lambda b: self.reference_forward(run, b))
-            if "logp_ref" in algo.inputs:
-                batch["logp_ref"] = lr
+        from .lm_forwards import no_grad_forwards
+        no_grad_forwards(self, run, batch)
 
     @staticmethod
     def reference_needed(run) -> bool:
         return "logp_ref" in run.algo.inputs or (run.cfg.force_reference and run.reference is not None)
 
     def reference_forward(self, run, batch) -> torch.Tensor:
-        """``[B, T]`` reference log-probs of ``batch`` (no grad, micro-batches of whole groups)."""
-        from ..loop.update import micro_slices
-        from .fastpath import reference_model_ctx
-        ref, ctx = reference_model_ctx(run)
-        with ctx:
-            return torch.cat([self.forward_rows(run, ref, batch, sl, grad=False)["logp"]
-                              for sl in micro_slices(run, batch["mask"].shape[0], run.current.plan.group_size)])
+        from .lm_forwards import reference_forward
+        return reference_forward(self, run, batch)
 
     # -- metrics, evaluation, iterations -------------------------------------------------------
     def rollout_metrics(self, run, batch: dict) -> dict:

@@ -124,4 +124,14 @@ def batch_stats_context(run, have_rows: bool, stage: str):
     def all_sum(t):
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
-    return ops.batch_stats_reduce(all_sum)
+
+    def all_cat(x):  # order statistics (ops.batch_rank, ...): every process's values, in rank order
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(run.world)]
+        dist.all_gather(sizes, torch.tensor([x.numel()], device=x.device))
+        sizes = [int(n) for n in sizes]
+        padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+        padded[:x.numel()] = x
+        parts = [torch.empty_like(padded) for _ in range(run.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:run.rank])
+    return ops.batch_stats_reduce(all_sum, all_cat)

@@ -28,12 +28,15 @@ class Generate(Sampler):
                 model, run.tokenizer, [r["prompt"] for r in recs], int(self.option("n")),
                 max_new_tokens=int(self.option("max_tokens", run.max_new_tokens)),
                 temperature=float(self.option("temperature")), top_p=float(self.option("top_p")),
-                generator_seed=seed, fast=run.cfg.fast_sampling, prompt_format=run.prompt_format)
+                generator_seed=seed, fast=run.cfg.fast_sampling, prompt_format=run.prompt_format,
+                sampler_logprobs="logp_sampler" in run.current.inputs)
         groups = [[] for _ in recs]
         pm, cm = ro.prompt_mask.cpu(), ro.completion_mask.cpu()
         for i in range(ro.completion_ids.shape[0]):
             gi = int(ro.prompt_index[i])
-            groups[gi].append({"p": ro.prompt_ids[i].cpu()[pm[i].bool()].tolist(),
-                               "c": ro.completion_ids[i].cpu()[cm[i].bool()].tolist(),
-                               "text": ro.texts[i], "rec": recs[gi]})
+            row = {"p": ro.prompt_ids[i].cpu()[pm[i].bool()].tolist(),
+                   "c": ro.completion_ids[i].cpu()[cm[i].bool()].tolist(), "text": ro.texts[i], "rec": recs[gi]}
+            if ro.sampler_logprobs is not None:  # logp_sampler: as the sampler drew each token
+                row["ls"] = ro.sampler_logprobs[i].cpu()[cm[i].bool()].tolist()
+            groups[gi].append(row)
         return groups

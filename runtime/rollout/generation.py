@@ -32,6 +32,7 @@ class Rollout:
     completion_mask: torch.Tensor
     texts: list[str]
     prompt_index: torch.Tensor
+    sampler_logprobs: torch.Tensor | None = None  # [B, T] when asked for: see generate_groups
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -67,7 +68,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                    generator_seed: int | None = None, fast: bool = True, prompt_format=None) -> Rollout:
+                    generator_seed: int | None = None, fast: bool = True, prompt_format=None,
+                    sampler_logprobs: bool = False) -> Rollout:
     """Sample ``n`` completions for each prompt; greedy when ``temperature == 0`` or not
     ``do_sample``. Sampling is pure temperature/top-p (no top-k). ``generator_seed`` makes
     the draw reproducible without touching the global RNG state. The model is put in eval
@@ -81,6 +83,11 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
     ``prompt_format`` (a :class:`prompts.PromptFormat` of ``tokenizer``) renders each prompt --
     a string or a list of messages -- as the policy sees it (the chat template when the run
     uses one); None: the raw strings, with the tokenizer's special tokens.
+
+    ``sampler_logprobs``: also record ``Rollout.sampler_logprobs`` ``[B, T]``, the log-prob of
+    each drawn token under the distribution the sampler drew it from (temperature and top-p
+    applied, through the sampler's own forward and KV cache; greedy: the model's log-softmax),
+    0 after the completion's end.
     """
     if n < 1 or max_new_tokens < 1:
         raise ValueError("n and max_new_tokens must be >= 1")
@@ -111,16 +118,25 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
             if generator_seed is not None:
                 gen = torch.Generator(device=device)
                 gen.manual_seed(int(generator_seed))
+            steps = [] if sampler_logprobs else None
             completion_ids = sampling.sample_groups(
                 lm, enc["input_ids"].to(device), enc["attention_mask"].to(device), n,
                 max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id, temperature=float(temperature),
-                top_p=float(top_p), greedy=not (do_sample and temperature > 0), generator=gen)
+                top_p=float(top_p), greedy=not (do_sample and temperature > 0), generator=gen, logprobs=steps)
+            lp = torch.stack(steps, 1) if sampler_logprobs else None
         else:
+            if sampler_logprobs:  # the processed scores: logits after temperature / top-p
+                kwargs.update(output_scores=True, return_dict_in_generate=True)
             with torch.random.fork_rng(devices=devices, enabled=generator_seed is not None):
                 if generator_seed is not None:
                     torch.manual_seed(generator_seed)
                 out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-            completion_ids = out[:, prompt_ids.shape[1]:]
+            seqs = out.sequences if sampler_logprobs else out
+            completion_ids = seqs[:, prompt_ids.shape[1]:]
+            lp = None
+            if sampler_logprobs:
+                lp = torch.stack([torch.log_softmax(sc.float(), -1).gather(-1, completion_ids[:, t:t + 1]).squeeze(-1)
+                                  for t, sc in enumerate(out.scores)], 1)
     finally:
         lm.train(was_training)
 
@@ -129,6 +145,8 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
     else:
         completion_mask = torch.ones_like(completion_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    if lp is not None:
+        lp = lp.masked_fill(completion_mask == 0, 0.0)
     texts = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
              for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, prompt_index)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, prompt_index, lp)

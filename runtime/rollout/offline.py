@@ -1,4 +1,5 @@
-"""Samplers that read responses from the data: ``demonstration(prompt)`` and the data's pairs."""
+"""Samplers that read responses from the data: ``demonstration(prompt)``, the data's pairs and
+its labelled unpaired completions."""
 
 from __future__ import annotations
 
@@ -25,3 +26,13 @@ class Pairs(Sampler):
                   "text": r["chosen"], "rec": r},
                  {"p": run.tok_prompt(r["prompt"]), "c": run.tok_completion(r["rejected"]),
                   "text": r["rejected"], "rec": r}] for r in recs]
+
+
+@register("unpaired")
+class Unpaired(Sampler):
+    """One labelled row per record (``data unpaired``, KTO): its ``completion``."""
+
+    def sample(self, recs, seed):
+        run = self.run
+        return [[{"p": run.tok_prompt(r["prompt"]), "c": run.tok_completion(r["completion"]),
+                  "text": r["completion"], "rec": r}] for r in recs]

@@ -95,9 +95,14 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 @torch.no_grad()
 def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, *, max_new_tokens: int,
                   eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-                  greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                  greedy: bool = False, generator: torch.Generator | None = None,
+                  logprobs: list | None = None) -> torch.Tensor:
     """``[U * n, T]`` completion ids (``T <= max_new_tokens``) for ``U`` distinct left-padded prompts
-    ``prompt_ids``/``prompt_mask`` ``[U, P]``; rows ``i*n .. i*n+n-1`` belong to prompt ``i``."""
+    ``prompt_ids``/``prompt_mask`` ``[U, P]``; rows ``i*n .. i*n+n-1`` belong to prompt ``i``.
+
+    With a list ``logprobs``, each step appends ``[B]`` float32: the log-probability of the token
+    drawn under the distribution it was drawn from (temperature and top-p applied; for greedy
+    decoding the model's own ``log_softmax(logits)``)."""
     U, P = prompt_ids.shape
     ck = cache_kwarg(lm)
     device = prompt_ids.device
@@ -122,6 +127,8 @@ def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: in
             logits[:, eos] = float("-inf")
         if greedy:
             nxt = logits.argmax(-1)
+            if logprobs is not None:
+                logprobs.append(torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1))
         else:
             probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)
             if top_p < 1.0:
@@ -129,6 +136,10 @@ def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: in
             cdf = probs.cumsum_(-1)
             u = torch.rand(B, 1, generator=generator, device=device, dtype=cdf.dtype) * cdf[:, -1:]
             nxt = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+            if logprobs is not None:  # log softmax(logits / t), renormalized over the top-p nucleus kept
+                lsm = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
+                lp = lsm.gather(-1, nxt[:, None]).squeeze(-1)
+                logprobs.append(lp - torch.log(cdf[:, -1]) if top_p < 1.0 else lp)
         nxt = nxt.masked_fill(done, pad_id)
         toks.append(nxt)
         if eos is not None:
