@@ -44,6 +44,8 @@ def test_dpo_pairs_from_the_data():
     assert p.offline and not p.generates
     s = _plan("sft")
     assert s.data == "demonstrations" and s.sampler.kind == "demonstration" and s.offline
+    k = _plan("kto")
+    assert k.data == "unpaired" and k.sampler == SamplerPlan("unpaired", rows=1) and k.offline
 
 
 def test_ppo_epochs_minibatches_and_sampling_temperature():
