@@ -354,7 +354,7 @@ def mem_worker(args) -> None:
     import resource
 
     import torch
-    from alignspec.runtime.logprobs import linear_logprobs
+    from alignspec.runtime.models.logprobs import linear_logprobs
     g = torch.Generator().manual_seed(0)
     W = torch.nn.Parameter(torch.randn(MEM_V, HIDDEN, generator=g) * 0.02)
     h = torch.randn(MEM_N, HIDDEN, generator=g).requires_grad_()

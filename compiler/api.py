@@ -48,12 +48,17 @@ class CompiledAlgorithm:
         self.roles = dict(graph.graph["roles"])
         self.train = dict(graph.graph["train"])
         self.schedules = dict(graph.graph["schedules"])
+        self.plan = graph.graph["plan"]  # the run plan (compiler/plan.py): what the runtime reads
         self.terms = [graph.nodes[t]["term"] for t in graph.graph["terms"]]
         # batch-wide reductions before the loss: a multi-process run takes them over every
         # process's rows (ops.batch_stats_reduce)
         self.batch_statistics = any(d["op"] in BATCH_REDUCTIONS and d["phase"] != "loss"
                                     for _, d in graph.nodes(data=True))
         self._compiled_loss = None
+
+    def with_params(self, **overrides) -> "CompiledAlgorithm":
+        """The same spec compiled again with parameter overrides (on top of this one's)."""
+        return compile(self.spec, **overrides)
 
     def __repr__(self) -> str:
         return f"<CompiledAlgorithm {self.name} requires={sorted(self.requires)}>"

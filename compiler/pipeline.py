@@ -15,6 +15,7 @@ from .passes.fold import fold
 from .passes.levels import check_levels
 from .passes.lower import lower
 from .passes.phases import phases
+from .passes.plan import plan
 from .passes.resolve import resolve
 
 PASSES = [
@@ -24,6 +25,7 @@ PASSES = [
     ("dead", dead),                  # nothing that no output reads (e.g. the reference model)
     ("cse", cse),                    # each computation once
     ("phases", phases),              # score / rollout / update split; inputs and requires
+    ("plan", plan),                  # the run plan: sampler, data, filters, select, train settings
     ("lower", lower),                # readable PyTorch source
 ]
 PASS_NAMES = [name for name, _ in PASSES]

@@ -58,7 +58,7 @@ class RunConfig(BaseModel):
                                    "run's model (--model or the built-in) still sets the defaults")
     reference_model: str | None = Field(None, description="the frozen reference (None: the starting model)")
     chat_template: Literal["auto", "on", "off"] = Field(
-        "auto", description="prompts through the tokenizer's chat template (runtime/prompts.py): auto = "
+        "auto", description="prompts through the tokenizer's chat template (runtime/data/prompts.py): auto = "
         "when the tokenizer has one (the built-in char tokenizer has none), on = require one, off = raw "
         "text; a plain-string prompt becomes one user message, completions are never templated")
     dtype: str = "float32"
@@ -82,7 +82,7 @@ class RunConfig(BaseModel):
     logprobs_path: Literal["chunked", "full_logits"] = Field("chunked", description="chunked: completion "
                                                              "positions only, tiled through the output layer; "
                                                              "full_logits: [B, L, vocab] logits and log_softmax")
-    fast_sampling: bool = Field(True, description="the lean KV-cached sampler (runtime/sampling.py) instead of "
+    fast_sampling: bool = Field(True, description="the lean KV-cached sampler (runtime/rollout/sampling.py) instead of "
                                 "model.generate, where the model allows it")
     force_reference: bool = Field(False, description="build and run the reference even when the spec reads "
                                   "no logp_ref (to measure what skipping it saves)")

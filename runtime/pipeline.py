@@ -46,21 +46,13 @@ LINK_FIELDS = {"init": "init_model", "reference": "reference_model", "reward_mod
 
 
 def load_pipeline(spec):
-    """The checked Spec when ``spec`` (name, path, text or Spec) is a pipeline, else None."""
+    """The pipeline's plan (compiler/stages.py) when ``spec`` (name, path, text or Spec) is a
+    pipeline, else None."""
     from alignspec.compiler.api import CompiledAlgorithm
-    from alignspec.dsl.check import Spec, load
+    from alignspec.compiler.stages import pipeline_plan
     if isinstance(spec, CompiledAlgorithm):
         return None
-    s = spec if isinstance(spec, Spec) else load(spec)
-    return s if s.is_pipeline else None
-
-
-def stage_ref(pipeline, stage) -> str:
-    """A path (or built-in name) for the stage's spec, resolved like the checker does."""
-    from alignspec.dsl.load import _locate
-    path = pipeline.path
-    base = Path(path).parent if path and path != "<string>" else None
-    return str(_locate(stage.spec, base, stage.span))
+    return pipeline_plan(spec)
 
 
 def _split_sets(sets, stage_names) -> tuple[list[str], dict[str, list[str]]]:
@@ -130,7 +122,7 @@ def run_pipeline(spec, *, model=None, data=None, config=None, sets=(), out=None,
         raise RunError(f"{spec} is not a pipeline")
     root = Path(out or "runs/run")
     names = [s.name for s in pipe.stages]
-    refs = {s.name: stage_ref(pipe, s) for s in pipe.stages}
+    refs = {s.name: s.ref for s in pipe.stages}
     common, per = _split_sets(sets, names)
     routed = _route_sets(common, refs)
     import torch
@@ -152,7 +144,7 @@ def run_pipeline(spec, *, model=None, data=None, config=None, sets=(), out=None,
     summary = {"pipeline": pipe.name, "stages": []}
     for st in pipe.stages:
         sdir = root / st.name
-        links = {k: str(root / v / "model") for k, v in st.links.items()}
+        links = {k: str(root / v / "model") for k, v in st.links}
         marker = sdir / MARKER
         if resume and marker.is_file():
             done = json.loads(marker.read_text())
@@ -162,10 +154,10 @@ def run_pipeline(spec, *, model=None, data=None, config=None, sets=(), out=None,
                 continue
         for k, d in links.items():
             if not (Path(d) / "config.json").is_file():
-                raise RunError(f"stage {st.name}: {k} = {st.links[k]}, but {d} holds no model",
+                raise RunError(f"stage {st.name}: {k} = {dict(st.links)[k]}, but {d} holds no model",
                                hint=f"run stage {st.name!r}'s inputs first (without --resume)")
         extra = {LINK_FIELDS[k]: d for k, d in links.items()}
-        say(f"[stage {st.name}] {st.spec}" + "".join(f", {k} = {st.links[k]}" for k in st.links))
+        say(f"[stage {st.name}] {st.spec}" + "".join(f", {k} = {v}" for k, v in st.links))
         user_sets = routed[st.name] + per[st.name]
         preset_sets = _stage_preset_sets(pipe.name, st.name, refs[st.name], config, user_sets, model, data, say)
         engine = build_engine(refs[st.name], model=model, data=data, config=config,

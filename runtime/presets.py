@@ -1,7 +1,7 @@
 """Per-spec settings for the built-in demo (built-in task *and* built-in tiny model).
 
 The engine's generic built-in defaults (300 steps, batch 16, lr 1e-3, constant LR; see
-``Engine._setup``) suit GRPO and SFT on the tiny model. Other specs need other settings to
+``TokenPolicy._build``, runtime/models/token_policy.py) suit GRPO and SFT on the tiny model. Other specs need other settings to
 learn there, and ``PRESETS`` says which, keyed by the spec's name (``algorithm NAME``).
 An entry maps ``RunConfig`` fields to values and may hold ``"params"``: spec parameter
 overrides.
@@ -35,14 +35,14 @@ Self-play, active selection, the reward model and tree search (seed 0 unless sai
 ``eval_score`` at the start -> the end of ``alignspec run NAME``; bench/learning.py runs them all):
 
 - ``reward_model`` {lr 3e-4, linear decay, 1200 steps} (1275 training pairs on the built-in
-  task, see runtime/reward_head.py; the score is held-out pairwise accuracy): 0.47 -> 0.96.
+  task, see runtime/models/reward_head.py; the score is held-out pairwise accuracy): 0.47 -> 0.96.
   At lr 1e-3 it swings around 0.5-0.65; 600 steps at 3e-4 end near 0.8.
 - ``spin`` {lr 1e-4, batch 32, linear decay, beta 1.0}: 0.28 -> 0.96. beta scales a *sum* of
   token log-ratios; with 2-3-token answers the spec's schedule (0.1, then 5.0 at the last
   iteration; tuned for 7B models and long responses) keeps the logistic loss in its linear
   range until the log-ratios reach ~20 nats, and with lr 1e-3 held-out accuracy ends at 0.08
   (lr 1e-4 with the schedule: erratic, 0.08-0.68). A param set here (or with --set) holds at
-  every iteration in place of the spec's schedule (runtime/iterations.py).
+  every iteration in place of the spec's schedule (runtime/loop/iterations.py).
 - ``sppo`` / ``rspo`` {batch 32, linear decay, eta 10}: 0.28 -> 0.88 / 0.80. eta = 1000
   (beta = 0.001) asks a 2-token answer's log-ratio to move by up to ~185 nats; clipped
   gradients then push losers down without bound (sppo 0.28 -> 0.08, rspo -> 0.20).
@@ -113,9 +113,9 @@ def builtin_preset(algo, cfg) -> tuple[dict, dict]:
         return {}, {}
     preset = PRESETS.get(algo.name, {})
     fields = {k: v for k, v in preset.items() if k != "params" and not _user_set(cfg, k)}
-    declared = algo.spec.params
+    declared = dict(algo.plan.param_defaults)  # declared defaults: a param still at its own was not set
     params = {k: v for k, v in preset.get("params", {}).items()
-              if k in declared and k not in cfg.params and declared[k].value == declared[k].default}
+              if k in declared and k not in cfg.params and algo.params[k] == declared[k]}
     return fields, params
 
 

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import alignspec  # noqa: E402
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
-from alignspec.runtime.models import unwrap_causal_lm  # noqa: E402
+from alignspec.runtime.models.loaders import unwrap_causal_lm  # noqa: E402
 from helpers import QUIET, quiet, read_metrics, read_weights, silent_console  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("alignspec_cache")  # conftest: a shared model cache, offline
@@ -81,8 +81,8 @@ def test_short_rlhf_pipeline_through_cli(tmp_path):
 # -- reward model --------------------------------------------------------------------------
 
 def test_rm_score_is_the_classifier_logit_at_the_last_valid_token():
-    from alignspec.runtime.reward_head import encode, left_pad, load_reward_model, sequence_scores
-    from alignspec.runtime.tasks import builtin_model_dir
+    from alignspec.runtime.models.reward_head import encode, left_pad, load_reward_model, sequence_scores
+    from alignspec.runtime.data.tasks import builtin_model_dir
     torch.manual_seed(0)
     model, tok = load_reward_model(builtin_model_dir(warm=False)[0])
     seqs = [encode(tok, "3+4=", "7"), encode(tok, "12+5=", "17"), encode(tok, "1+1=", "2")]
@@ -107,7 +107,7 @@ def test_rm_score_is_the_classifier_logit_at_the_last_valid_token():
 
 
 def test_pairwise_accuracy_counts_ties_half():
-    from alignspec.runtime.reward_head import pairwise_accuracy
+    from alignspec.runtime.models.reward_head import pairwise_accuracy
     c = torch.tensor([1.0, 0.0, 2.0, -1.0])
     r = torch.tensor([0.0, 0.0, 3.0, -2.0])
     assert pairwise_accuracy(c, r) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
@@ -116,9 +116,9 @@ def test_pairwise_accuracy_counts_ties_half():
 def test_reward_model_eval_is_heldout_pairwise_accuracy_and_saved_model_loads(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignspec.runtime.reward_head import builtin_heldout_pairs
-    from alignspec.runtime.rewards import SequenceScorer
-    from alignspec.runtime.tasks import ArithmeticTask
+    from alignspec.runtime.models.reward_head import builtin_heldout_pairs
+    from alignspec.runtime.scoring.rewards import SequenceScorer
+    from alignspec.runtime.data.tasks import ArithmeticTask
     out = tmp_path / "rm"
     eng = quiet(build_engine("reward_model", out=str(out), steps=3, sets=["batch_size=8"] + QUIET))
     summary = eng.train()
@@ -166,7 +166,7 @@ def _track_iterations(engine):
 
 @pytest.mark.parametrize("spec", ["spin", "sppo"])
 def test_iterate_reference_is_replaced_by_the_policy_at_each_boundary(spec, tmp_path, monkeypatch):
-    import alignspec.runtime.generation as generation
+    import alignspec.runtime.rollout.generation as generation
     eng = quiet(build_engine(spec, out=str(tmp_path / spec), steps=3,
                               sets=["batch_size=4"] + QUIET + (["k=3"] if spec == "sppo" else [])))
     assert eng.iterations > 1 and eng.algo.train["reference"] == "iterate"
@@ -193,7 +193,7 @@ def test_iterate_reference_is_replaced_by_the_policy_at_each_boundary(spec, tmp_
 
 
 def test_rspo_keeps_the_initial_reference_and_reads_logp_old_under_the_iterate(tmp_path):
-    from alignspec.runtime.logprobs import completion_logprobs
+    from alignspec.runtime.models.logprobs import completion_logprobs
     eng = quiet(build_engine("rspo", out=str(tmp_path / "rspo"), steps=4, sets=["batch_size=4", "k=3"] + QUIET))
     eng.steps_per_iter = 2  # iterations 0, 0, 1, 1: the second step of each is after an update
     initial = _state(eng.model)
@@ -243,7 +243,7 @@ def test_iterate_is_checkpointed_and_restored(tmp_path):
 def test_a_param_set_for_the_run_replaces_its_schedule(tmp_path):
     eng = quiet(build_engine("spin", out=str(tmp_path / "a"), steps=4, sets=["batch_size=4", "beta=0.7"] + QUIET))
     assert [eng.algo_for(i).params["beta"] for i in range(4)] == [0.7] * 4
-    from alignspec.runtime.iterations import iteration_params
+    from alignspec.runtime.loop.iterations import iteration_params
     spin = alignspec.compile("spin")
     assert [iteration_params(spin, i)["beta"] for i in range(4)] == [0.1, 0.1, 0.1, 5.0]
 
@@ -316,7 +316,7 @@ def test_pipeline_routes_settings_to_stages(tmp_path):
 # -- embeddings ------------------------------------------------------------------------------
 
 def test_embedding_is_the_policys_mean_hidden_state_over_the_response(tmp_path):
-    from alignspec.runtime.embedding import Embeddings
+    from alignspec.runtime.scoring.embedding import Embeddings
     eng = quiet(build_engine("ampo", out=str(tmp_path / "a"), steps=1, sets=["batch_size=2", "n=4", "k=2"] + QUIET))
     eng._start_iteration(0, replace=False)
     captured = {}
@@ -347,8 +347,8 @@ def test_embedding_is_the_policys_mean_hidden_state_over_the_response(tmp_path):
 # -- tree search ---------------------------------------------------------------------------
 
 def test_lockstep_search_equals_tree_search_per_prompt():
-    from alignspec.runtime.mcts_sampler import search_many
-    from alignspec.runtime.tree_search import StepTask, iter_nodes, search
+    from alignspec.runtime.rollout.mcts_sampler import search_many
+    from alignspec.runtime.rollout.tree_search import StepTask, iter_nodes, search
     task = StepTask(terms=3)
     prompts = [r["prompt"] for r in task.records(5, seed=3)]
 
@@ -366,7 +366,7 @@ def test_lockstep_search_equals_tree_search_per_prompt():
 
 
 def test_tree_sampler_steps_and_pairs(tmp_path):
-    from alignspec.runtime.tree_search import sibling_pairs
+    from alignspec.runtime.rollout.tree_search import sibling_pairs
     eng = quiet(build_engine("mcts", out=str(tmp_path / "m"), steps=1, sets=["batch_size=2"] + QUIET))
     ts = eng.tree_sampler
     recs = eng.records[:3]

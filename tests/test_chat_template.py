@@ -10,13 +10,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from alignspec.runtime import rewards  # noqa: E402
-from alignspec.runtime.data import load_records  # noqa: E402
+from alignspec.runtime.scoring import rewards  # noqa: E402
+from alignspec.runtime.data.records import load_records  # noqa: E402
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
 from alignspec.runtime.errors import RunError  # noqa: E402
-from alignspec.runtime.prompts import PromptFormat  # noqa: E402
-from alignspec.runtime.tiny import build_tiny_model  # noqa: E402
-from alignspec.runtime.tokenizer import build_char_tokenizer  # noqa: E402
+from alignspec.runtime.data.prompts import PromptFormat  # noqa: E402
+from alignspec.runtime.models.tiny import build_tiny_model  # noqa: E402
+from alignspec.runtime.models.tokenizer import build_char_tokenizer  # noqa: E402
 
 # only characters of the char tokenizer's alphabet (and its <bos>), so no <unk> hides a mistake
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }}\n{% endfor %}"
@@ -94,7 +94,7 @@ def test_engine_trains_on_templated_prompt_ids(models, tmp_path, mode):
     rec = eng.records[0]
     want = (_template_ids(tok, [{"role": "user", "content": rec["prompt"]}]) if mode == "auto"
             else list(tok(rec["prompt"])["input_ids"]))
-    chosen, rejected = eng._groups_for([rec], 0)[0]
+    chosen, rejected = eng.sample([rec], 0)[0]
     assert chosen["p"] == want and rejected["p"] == want
     assert chosen["c"] == list(tok(rec["chosen"], add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
     assert eng.train()["steps"] == 1
@@ -113,7 +113,7 @@ def test_sampled_prompts_are_templated_and_rewards_get_the_data_prompt(models, t
                        sets=QUIET + ["rewards=[spy]", "max_new_tokens=3"])
     rec = eng.records[0]
     eng._start_iteration(0, replace=False)
-    groups = eng._sample(eng.sample_call, [rec], 0)
+    groups = eng.sample([rec], 0)
     want = _template_ids(eng.tokenizer, [{"role": "user", "content": rec["prompt"]}])
     assert groups[0] and all(row["p"] == want for row in groups[0])
     eng.train()
@@ -138,7 +138,7 @@ def test_conversational_pairs_train_with_dpo(models, tmp_path):
     eng = build_engine("dpo", model=chat, data=data, out=str(tmp_path / "o2"), steps=1, sets=QUIET)
     rec = eng.records[0]
     assert rec["chosen"] == "1" and rec["rejected"] == "0"                 # one assistant message -> text
-    chosen, _ = eng._groups_for([rec], 0)[0]
+    chosen, _ = eng.sample([rec], 0)[0]
     assert chosen["p"] == _template_ids(eng.tokenizer, rec["prompt"])
     assert "system add\nuser 0+1=\nassistant " in eng.tokenizer.decode(chosen["p"])
 
@@ -176,7 +176,7 @@ def test_conversational_completion_must_be_one_assistant_message(tmp_path):
 def test_reward_model_scores_as_trained(models, tmp_path):
     """A reward model trained on templated conversational prompts is scored downstream with
     the same template (rewards.SequenceScorer reads alignspec_chat_template from its config)."""
-    from alignspec.runtime.reward_head import score_texts
+    from alignspec.runtime.models.reward_head import score_texts
     chat, _ = models
     data = _pairs(tmp_path, conversational=True)
     out = tmp_path / "rm"
@@ -216,7 +216,7 @@ def test_classifier_scores_conversations_with_its_own_template(tmp_path):
     message, through the classifier's chat template; without one, a clear error."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignspec.runtime.tiny import tiny_config
+    from alignspec.runtime.models.tiny import tiny_config
     tok = build_char_tokenizer()
     cfg = tiny_config("llama", num_labels=1)
     cfg.pad_token_id = tok.pad_token_id

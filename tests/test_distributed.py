@@ -118,7 +118,7 @@ def _launch(nproc: int, args: list[str], env: dict, cwd: Path) -> None:
 @pytest.mark.parametrize("spec_text", [TOKEN_MEAN_SPEC, SEQ_MEAN_SPEC, FILTER_SPEC, WHITEN_SPEC, ORDER_SPEC],
                          ids=["token_mean", "seq_mean", "uneven_micro_batches", "whiten", "rank_quantile"])
 def test_two_processes_match_one_process(spec_text, tmp_path):
-    from alignspec.runtime.tiny import build_tiny_model
+    from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", "llama", seed=3)
     data = tmp_path / "rows.jsonl"
     # four rows per step; the pair with a 4-character response is filtered out, so one
@@ -154,7 +154,7 @@ def test_two_processes_match_one_process(spec_text, tmp_path):
 
 
 def _initial_params(model_dir):
-    from alignspec.runtime.models import load_policy
+    from alignspec.runtime.models.loaders import load_policy
     model, _ = load_policy(model_dir)
     return [p.detach() for p in model.parameters()]
 
@@ -261,7 +261,7 @@ loss
 def test_a_process_without_rows_keeps_in_step(tmp_path):
     """One process keeps no rows (score-stage whiten over both, advantage-stage whiten per
     process, said in yellow), trains on padding micro-batches; no hang, same weights on both."""
-    from alignspec.runtime.tiny import build_tiny_model
+    from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", "llama", seed=3)
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "chosen": a, "rejected": a[:1]}) + "\n"

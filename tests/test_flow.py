@@ -1,4 +1,4 @@
-"""The flow-matching policy family (alignspec.runtime.flow) against independent closed forms,
+"""The flow-matching policy family (alignspec.runtime.models.flow) against independent closed forms,
 and a short end-to-end Flow-GRPO run driven by the compiled ``flow_grpo`` spec."""
 
 import math
@@ -11,7 +11,7 @@ from torch.distributions import Normal, kl_divergence
 
 import alignspec
 from alignspec import ops
-from alignspec.runtime.flow import (FlowPolicy, FlowTask, VelocityNet, ode_sample, pretrain, rollout,
+from alignspec.runtime.models.flow import (FlowPolicy, FlowTask, VelocityNet, ode_sample, pretrain, rollout,
                                     sde_sigma, sde_step, step_logprob)
 
 PRETRAIN_STEPS = 1500

@@ -92,7 +92,7 @@ def test_no_preset_for_other_specs(tmp_path, capsys):
 
 
 def test_no_preset_on_user_model_or_data(tmp_path, capsys):
-    from alignspec.runtime.tiny import build_tiny_model
+    from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", "llama", seed=1)
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
@@ -114,7 +114,7 @@ def test_preset_spec_params_only_when_unset(tmp_path, capsys, monkeypatch):
 
 
 def test_builtin_pairs_cover_every_nearby_wrong_sum():
-    from alignspec.runtime.tasks import ArithmeticTask
+    from alignspec.runtime.data.tasks import ArithmeticTask
     task = ArithmeticTask()
     rows = task.records("pairs")
     by_prompt: dict[str, set] = {}

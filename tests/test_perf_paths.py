@@ -13,12 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from alignspec.runtime.generation import generate_groups
-from alignspec.runtime.logprobs import completion_logprobs, full_logits_logprobs, linear_logprobs
-from alignspec.runtime.models import load_policy
+from alignspec.runtime.rollout.generation import generate_groups
+from alignspec.runtime.models.logprobs import completion_logprobs, full_logits_logprobs, linear_logprobs
+from alignspec.runtime.models.loaders import load_policy
 from helpers import bias_towards_eos
-from alignspec.runtime.sampling import _top_p_filter, sample_groups, supported
-from alignspec.runtime.tiny import build_tiny_model
+from alignspec.runtime.rollout.sampling import _top_p_filter, sample_groups, supported
+from alignspec.runtime.models.tiny import build_tiny_model
 
 ARCHS = ["llama", "gpt2"]
 

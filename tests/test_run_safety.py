@@ -18,7 +18,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from alignspec.runtime import loop as loop_mod  # noqa: E402
+from alignspec.runtime.io import checkpoint as loop_mod  # noqa: E402  (checkpoints: io/checkpoint.py)
 from alignspec.runtime.engine import run_from_cli  # noqa: E402
 from helpers import read_metrics, read_weights  # noqa: E402
 
@@ -47,7 +47,7 @@ def uninterrupted(tmp_path_factory):
 def _cut(monkeypatch, window: str, at_save: int = 3):
     """Make the `at_save`-th checkpoint save die at `window`."""
     saves = {"n": 0}
-    real_write, real_replace, real_rmtree = loop_mod.TrainingLoop._write_checkpoint, os.replace, loop_mod.shutil.rmtree
+    real_write, real_replace, real_rmtree = loop_mod.CheckpointMixin._write_checkpoint, os.replace, loop_mod.shutil.rmtree
 
     def write(self, tmp, states):
         saves["n"] += 1
@@ -67,7 +67,7 @@ def _cut(monkeypatch, window: str, at_save: int = 3):
             raise Kill
         return real_rmtree(path, *a, **k)
 
-    monkeypatch.setattr(loop_mod.TrainingLoop, "_write_checkpoint", write)
+    monkeypatch.setattr(loop_mod.CheckpointMixin, "_write_checkpoint", write)
     monkeypatch.setattr(loop_mod.os, "replace", replace)
     monkeypatch.setattr(loop_mod.shutil, "rmtree", rmtree)
 
@@ -91,14 +91,14 @@ def test_a_kill_in_any_checkpoint_window_resumes_exactly(tmp_path, monkeypatch, 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     calls = {"n": 0}
-    real = loop_mod.TrainingLoop._write_checkpoint
+    real = loop_mod.CheckpointMixin._write_checkpoint
 
     def write(self, tmp, states):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
         return real(self, tmp, states)
-    monkeypatch.setattr(loop_mod.TrainingLoop, "_write_checkpoint", write)
+    monkeypatch.setattr(loop_mod.CheckpointMixin, "_write_checkpoint", write)
     assert run_from_cli("sft", out=str(out), steps=4, sets=SETS) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "previous one is kept" in err
@@ -129,7 +129,7 @@ def test_a_second_run_on_the_same_out_stops_at_once(tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from types import SimpleNamespace as N; "
-        "from alignspec.runtime.outdir import claim_out; "
+        "from alignspec.runtime.io.outdir import claim_out; "
         f"claim_out(N(out={str(out)!r}), resume=False); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -243,7 +243,7 @@ def test_bad_data_rows_are_named(tmp_path, capsys, content, words):
 def test_a_10mb_prompt_line_is_read_without_blowing_up(tmp_path):
     import resource
 
-    from alignspec.runtime.data import load_records
+    from alignspec.runtime.data.records import load_records
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "x" * (10 << 20), "response": "y"}) + "\n"
                     + json.dumps({"prompt": "short", "response": "y"}) + "\n")
@@ -276,7 +276,7 @@ def test_bad_rewards_name_the_function_step_and_row(tmp_path, capsys, monkeypatc
 
 
 def test_a_prompt_longer_than_the_context_is_an_error(tmp_path, capsys):
-    from alignspec.runtime.tiny import tiny_config
+    from alignspec.runtime.models.tiny import tiny_config
     context = tiny_config().max_position_embeddings
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "1+" * context + "1=", "response": "2"}) + "\n")

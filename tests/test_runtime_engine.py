@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import alignspec  # noqa: E402
 from alignspec.runtime.engine import PHASES, build_engine, run_from_cli  # noqa: E402
-from alignspec.runtime.models import unwrap_causal_lm  # noqa: E402
+from alignspec.runtime.models.loaders import unwrap_causal_lm  # noqa: E402
 from alignspec.runtime.errors import RunError  # noqa: E402
 from helpers import read_metrics as _metrics, read_weights as _weights  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_beta_zero_builds_no_reference(tmp_path):
 def test_dpo_user_model_and_pairs(arch, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from alignspec.runtime.tiny import build_tiny_model
+    from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", arch, seed=1)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"question": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a)}) + "\n"
@@ -179,8 +179,9 @@ def test_logprob_temperature_follows_the_spec(tmp_path):
     spec = tmp_path / "t.align"
     spec.write_text("algorithm t\ndata demonstrations\nloss\n  minimize -token_mean_all(logp)\n"
                     "train\n  logprob_temperature = \"sampling\"\n")
-    with pytest.raises(RunError, match="one sampling temperature"):
+    with pytest.raises(alignspec.SpecError, match="one sampling temperature") as err:  # the compiler says it
         build_engine(str(spec), out=str(tmp_path / "t"), steps=1)
+    assert err.value.span.line == 6  # the train line
 
 
 def test_iterations_with_a_critic_read_logp_old_from_the_iterate_and_value_old_from_the_critic(tmp_path):
@@ -198,11 +199,11 @@ def test_iterations_with_a_critic_read_logp_old_from_the_iterate_and_value_old_f
     eng.train()  # iteration 1 ends with the policy trained past the frozen pi_t
     assert eng.iterate is not None and eng.iterate is not unwrap_causal_lm(eng.model)
     rows = [{"p": [1, 5, 6], "c": [7, 8, 2], "text": "", "rec": {}}, {"p": [1, 9], "c": [4, 2], "text": "", "rec": {}}]
-    batch = eng._tensors(rows)
+    batch = eng.family.batch_of(eng, rows)
     eng._no_grad_forwards(batch, {k: 0.0 for k in PHASES})
     sl = slice(0, 2)
-    want_logp = eng._forward(eng.iterate, batch, sl, grad=False)["logp"]
-    now = eng._forward(eng.model, batch, sl, grad=False, value=True)
+    want_logp = eng.family.forward_rows(eng, eng.iterate, batch, sl, grad=False)["logp"]
+    now = eng.family.forward_rows(eng, eng.model, batch, sl, grad=False, value=True)
     assert torch.equal(batch["logp_old"], want_logp)
     assert not torch.allclose(batch["logp_old"], now["logp"])  # the policy moved on from pi_t
     assert torch.equal(batch["value_old"], now["value"])

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignspec.runtime.data import load_records
+from alignspec.runtime.data.records import load_records
 from alignspec.runtime.errors import RunError
-from alignspec.runtime.generation import Rollout, completion_mask_from_ids, generate_groups
-from alignspec.runtime.logprobs import completion_logprobs, linear_logprobs
-from alignspec.runtime.models import add_value_head, load_frozen_copy, load_policy
-from alignspec.runtime.tiny import build_tiny_model
-from alignspec.runtime.tokenizer import ALPHABET, build_char_tokenizer
+from alignspec.runtime.rollout.generation import Rollout, completion_mask_from_ids, generate_groups
+from alignspec.runtime.models.logprobs import completion_logprobs, linear_logprobs
+from alignspec.runtime.models.loaders import add_value_head, load_frozen_copy, load_policy
+from alignspec.runtime.models.tiny import build_tiny_model
+from alignspec.runtime.models.tokenizer import ALPHABET, build_char_tokenizer
 from helpers import bias_towards_eos
 
 ARCHS = ["llama", "gpt2"]
@@ -386,7 +386,7 @@ def test_load_records_errors(tmp_path):
 @pytest.mark.parametrize("path", ["linear", "module", "full_logits"])
 def test_logprobs_at_a_sampling_temperature(tiny_dirs, path):
     """temperature t gives log_softmax(logits / t), value and gradient, on every path."""
-    from alignspec.runtime.logprobs import full_logits_logprobs
+    from alignspec.runtime.models.logprobs import full_logits_logprobs
     model, _ = load_policy(tiny_dirs["llama"], dtype=torch.float64)
     if path == "module":  # a LoRA-wrapped output layer takes the per-module path
         peft = pytest.importorskip("peft")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("alignspec_cache")  # conftest: a shared mo
 def tiny_lm(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignspec.runtime.tiny import build_tiny_model
+    from alignspec.runtime.models.tiny import build_tiny_model
     d = build_tiny_model(tmp_path_factory.mktemp("m"), "llama", seed=3)
     return AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
 
@@ -30,7 +30,7 @@ def tiny_lm(tmp_path_factory):
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
 def test_sampler_logprobs_are_those_of_the_distribution_drawn_from(tiny_lm, fast, temperature, top_p):
-    from alignspec.runtime.generation import generate_groups
+    from alignspec.runtime.rollout.generation import generate_groups
     model, tok = tiny_lm
     ro = generate_groups(model, tok, ["1+2=", "3+4=", "9+9="], 3, max_new_tokens=5, temperature=temperature,
                          top_p=top_p, generator_seed=0, fast=fast, sampler_logprobs=True)
@@ -62,7 +62,7 @@ def test_grpo_tis_runs_and_its_weights_are_near_one(tmp_path):
 
 
 def test_kto_on_unpaired_data(tmp_path):
-    from alignspec.runtime.tiny import build_tiny_model
+    from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", "llama", seed=1)
     data = tmp_path / "kto.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "completion": str(a + 1 - k), "label": k == 0}) + "\n"
@@ -76,7 +76,7 @@ def test_kto_on_unpaired_data(tmp_path):
 
 
 def test_kto_refuses_labels_that_are_not_booleans(tmp_path, capsys):
-    from alignspec.runtime.tiny import build_tiny_model
+    from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", "llama", seed=1)
     data = tmp_path / "kto.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "completion": "2", "label": "yes"}) + "\n")

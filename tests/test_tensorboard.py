@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
 from alignspec.runtime.errors import RunError  # noqa: E402
-from alignspec.runtime.tracking import check_trackers  # noqa: E402
+from alignspec.runtime.io.tracking import check_trackers  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +67,7 @@ def test_tensorboard_logs_each_step(tmp_path):
 
 
 def test_hparams_hold_only_tracker_types(tmp_path):
-    from alignspec.runtime.tracking import hparams
+    from alignspec.runtime.io.tracking import hparams
     eng = build_engine("dpo", out=str(tmp_path / "d"), steps=1, sets=["batch_size=2", "rewards=[format, length]"])
     hp = hparams(eng)
     assert all(isinstance(v, (bool, int, float, str)) for v in hp.values())

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from alignspec.runtime.tree_search import (
+from alignspec.runtime.rollout.tree_search import (
     Node, StepTask, backup, best_path, expand, iter_nodes, puct_score, search, select,
     sibling_pairs, uct_score,
 )

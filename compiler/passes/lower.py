@@ -1,6 +1,7 @@
 """Pass: lower — emit the generated PyTorch module (a string of Python source).
 
-Requires: phases assigned (pass phases); levels checked; outputs in the metadata.
+Requires: phases assigned (pass phases); levels checked; outputs in the metadata; the run
+plan (pass plan), shown as a `PLAN = {...}` literal of plain values.
 Ensures: deterministic source with three functions, one per phase, whose statements use the
 spec's names, follow the spec's order and end with a comment `file.align:line`:
   score(batch)              no grad: scores, filters, selection → rows to keep + carried values
@@ -19,6 +20,8 @@ import math
 from pathlib import Path
 
 import networkx as nx
+
+from ..plan import plan_source
 
 
 _TORCH_FN = {"exp": "torch.exp", "log": "torch.log", "log1p": "torch.log1p", "expm1": "torch.expm1", "abs": "torch.abs", "sqrt": "torch.sqrt",
@@ -384,8 +387,10 @@ def _header(g, em) -> list[str]:
               f"SAMPLE_GROUP = {g.graph['sample_group_size']}  # rows per group as sampled",
               f"GROUP = {g.graph['group_size']}  # rows per group in the training batch",
               f"ROLES = {g.graph.get('roles', {})!r}",
-              "", ""]
-    return lines
+              ""]
+    if "plan" in g.graph:
+        lines += plan_source(g.graph["plan"]) + [""]
+    return lines + [""]
 
 
 def _score_fn(g, em, nodes, carried) -> list[str]:

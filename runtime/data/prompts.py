@@ -1,0 +1,143 @@
+"""Prompts as the policy sees them: raw text, or rendered by the tokenizer's chat template.
+
+A data row's prompt is a plain string or, as in TRL's conversational format, a list of
+messages ``[{"role": "user", "content": "..."}, ...]``. ``PromptFormat`` turns either
+into the text and token ids the model is given, following the run's ``chat_template``
+setting (runtime/config.py):
+
+- ``auto`` (default): the tokenizer's chat template when it has one
+  (``tokenizer.chat_template`` is set), else the raw text. The built-in char tokenizer has
+  none, so the built-in task is unchanged;
+- ``on``: the chat template, which the tokenizer must have;
+- ``off``: the raw text.
+
+With a template, the prompt (a plain string becomes one user message) is rendered with
+``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`` and tokenized
+with ``add_special_tokens=False`` (the template writes BOS and the like itself). Without
+one, the string is tokenized as before, with the tokenizer's special tokens; a
+conversational prompt then has no text form and is an error. Completions are never
+templated: they are tokenized as they are, followed by EOS (``token_rows.tok_completion``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import RunError
+
+MODES = ("auto", "on", "off")
+TEMPLATE_HINT = ("give the tokenizer a chat template (tokenizer.chat_template = '...'; "
+                 "tokenizer.save_pretrained(dir)), or write the prompts as plain text")
+
+
+def is_conversation(prompt) -> bool:
+    """Whether ``prompt`` is a list of messages (not a plain string)."""
+    return isinstance(prompt, (list, tuple))
+
+
+def check_messages(value, where: str) -> list[dict]:
+    """``value`` as a list of ``{"role": str, "content": str}`` messages (other keys kept,
+    keys whose value is None dropped: columnar formats fill a key one message lacks with
+    null). Raises ``RunError`` starting with ``where`` for anything else."""
+    if not value:
+        raise RunError(f"{where} is an empty list of messages")
+    out = []
+    for k, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RunError(f"{where}: message {k} is a {type(m).__name__}, not a mapping",
+                           hint='a conversational prompt is a list of {"role": ..., "content": ...} messages')
+        missing = [key for key in ("role", "content") if not isinstance(m.get(key), str)]
+        if missing:
+            raise RunError(f"{where}: message {k} has no text {' or '.join(repr(x) for x in missing)} "
+                           f"(it has {', '.join(sorted(k2 for k2, v in m.items() if v is not None)) or 'nothing'})",
+                           hint='a conversational prompt is a list of {"role": ..., "content": ...} messages')
+        out.append({key: v for key, v in m.items() if v is not None})
+    return out
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+class PromptFormat:
+    """How prompts become model input for one tokenizer (see the module docstring).
+
+    ``templated`` says whether the chat template is applied; ``source`` (the model
+    directory) names the tokenizer in error messages.
+    """
+
+    def __init__(self, tokenizer, mode: str = "auto", source=None):
+        if mode not in MODES:
+            raise RunError(f"chat_template: {mode!r} is not one of {', '.join(MODES)}")
+        self.tokenizer = tokenizer
+        self.source = str(source) if source is not None else "the model directory"
+        has = has_chat_template(tokenizer)
+        if mode == "on" and not has:
+            raise RunError(f"chat_template: on, but the tokenizer in {self.source} has no chat template",
+                           hint="give the tokenizer one (tokenizer.chat_template = '...'; "
+                                "tokenizer.save_pretrained(dir)), or set chat_template: auto or off")
+        self.mode = mode
+        self.templated = has and mode != "off"
+
+    @classmethod
+    def raw(cls, tokenizer) -> PromptFormat:
+        """Plain text, the tokenizer's special tokens added (the behaviour without templates)."""
+        return cls(tokenizer, "off")
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """Tokenizer flag for a prompt's text: a rendered template holds its special tokens."""
+        return not self.templated
+
+    def why_raw(self) -> str:
+        """Why prompts are not templated (for error messages)."""
+        if self.mode == "off":
+            return "chat_template is off"
+        return f"the tokenizer in {self.source} has no chat template"
+
+    def text(self, prompt) -> str:
+        """The text the model is given for ``prompt`` (a string or a list of messages)."""
+        if not self.templated:
+            if is_conversation(prompt):
+                raise RunError(f"a prompt is a list of messages, but {self.why_raw()}", hint=TEMPLATE_HINT)
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        try:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja errors, raise_exception(...) in the template
+            shown = json.dumps(messages, ensure_ascii=False)
+            shown = shown if len(shown) <= 200 else shown[:200] + "..."
+            raise RunError(f"the chat template of the tokenizer in {self.source} failed on the prompt {shown}: "
+                           f"{type(e).__name__}: {e}",
+                           hint="fix the prompt's messages, or set chat_template: off for plain-text prompts") from e
+        if not isinstance(out, str):  # some versions return a list for a batch
+            out = out[0]
+        return out
+
+    def ids(self, prompt) -> list[int]:
+        """Token ids of ``prompt`` as the policy sees it."""
+        return list(self.tokenizer(self.text(prompt), add_special_tokens=self.add_special_tokens)["input_ids"])
+
+    def encode(self, prompts):
+        """Left-padded ``BatchEncoding`` (``input_ids``, ``attention_mask``; torch tensors)."""
+        tok = self.tokenizer
+        old = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            return tok([self.text(p) for p in prompts], padding=True, return_tensors="pt",
+                       add_special_tokens=self.add_special_tokens)
+        finally:
+            tok.padding_side = old
+
+    def check_records(self, records: list[dict], data) -> None:
+        """Fail before training when a row's prompt is conversational but there is no
+        template (naming the data file and the row), or the template fails on the first row."""
+        if not records:
+            return
+        if not self.templated:
+            for i, r in enumerate(records):
+                if is_conversation(r.get("prompt")):
+                    raise RunError(f"{data}: row {i}'s prompt is a list of messages, but {self.why_raw()}",
+                                   hint=TEMPLATE_HINT)
+            return
+        self.text(records[0]["prompt"])

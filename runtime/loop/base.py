@@ -1,0 +1,323 @@
+"""The run around the steps: ``TrainingLoop``, the base of the one engine (loop/engine.py).
+
+- ``train()``, the run's skeleton: ``--resume`` from ``OUT/checkpoint``, ``metrics.jsonl``
+  removed (fresh run) or cut back to the checkpoint's step (resumed run), trackers, the
+  step-0 evaluation, the steps (iteration boundaries, ``eval_every``, ``save_every``, the
+  progress bar), an optional CPU profile (``OUT/profile.txt``), the final evaluation,
+  checkpoint and model, ``curves.png``, the summary line;
+- the LR schedule (``_build_scheduler``): ``warmup_steps`` of linear warmup, then constant,
+  linear or cosine decay over all optimizer updates of the run;
+- per-iteration algorithms (``algo_for``, ``_start_iteration``: the plan's iterations and
+  param schedules), each step's minibatches (``_minibatches``: the plan's epochs x
+  minibatches, seeded by (seed, step, epoch)), and the step record (``_step_record``);
+- checkpoints and the final model (io/checkpoint.py), metrics, progress, plot and profile
+  (io/metrics.py), as mixins.
+
+The engine sets ``algo``, ``cfg`` (a ``RunConfig``), ``resume``, ``out``, ``console``,
+``steps``, ``eval_every``, ``reference`` (or None), ``optimizer``, ``acc`` (an
+``accelerate.Accelerator``), ``main``, ``rank`` and ``world``, calls ``_build_scheduler()`` and
+``_init_iterations()``, and provides the hooks
+
+    _train_step() -> dict          one optimizer step: its metrics record, without "step"
+    evaluate() -> float | None     the held-out score
+    _evaluates() -> bool           whether the run evaluates at all
+    _run_line() -> str             the "run: ..." console line
+    _before_steps()                after the step-0 evaluation, before the clock
+    _save_weights(tmp) / _load_weights(ck) / _write_model(tmp)   model files
+    _checkpoint_state() -> dict / _check_checkpoint(ck, state) / _restore_position(state)
+    _policy_state() -> dict        the weights a ``reference = "iterate"`` reference takes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+
+import torch
+
+from ..errors import RunFailure, RunInterrupted
+from ..io.checkpoint import CheckpointMixin, replace_dir  # noqa: F401  (replace_dir: re-exported)
+from ..io.metrics import MetricsMixin
+
+PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
+
+
+def _mix(*xs) -> int:
+    """A seed in [0, 2**31) from integers (FNV-style): per step / process / round generators."""
+    h = 1469598103934665603
+    for x in xs:
+        h = ((h ^ (int(x) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h % (1 << 31)
+
+
+class TrainingLoop(CheckpointMixin, MetricsMixin):
+    """What every training engine does around its own optimizer step (see the module docstring)."""
+
+    main, rank, world = True, 0, 1   # one process, unless the subclass says otherwise
+    bar_metrics: tuple = ()          # (key, label): step metrics the progress bar shows after the loss
+    curve_metrics: tuple = ("eval_score",)  # panels of curves.png after the loss, when logged
+    cuda_rng = True                  # checkpoints hold the CUDA generators' states (when CUDA is there)
+
+    # -- console -----------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        """Print ``msg`` (rich markup) on the run's console, on the main process only."""
+        if self.main:
+            self.console.print(msg)
+
+    # -- setup -------------------------------------------------------------------------
+    def _set_threads(self, default: int) -> None:
+        """torch's intra-op threads: the ``threads`` setting, else ``default`` (0: leave as is)."""
+        threads = self.cfg.threads if self.cfg.threads is not None else default
+        if threads > 0:
+            torch.set_num_threads(threads)
+
+    def _build_scheduler(self) -> None:
+        """``self.scheduler``: ``warmup_steps`` updates of linear warmup, then ``lr_schedule``
+        (constant, linear or cosine decay to 0) over the run's ``steps * updates_per_step``."""
+        algo, cfg = self.algo, self.cfg
+        self.updates_per_step = algo.plan.updates_per_rollout
+        total = self.steps * self.updates_per_step
+        warm, kind = cfg.warmup_steps, cfg.lr_schedule
+
+        def lr_lambda(i):
+            if warm and i < warm:
+                return (i + 1) / warm
+            if kind == "constant":
+                return 1.0
+            frac = min(1.0, (i - warm) / max(1, total - warm))
+            return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+
+    def _init_iterations(self) -> None:
+        """Step 0, and the spec's ``train: iterations`` of ``ceil(steps / iterations)`` steps each."""
+        self.step = 0
+        self.iterations = max(1, self.algo.plan.iterations)
+        self.steps_per_iter = math.ceil(self.steps / self.iterations)
+        self._algos = {}
+        self._iter, self.current = None, self.algo  # train() enters the run's first iteration
+
+    # -- per-iteration algorithm (param schedules) ---------------------------------------
+    def algo_for(self, iteration: int):
+        """The compiled algorithm of ``iteration``: ``self.algo`` unless the spec schedules
+        params per iteration (then compiled once per iteration, with ``_iteration_params``)."""
+        if not self.algo.plan.schedules:
+            return self.algo
+        if iteration not in self._algos:
+            self._algos[iteration] = self.algo.with_params(**self._iteration_params(iteration))
+        return self._algos[iteration]
+
+    def _iteration_params(self, iteration: int) -> dict:
+        """Every param at ``iteration``: its schedule's entry, unless the run set that param
+        (runtime/iterations.py)."""
+        from .iterations import iteration_params
+        return iteration_params(self.algo, iteration)
+
+    def _start_iteration(self, it: int, replace: bool = True) -> None:
+        """Enter iteration ``it``: its algorithm becomes ``self.current``; with ``replace`` at a
+        boundary (it > 0), a ``reference = "iterate"`` reference takes the policy's weights."""
+        self._iter = it
+        self.current = self.algo_for(it)
+        if replace and it > 0 and self.reference is not None and self.algo.plan.reference == "iterate":
+            self.reference.load_state_dict(self._policy_state())
+            self.say(f"iteration {it}: reference replaced by the current policy")
+
+    # -- pieces of one optimizer step ------------------------------------------------------
+    def _minibatches(self, algo, n_groups: int):
+        """The step's minibatches (lists of group indices), epoch after epoch: with several
+        epochs or minibatches the groups are shuffled per epoch, seeded by (seed, step, epoch)."""
+        epochs, n_mb = algo.plan.epochs, algo.plan.minibatches
+        for epoch in range(epochs):
+            order = list(range(n_groups))
+            if epochs > 1 or n_mb > 1:
+                random.Random(_mix(self.cfg.seed, self.step, epoch, 3)).shuffle(order)
+            for i in range(n_mb):
+                yield order[i * n_groups // n_mb:(i + 1) * n_groups // n_mb]
+
+    def _refill_capped(self, info: dict, have: int, target: int, rnd: int) -> bool:
+        """Whether a rollout that kept ``have`` of ``target`` groups after ``rnd`` refill rounds
+        must stop at ``max_refill_rounds`` (then said in yellow and marked in ``info``)."""
+        if rnd < self.cfg.max_refill_rounds:
+            return False
+        info["refill_cap_hit"] = 1
+        self.say(f"[yellow]step {self.step + 1}: filters kept {have} of {target} groups after "
+                 f"{rnd} refill round(s) (max_refill_rounds = {self.cfg.max_refill_rounds}); "
+                 f"training on what was kept[/yellow]")
+        return True
+
+    @staticmethod
+    def _bad_term(out) -> str | None:
+        """None when a micro-batch's loss is finite, else the first non-finite term's name."""
+        if torch.isfinite(torch.as_tensor(out.loss)).all():
+            return None
+        return next((k for k, t in out.terms.items() if not torch.isfinite(torch.as_tensor(t)).all()), "loss")
+
+    @staticmethod
+    def _add_metrics(metrics: dict, term_sums: dict, stat_sums: dict) -> None:
+        """Add a micro-batch's ``step_loss`` metrics to the step's sums: ``loss/*`` terms (shares
+        of the term: micro-batches add up to it) apart from the statistics (averaged later)."""
+        for k, v in metrics.items():
+            if k.startswith("loss/"):
+                term_sums[k] = term_sums.get(k, 0.0) + v
+            else:
+                stat_sums[k] = stat_sums.get(k, 0.0) + v
+
+    def _non_finite(self, where: str) -> RunFailure:
+        """The error of a non-finite loss at this step (gradients dropped); ``where`` names the term."""
+        self.optimizer.zero_grad(set_to_none=True)
+        ck = self.out / "checkpoint"
+        return RunFailure(
+            f"non-finite loss at step {self.step + 1}: {where} is not finite",
+            hint=(f"the last good checkpoint is kept at {ck}" if ck.exists() else
+                  "no checkpoint was written yet") + "; lower lr or check the spec's loss")
+
+    def _step_record(self, loss: float, metrics: dict, grad_norms: list, groups: int, info: dict,
+                     times: dict, t_start: float, extra: dict | None = None) -> dict:
+        """A step's metrics record: loss, the spec's metrics, grad_norm, lr, groups, ``extra``,
+        refill / filter counts from the rollout's ``info``, the phase times and step_time."""
+        res = {"loss": loss, **metrics}
+        if grad_norms:
+            res["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        res["lr"] = self.scheduler.get_last_lr()[0]
+        res["groups"] = groups
+        res.update(extra or {})
+        if info.get("refill_rounds"):
+            res["refill/rounds"] = info["refill_rounds"]
+        if info.get("dropped_groups"):
+            res["filter/dropped_groups"] = info["dropped_groups"]
+        if info.get("refill_cap_hit"):
+            res["refill/cap_hit"] = 1
+        res.update(times)
+        res["step_time"] = time.perf_counter() - t_start
+        return res
+
+    # -- hooks with defaults ------------------------------------------------------------------
+    def _evaluates(self) -> bool:
+        return True
+
+    def _before_steps(self) -> None:
+        pass
+
+    # -- the run -----------------------------------------------------------------------------
+    def _eval_and_log(self) -> float | None:
+        """Evaluate now and log ``{"step", "eval_score"}``; the score."""
+        score = self.evaluate()
+        self._log({"step": self.step, "eval_score": score})
+        return score
+
+    def train(self) -> dict:
+        """Run the steps (see ``_train``); the hold on ``OUT`` (runtime/outdir.py) ends with it."""
+        try:
+            return self._train()
+        finally:
+            lock = getattr(self, "out_lock", None)
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict:
+        """Run (or resume) to ``steps`` optimizer steps; the summary: steps, wall_s, eval_score, loss."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = False
+        if self.resume:
+            resumed = self.load_checkpoint()
+            self.say(f"resumed from {self.out / 'checkpoint'} at step {self.step}" if resumed
+                     else f"[yellow]--resume: no checkpoint in {self.out}; starting fresh[/yellow]")
+        self._reset_metrics(resumed)
+        if self.cfg.log_with:
+            from ..io.tracking import hparams  # values every tracker accepts (TensorBoard: no None)
+            self.acc.init_trackers("alignspec", config=hparams(self))
+        self.say(self._run_line())
+        last_eval = None
+        it0 = min(self.step // self.steps_per_iter, self.iterations - 1)
+        self._start_iteration(it0, replace=self.step > 0 and self.step == it0 * self.steps_per_iter)
+        if self._evaluates() and self.step == 0:
+            last_eval = self._eval_and_log()
+            self.say(f"step 0: eval_score {last_eval:.3f}")
+        self._before_steps()
+        t_run = time.perf_counter()
+        prof = self._start_profile()
+        with self._stop_on_signals():
+            last, last_eval = self._run_steps(last_eval)
+        self._stop_profile(prof)
+        wall = time.perf_counter() - t_run
+        if self._evaluates():
+            last_eval = self._eval_and_log()
+        self.save_checkpoint()
+        self.save_final()
+        if self.main:
+            self._plot()
+        self._barrier()  # every process leaves together, after the main one has written the model
+        if self.cfg.log_with:  # not acc.end_training(): it also ends the process group, which the
+            for tracker in self.acc.trackers:  # next stage of a pipeline still needs
+                tracker.finish()
+        summary = {"steps": self.step, "wall_s": wall, "eval_score": last_eval, "loss": last.get("loss")}
+        self.say(f"done: {self.step} steps in {wall:.1f}s" +
+                 (f", eval_score {last_eval:.3f}" if last_eval is not None else "") +
+                 f"; model saved to {self.out / 'model'}")
+        return summary
+
+    def _run_steps(self, last_eval: float | None) -> tuple[dict, float | None]:
+        """The optimizer steps from ``self.step`` to ``steps``, under the progress bar: each
+        logged, evaluated every ``eval_every`` and checkpointed every ``save_every`` steps
+        (not at the last step, which ``train`` handles); the last record and eval score."""
+        progress = self._progress()
+        last = {}
+        with progress:
+            bar = progress.add_task(self.algo.name, total=self.steps, completed=self.step, info="")
+            while self.step < self.steps:
+                it = min(self.step // self.steps_per_iter, self.iterations - 1)
+                if it != self._iter:
+                    self._start_iteration(it)
+                res = self._train_step()
+                self.step += 1
+                rec = {"step": self.step, **res}
+                self._log(rec)
+                last = rec
+                if self._evaluates() and self.eval_every and self.step % self.eval_every == 0 \
+                        and self.step < self.steps:
+                    last_eval = self._eval_and_log()
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:
+                    self.save_checkpoint()
+                progress.update(bar, completed=self.step, info=self._progress_info(res, last_eval))
+                if self._agree(self._signal is not None) and self.step < self.steps:
+                    self.save_checkpoint()
+                    name = signal.Signals(self._signal or signal.SIGTERM).name
+                    raise RunInterrupted(f"{name}: stopped after step {self.step}; checkpoint saved in "
+                                         f"{self.out / 'checkpoint'}", self._signal or signal.SIGTERM)
+        return last, last_eval
+
+    _signal: int | None = None
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While the steps run, SIGTERM (what schedulers send before SIGKILL) and SIGINT ask the
+        run to stop after the current step with a checkpoint (``_run_steps``); a second one
+        stops at once. Only the main thread can take signals; elsewhere nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum, frame):
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            self._signal = signum
+            self.say(f"[yellow]{signal.Signals(signum).name}: stopping after this step (again: at once)[/yellow]")
+
+        previous = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` of any process (every process stops at the same step)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=getattr(self, "device", "cpu"))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())

@@ -1,0 +1,288 @@
+"""The flow-matching policy family, in the one loop: specs that sample with ``flow_sde``.
+
+The loss is the compiled spec's, unchanged (``algo.score`` / ``advantage`` / ``step_loss``),
+with the per-step quantities the flow policy provides (models/flow.py):
+
+    logp [B, T]           per-step Gaussian log-density of the sampled transition (grad)
+    logp_old [B, T]       the same under the sampling model, from a no-grad forward before the
+                          updates -- only when the spec reads it (else the compiler's stopgrad(logp))
+    logp_ref [B, T]       the same under the frozen reference (no grad)
+    mu_sqdist_ref [B, T]  mean over latent elements of (mu_theta - mu_ref)^2 (grad)
+    step_std [B, T]       sigma_t of each step;  mask [B, T] ones;  length [B] = T
+    reward [B]            the task's reward of the final sample (or the run's rewards)
+
+A row set is a ``FlowRollout`` (trajectories); prompts are class ids drawn per round by the
+``flow_sde`` sampler (rollout/flow_sde.py). Built-in default: ``FlowTask`` and a pretrained
+``VelocityNet`` (models/flow_io.py). Checkpoints hold ``model.safetensors`` (and the
+reference when iterations replace it); the final ``model/`` is in ``save_flow_model``'s
+format. It trains on one process, on the CPU, in float32.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import RunError
+from .flow import FlowPolicy, FlowRollout, FlowTask
+from .flow_io import FLOW_TASK, builtin_flow_model_dir, load_flow_model, write_flow_model
+
+# what the flow policy provides; anything else a spec reads is an error before any model is built
+PROVIDED = {"logp", "logp_old", "logp_ref", "mu_sqdist_ref", "step_std", "mask", "length", "reward"}
+UNSUPPORTED = {"tree_search", "embedding", "generation", "critic", "reward_head"}
+
+
+def cat_rollouts(ros: list[FlowRollout]) -> FlowRollout:
+    if len(ros) == 1:
+        return ros[0]
+    first = ros[0]
+    cat = {}
+    for k in ("traj", "classes", "logp_old", "step_std", "trans_std", "mask", "samples"):
+        vals = [getattr(r, k) for r in ros]
+        cat[k] = None if any(v is None for v in vals) else torch.cat(vals)
+    return FlowRollout(times=first.times, noise=first.noise, **cat)
+
+
+class FlowPolicyFamily:
+    """Hooks of a flow policy for loop/engine.py (``run`` is the Engine)."""
+
+    name = "flow"
+    bar_metrics = (("reward/mean", "reward"),)
+    curve_metrics = ("reward/mean", "eval_score")
+    cuda_rng = False  # the flow policy runs on the CPU: checkpoints hold the CPU generators only
+
+    # -- setup ---------------------------------------------------------------------------
+    def _check(self, run) -> None:
+        algo, cfg = run.algo, run.cfg
+        if algo.plan.sampler.kind != "flow_sde":
+            raise RunError(f"{algo.name} requires a flow policy, but its sample section is not flow_sde(prompt, ...)")
+        bad = UNSUPPORTED & set(algo.requires)
+        if bad:
+            raise RunError(f"{algo.name} needs {', '.join(sorted(bad))}, which the flow runtime does not provide")
+        missing = sorted(set(algo.inputs) - PROVIDED)
+        if missing:
+            raise RunError(f"{algo.name} reads {', '.join(missing)}, which a flow policy does not provide",
+                           hint="flow policies provide " + ", ".join(sorted(PROVIDED)))
+        if cfg.data is not None:
+            raise RunError("flow policies train on the built-in task's class prompts; a data file is not supported",
+                           hint="omit --data")
+        if cfg.lora_r > 0:
+            raise RunError("LoRA is not supported for flow policies", hint="set lora_r: 0")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RunError("flow policies train on one process; this run was launched on "
+                           f"{os.environ['WORLD_SIZE']}", hint="run it without accelerate launch / torchrun")
+        if cfg.dtype not in ("float32", "fp32", "auto"):
+            raise RunError(f"flow policies train in float32 (dtype {cfg.dtype!r} is not supported)",
+                           hint="set dtype: float32")
+
+    def setup(self, run) -> None:
+        algo, cfg = run.algo, run.cfg
+        run.builds = {"policy": 0, "reference": 0}
+        run.counts = {"rollouts": 0, "logp_old": 0, "logp_ref": 0}   # no-grad forwards, for tests
+        self._check(run)
+        run.builtin = cfg.model is None
+        run.steps = cfg.steps or (60 if run.builtin else 100)
+        run.batch_size = run.local_batch = cfg.batch_size or 8
+        run.lr = cfg.lr or (1e-3 if run.builtin else 1e-4)
+        run.eval_every = cfg.eval_every if cfg.eval_every is not None else 10
+        run.eval_per_class = cfg.eval_size or 128
+        run._set_threads(1)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (1 << 32))
+        torch.manual_seed(cfg.seed)
+        from ..io.tracking import check_trackers
+        check_trackers(list(cfg.log_with))
+        from ..parallel.ddp import accelerator
+        run.acc = accelerator(run.out, list(cfg.log_with), cpu=True)
+        run.rank, run.world, run.main, run.device = 0, 1, True, torch.device("cpu")
+        # model and task
+        if run.builtin:
+            run.model_dir, _ = builtin_flow_model_dir()
+            run.say(f"model: built-in flow VelocityNet (2-D, pretrained by flow matching), cached at {run.model_dir}")
+        else:
+            run.model_dir = cfg.model
+        run.model, mcfg = load_flow_model(run.model_dir)
+        run.task_settings = dict(mcfg.get("task") or FLOW_TASK)
+        run.task = FlowTask(**run.task_settings)
+        if run.model.num_classes != run.task.num_classes:
+            raise RunError(f"{run.model_dir}: the model has {run.model.num_classes} classes, the task "
+                           f"{run.task.num_classes}")
+        run.say(f"data: built-in flow task ({run.task.num_classes} class prompts, {run.task.k} blobs each; "
+                "reward high on one blob per class)")
+        run.builds["policy"] += 1
+        run.model.train()
+        run.reference = None
+        if "reference" in algo.requires:
+            run.reference, _ = load_flow_model(run.model_dir)
+            run.reference.requires_grad_(False)
+            run.builds["reference"] += 1
+        run.rewards = None
+        if "reward" in algo.inputs:
+            from ..scoring.flow_rewards import FlowRewards
+            names = list(cfg.rewards) or ["task"]
+            run.rewards = FlowRewards(names, run.task)
+            run.say(f"reward: {' + '.join(names)}")
+        for name in ("reward_model", "preference"):
+            if name in algo.inputs:
+                raise RunError(f"{algo.name} scores with {name}(response), which flow policies do not support",
+                               hint="score with reward(response)")
+        # optimizer / schedule (the LM family's settings)
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        run.optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=cfg.weight_decay)
+        run._build_scheduler()
+        run._init_iterations()
+        run.cursor = 0
+
+    # -- rows (loop/rollout_stage.py) ----------------------------------------------------------
+    @staticmethod
+    def next_prompts(run) -> int:
+        return run.batch_size  # class prompts, drawn by the flow_sde sampler
+
+    @staticmethod
+    def rows(ro: FlowRollout) -> FlowRollout:
+        return ro
+
+    @staticmethod
+    def batch_of(run, ro: FlowRollout) -> dict:
+        return {"mask": ro.mask, "length": ro.mask.sum(1), "step_std": ro.step_std}
+
+    @staticmethod
+    def score_rows(run, ro: FlowRollout, batch: dict) -> None:
+        if run.rewards is not None:
+            batch["reward"] = run.rewards(ro.samples, ro.classes)
+
+    @staticmethod
+    def select_rows(ro: FlowRollout, idx: list[int]) -> FlowRollout:
+        return ro.select(torch.as_tensor(idx, dtype=torch.long))
+
+    @staticmethod
+    def cat_rows(parts: list[FlowRollout]) -> FlowRollout:
+        return cat_rollouts(parts)
+
+    @staticmethod
+    def take(ro: FlowRollout, n: int) -> FlowRollout:
+        return ro.select(torch.arange(n))
+
+    @staticmethod
+    def rollout_info(run, ro, info: dict) -> None:
+        pass
+
+    # -- forwards --------------------------------------------------------------------------------
+    @staticmethod
+    def no_grad_forwards(run, batch: dict) -> None:
+        algo, ro = run.current, run.batch_rows
+        with torch.no_grad():
+            if "logp_old" in algo.inputs:
+                batch["logp_old"] = FlowPolicy(run.model).logprobs(ro)["logp"].detach()
+                run.counts["logp_old"] += 1
+            if "logp_ref" in algo.inputs:
+                batch["logp_ref"] = FlowPolicy(run.reference).logprobs(ro)["logp"].detach()
+                run.counts["logp_ref"] += 1
+
+    @staticmethod
+    def forward(run, mb: dict, sl: slice, rows: torch.Tensor) -> dict:
+        """logp (and mu_sqdist_ref when read) of the batch rows ``rows`` (grad)."""
+        need_sq = "mu_sqdist_ref" in run.current.inputs
+        lp = FlowPolicy(run.model, run.reference if need_sq else None).logprobs(run.batch_rows.select(rows))
+        return {"logp": lp["logp"], **({"mu_sqdist_ref": lp["mu_sqdist_ref"]} if need_sq else {})}
+
+    @staticmethod
+    def padding_loss(run):
+        raise AssertionError("a flow run has one process: no padding micro-batches")
+
+    @staticmethod
+    def zero_loss(fw: dict):
+        return sum(v.sum() for v in fw.values() if torch.is_tensor(v) and v.requires_grad) * 0.0
+
+    @staticmethod
+    def grad_params(run):
+        return [p for p in run.model.parameters() if p.requires_grad]
+
+    # -- metrics, evaluation, iterations -------------------------------------------------------
+    @staticmethod
+    def rollout_metrics(run, batch: dict) -> dict:
+        return {"reward/mean": float(batch["reward"].float().mean())} if "reward" in batch else {}
+
+    @staticmethod
+    def step_extra(run):
+        return None
+
+    @staticmethod
+    def evaluate(run) -> float:
+        was = run.model.training
+        run.model.eval()
+        try:
+            return run.task.evaluate(run.model, per_class=run.eval_per_class)
+        finally:
+            run.model.train(was)
+
+    @staticmethod
+    def evaluates(run) -> bool:
+        return True
+
+    @staticmethod
+    def policy_state(run) -> dict:
+        return run.model.state_dict()
+
+    @staticmethod
+    def start_iteration(run, it: int, replace: bool) -> None:
+        pass
+
+    @staticmethod
+    def run_line(run) -> str:
+        return (f"run: {run.algo.name} (flow policy) for {run.steps} steps, batch {run.batch_size} prompts, "
+                f"lr {run.lr}, builds {', '.join(k for k, v in run.builds.items() if v)}")
+
+    @staticmethod
+    def before_steps(run) -> None:
+        pass
+
+    # -- checkpoints and the final model ---------------------------------------------------------
+    @staticmethod
+    def save_weights(run, tmp: Path) -> None:
+        from safetensors.torch import save_file
+        save_file({k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        if run.reference is not None and run.algo.plan.reference == "iterate":
+            save_file({k: v.contiguous() for k, v in run.reference.state_dict().items()},
+                      str(tmp / "reference.safetensors"))
+
+    @staticmethod
+    def load_weights(run, ck: Path) -> None:
+        from safetensors.torch import load_file
+        try:
+            run.model.load_state_dict(load_file(str(ck / "model.safetensors")))
+        except RuntimeError as e:
+            raise RunError(f"{ck}: the checkpoint does not fit this model: {e}") from None
+        if run.reference is not None and (ck / "reference.safetensors").is_file():
+            run.reference.load_state_dict(load_file(str(ck / "reference.safetensors")))
+
+    @staticmethod
+    def write_model(run, tmp: Path) -> None:
+        """The final model, in ``save_flow_model``'s format (``--model`` of a later run)."""
+        write_flow_model(tmp, run.model, run.task_settings,
+                         {"spec": run.algo.name, "steps": run.step, "init": str(run.model_dir)})
+
+    @staticmethod
+    def checkpoint_state(run) -> dict:
+        return {"step": run.step, "spec": run.algo.name, "family": "flow", "seed": run.cfg.seed,
+                "model": str(run.model_dir)}
+
+    @staticmethod
+    def check_checkpoint(run, ck: Path, state: dict) -> None:
+        if state.get("spec") != run.algo.name or state.get("family") != "flow":
+            raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}"
+                           f"{'' if state.get('family') == 'flow' else ' (not a flow policy)'}, "
+                           f"not of {run.algo.name!r}", hint="use another --out, or run the same spec")
+
+    @staticmethod
+    def process_state(run) -> dict:
+        return {}
+
+    @staticmethod
+    def set_process_state(run, state: dict) -> None:
+        pass

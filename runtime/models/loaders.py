@@ -1,0 +1,188 @@
+"""Loading policies and reference models from local checkpoint directories.
+
+Everything goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` on a local directory
+(never a hub download), so built-in tiny models (``tiny.build_tiny_model``) and users'
+checkpoints load the same way. ``add_value_head`` wraps a policy with a scalar value head
+for algorithms that need a critic sharing the policy body.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import RunError
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float64": torch.float64, "fp64": torch.float64}
+
+
+def _resolve_dtype(dtype):
+    """None/'auto' -> dtype stored in the checkpoint; a string name or torch.dtype otherwise."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise RunError(f"unknown dtype {dtype!r}", hint=f"use one of {sorted(set(_DTYPES))} or 'auto'")
+
+
+def _check_model_dir(path) -> Path:
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise RunError(f"model directory not found: {p}",
+                       hint="give a local directory written by save_pretrained (no hub downloads)")
+    if not p.is_dir():
+        raise RunError(f"model path is not a directory: {p}",
+                       hint="give the directory that holds config.json and the weights")
+    if not (p / "config.json").is_file():
+        if (p / "adapter_config.json").is_file():
+            raise RunError(f"{p} holds a PEFT adapter, not a full model",
+                           hint="load the base model and apply the adapter, or merge it first")
+        raise RunError(f"no model in {p}: config.json is missing",
+                       hint="save the model with model.save_pretrained(dir)")
+    if not any((p / f).is_file() for f in _WEIGHT_FILES):
+        raise RunError(f"no model weights in {p} (looked for {', '.join(_WEIGHT_FILES)})",
+                       hint="save the model with model.save_pretrained(dir)")
+    return p
+
+
+def _load_model(p: Path, dtype, device):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=_resolve_dtype(dtype),
+                                                     local_files_only=True)
+    except RunError:
+        raise
+    except Exception as e:  # transformers raises many kinds; say which directory failed
+        raise RunError(f"could not load a causal LM from {p}: {type(e).__name__}: {e}") from e
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def load_policy(path, dtype=None, device=None):
+    """Load ``(model, tokenizer)`` from a local checkpoint directory.
+
+    ``dtype``: None/'auto' keeps the stored dtype, else a torch.dtype or a name such as
+    'bfloat16'. The tokenizer gets ``padding_side='left'`` and, if it has none, the EOS
+    token as pad token; the model's config and generation config get the same pad id.
+    Raises ``RunError`` when the directory is missing or holds no model/tokenizer.
+    """
+    p = _check_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except Exception as e:
+        raise RunError(f"could not load a tokenizer from {p}: {type(e).__name__}: {e}",
+                       hint="save the tokenizer next to the model with tokenizer.save_pretrained(dir)") from e
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RunError(f"the tokenizer in {p} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model = _load_model(p, dtype, device)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_frozen_copy(path, dtype=None, device=None):
+    """Load a model for reference use: eval mode, every parameter ``requires_grad=False``."""
+    model = _load_model(_check_model_dir(path), dtype, device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The plain ``...ForCausalLM`` inside a value-head wrapper and/or a PEFT model."""
+    if isinstance(model, PolicyWithValueHead):
+        model = model.model
+    if hasattr(model, "get_base_model"):  # peft.PeftModel (LoRA layers stay injected)
+        model = model.get_base_model()
+    return model
+
+
+def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(transformer body, output layer)`` of a causal LM, e.g. ``(LlamaModel, lm_head)``.
+
+    The body is ``model.base_model`` (``.model`` for Llama, ``.transformer`` for GPT-2),
+    which returns hidden states without computing logits.
+    """
+    lm = unwrap_causal_lm(model)
+    body = getattr(lm, "base_model", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if body is None or body is lm or head is None:
+        raise RunError(f"{type(lm).__name__} does not look like a causal LM with a separate body "
+                       "and output layer (base_model / get_output_embeddings)")
+    return body, head
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a scalar value head on its last hidden states.
+
+    ``.model`` is the wrapped LM, ``.value_head`` a ``Linear(hidden, 1)`` kept in float32
+    (zero-initialized, so initial values are 0). Get values either from hidden states
+    returned by ``logprobs.completion_logprobs(..., return_hidden=True)`` via
+    :meth:`values_from_hidden` (one body pass for log-probs and values), or for every
+    position with :meth:`forward`.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        hidden = model.config.hidden_size
+        param = next(model.parameters())
+        self.value_head = nn.Linear(hidden, 1, device=param.device, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` hidden states -> ``[...]`` float32 values."""
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """Values ``[B, L]`` at every position (runs the LM body, not its output layer)."""
+        body, _ = body_and_head(self.model)
+        out = body(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids, use_cache=False)
+        return self.values_from_hidden(out[0])
+
+
+def add_value_head(model: nn.Module) -> PolicyWithValueHead:
+    """Wrap ``model`` in a :class:`PolicyWithValueHead`."""
+    return PolicyWithValueHead(model)
+
+
+def load_frozen_local(path, auto_cls, what: str, hint: str, device=None):
+    """(tokenizer, model, resolved path) of a frozen helper model (scorer, embedder) in a local dir.
+
+    The model is in eval mode without gradients; a missing pad token falls back to EOS.
+    """
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise RunError(f"no {what} in {p}: config.json is missing", hint=hint)
+    try:
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        model = auto_cls.from_pretrained(p, local_files_only=True)
+    except Exception as e:
+        raise RunError(f"could not load a {what} from {p}: {type(e).__name__}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return tok, model, p

@@ -1,0 +1,347 @@
+"""The token-LM policy family: causal LMs (``transformers``) on ``accelerate``, in the one loop.
+
+``setup`` builds exactly what ``algo.requires`` / ``algo.inputs`` name: the policy (or a
+reward-model head for ``rm_score``), LoRA adapters, a value head for a ``critic``, a frozen
+reference only if ``reference`` is required (with LoRA: the policy with its adapters
+disabled), the data (data/), the scorers (scoring/), the extras (models/lm_extras.py:
+prompt format, self-play iterate, embeddings, tree search), AdamW and the LR schedule, and
+the training forward that ``accelerator.prepare`` wraps (DDP under ``accelerate launch``;
+parallel/ddp.py). The loop then calls the hooks below: rows and tensors, the no-grad
+forwards (old, reference, value), the training forward, and what a checkpoint and the final
+model hold (``checkpoint/``: ``model/`` with the tokenizer, ``trainable.safetensors``, the
+reference / iterate when iterations change them; ``model/``: the LM, LoRA merged, plus
+``value_head.safetensors`` for a critic).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data import token_rows
+from ..errors import RunError
+from .fastpath import ReferenceCache
+from .loaders import PolicyWithValueHead, add_value_head, load_frozen_copy, load_policy, unwrap_causal_lm
+from .lm_policy_io import load_weights, save_weights, write_model
+from .train_forward import TrainForward, dummy_micro_batch, zero_loss
+
+
+class TokenPolicy:
+    """Hooks of a causal-LM policy for loop/engine.py (``run`` is the Engine)."""
+
+    name = "token"
+    bar_metrics: tuple = ()
+    curve_metrics: tuple = ("eval_score",)
+    cuda_rng = True
+
+    # -- setup ---------------------------------------------------------------------------
+    def setup(self, run) -> None:
+        try:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except Exception:
+            pass
+        run.builds = {"policy": 0, "reference": 0, "critic": 0}
+        from ..io.tracking import check_trackers
+        check_trackers(list(run.cfg.log_with))  # unknown or missing trackers: a RunError before anything is built
+        from ..parallel.ddp import accelerator
+        run.acc = accelerator(run.out, list(run.cfg.log_with), cpu=not torch.cuda.is_available())
+        run.rank, run.world = run.acc.process_index, run.acc.num_processes
+        run.main, run.device = run.acc.is_main_process, run.acc.device
+        self._apply_builtin_preset(run)
+        self._build(run)
+
+    def _apply_builtin_preset(self, run) -> None:
+        """Fill what the user left unset from the spec's built-in demo preset (runtime/presets.py):
+        only on the built-in task and model; ``run.cfg`` becomes a copy, the caller's is kept."""
+        from ..presets import builtin_preset, describe
+        fields, params = builtin_preset(run.algo, run.cfg)
+        if not fields and not params:
+            return
+        cfg = run.cfg.model_copy(deep=True)
+        for k, v in fields.items():
+            setattr(cfg, k, v)
+        if params:
+            cfg.params = {**cfg.params, **params}
+            run.algo = run.algo.with_params(**params)
+        run.cfg = cfg
+        run.say(describe(run.algo.name, fields, params))
+
+    def _build(self, run) -> None:
+        from accelerate.utils import set_seed
+        algo, cfg = run.algo, run.cfg
+        run.kind = algo.plan.data  # prompts | demonstrations | pairs (compiler/passes/plan.py)
+        run.builtin = cfg.data is None
+        run.task = None
+        run.reward_head = "reward_head" in algo.requires   # trains a reward model (models/reward_head.py)
+        if run.builtin:
+            from ..data.tasks import ArithmeticTask
+            run.task = ArithmeticTask()
+            if "tree_search" in algo.requires:  # the step-structured task (data/step_task.py)
+                from ..data.step_task import BuiltinStepTask
+                run.task = BuiltinStepTask()
+        # effective settings
+        run.steps = cfg.steps or (300 if run.builtin else 100)
+        run.batch_size = cfg.batch_size or (16 if run.builtin else 8)
+        run.max_new_tokens = cfg.max_new_tokens or (run.task.max_new_tokens if run.builtin else 64)
+        run.lr = cfg.lr or (1e-3 if cfg.model is None else 1e-5)
+        run.eval_every = cfg.eval_every if cfg.eval_every is not None else (25 if run.builtin else 0)
+        if run.batch_size % run.world:
+            raise RunError(f"batch_size {run.batch_size} does not split over {run.world} processes",
+                           hint=f"use a multiple of {run.world}")
+        run.local_batch = run.batch_size // run.world
+        run._set_threads(1 if cfg.model is None else 0)
+        set_seed(cfg.seed)
+        run.records = self._load_data(run)   # data first: bad data fails before any model is built
+        self._load_models(run)
+        from ..scoring.bind import bind_scorers
+        run.scorers = bind_scorers(run)
+        run.ref_cache = ReferenceCache(run)  # offline data, fixed reference (models/fastpath.py)
+        from .lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
+        setup_extras(run)
+        # optimizer / schedule
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        from .fastpath import adamw
+        run.optimizer = adamw(params, lr=run.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
+        run._build_scheduler()  # warmup + lr_schedule (loop/base.py)
+        # the training forward, wrapped by accelerate (DDP under `accelerate launch`; models/train_forward.py)
+        run.logprob_temperature = algo.plan.logprob_temperature  # "sampling" resolved by the compiler
+        run.train_forward = self.forwarder(run, run.model)
+        run.wrapped, run.optimizer = run.acc.prepare(run.train_forward, run.optimizer)
+        run._init_iterations()
+        run.cursor = 0
+
+    def _load_models(self, run) -> None:
+        algo, cfg = run.algo, run.cfg
+        if cfg.model is None:
+            from ..data.tasks import builtin_model_dir
+            warm = run.kind != "demonstrations" or algo.plan.generates
+            builtin_model_dir = getattr(run.task, "builtin_model_dir", builtin_model_dir)
+            with run.acc.main_process_first():
+                run.model_dir, _ = builtin_model_dir(warm=warm, seed=0)
+            run.say(f"model: built-in tiny llama ({'after a short SFT warm-up on the task' if warm else 'random init'}), "
+                    f"cached at {run.model_dir}")
+        else:
+            run.model_dir = cfg.model
+        if cfg.init_model:  # a pipeline stage starts from an earlier stage's model
+            run.model_dir = cfg.init_model
+            run.say(f"init: weights from {cfg.init_model}")
+        if run.reward_head:
+            from .reward_head import load_reward_model
+            run.policy, run.tokenizer = load_reward_model(run.model_dir, dtype=cfg.dtype, device=run.device)
+            run.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
+        else:
+            run.policy, run.tokenizer = load_policy(run.model_dir, dtype=cfg.dtype, device=run.device)
+        run.builds["policy"] += 1
+        run.lora = cfg.lora_r > 0
+        if run.lora:
+            from peft import LoraConfig, get_peft_model
+            if algo.plan.reference == "iterate" and "reference" in algo.requires:
+                raise RunError("LoRA with `reference = \"iterate\"` is not supported yet",
+                               hint="set lora_r: 0 for this spec")
+            lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                              target_modules="all-linear", lora_dropout=0.0,
+                              **({"task_type": "SEQ_CLS"} if run.reward_head else {}))
+            run.policy = get_peft_model(run.policy, lcfg)
+        run.model = run.policy
+        if "critic" in algo.requires:
+            run.model = add_value_head(run.policy)
+            run.builds["critic"] += 1
+        run.model.train()
+        run.reference = None
+        if ("reference" in algo.requires or cfg.force_reference) and not run.lora:
+            run.reference = load_frozen_copy(cfg.reference_model or run.model_dir, dtype=cfg.dtype, device=run.device)
+            if cfg.reference_model:
+                run.say(f"reference: {cfg.reference_model}")
+            run.builds["reference"] += 1
+
+    def _load_data(self, run) -> list[dict]:
+        need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
+                "pairs": ["prompt", "chosen", "rejected"],
+                "unpaired": ["prompt", "completion", "label"]}[run.kind]
+        if run.builtin:
+            recs = run.task.records(run.kind)
+            run.say(f"data: built-in task {run.task.name} ({len(recs)} {run.kind} from "
+                    f"{len(run.task.train_problems)} training problems; {len(run.task.eval_problems)} held-out)")
+            return recs
+        from ..data.records import check_labels, load_records
+        recs = load_records(run.cfg.data, run.cfg.fields, required=need)
+        if run.kind == "unpaired":
+            check_labels(recs, run.cfg.data)
+        run.say(f"data: {run.cfg.data} ({len(recs)} rows, {run.kind})")
+        return recs
+
+    def forwarder(self, run, model) -> TrainForward:
+        return TrainForward(model, run.cfg, reward_head=run.reward_head, pairs=run.kind == "pairs",
+                            temperature=run.logprob_temperature)
+
+    # -- rows (loop/rollout_stage.py) ----------------------------------------------------------
+    def next_prompts(self, run) -> list[dict]:
+        return token_rows.next_records(run)
+
+    def tok_prompt(self, run, prompt) -> list[int]:
+        """A prompt (string or list of messages) as the policy's token ids: through the chat
+        template when the run uses one (``run.prompt_format``, data/prompts.py). A prompt
+        that leaves no room for ``max_new_tokens`` in the model's context is a RunError."""
+        ids = run.prompt_format.ids(prompt)
+        context = getattr(unwrap_causal_lm(run.policy).config, "max_position_embeddings", None)
+        if context and len(ids) + run.max_new_tokens > context:
+            text = prompt if isinstance(prompt, str) else str(prompt)
+            raise RunError(f"a prompt of {len(ids):,} tokens ({text[:50]!r}...) leaves no room for max_new_tokens "
+                           f"{run.max_new_tokens} in the model's context of {context:,} positions",
+                           hint="shorten or drop the long prompts, or lower max_new_tokens")
+        return ids
+
+    def tok_completion(self, run, text: str) -> list[int]:
+        return token_rows.tok_completion(run.tokenizer, text)
+
+    @staticmethod
+    def rows(groups) -> list[dict]:
+        return [r for g in groups for r in g]
+
+    def batch_of(self, run, rows: list[dict]) -> dict:
+        return token_rows.tensors(rows, run.tokenizer.pad_token_id, run.device, labels=run.kind == "unpaired")
+
+    def score_rows(self, run, rows: list[dict], batch: dict) -> None:
+        prompts = [token_rows.scorer_prompt(run.tokenizer, r) for r in rows]  # as in the data, not templated
+        texts = [r["text"] for r in rows]
+        recs = [r["rec"] for r in rows]
+        for name, scorer in run.scorers.items():
+            scorer.step = run.step + 1  # named in a reward's error message
+            batch[name] = scorer(prompts, texts, recs).to(run.device, torch.float32)
+        if getattr(run, "embedder", None) is not None:  # embedding(response), scoring/embedding.py
+            batch["embedding"] = run.embedder(batch, texts)
+
+    @staticmethod
+    def select_rows(rows: list[dict], idx: list[int]) -> list[dict]:
+        return [rows[i] for i in idx]
+
+    @staticmethod
+    def cat_rows(parts: list[list[dict]]) -> list[dict]:
+        return [r for p in parts for r in p]
+
+    @staticmethod
+    def take(rows: list[dict], n: int) -> list[dict]:
+        return rows[:n]
+
+    def rollout_info(self, run, rows: list[dict], info: dict) -> None:
+        info["texts"] = [r["text"] for r in rows]
+
+    # -- forwards --------------------------------------------------------------------------------
+    def forward_rows(self, run, model, batch, sl, *, grad, entropy=False, value=False) -> dict:
+        """Outputs of ``model`` on rows ``sl`` of ``batch``: with ``grad``, through the wrapped
+        training forward (``model`` must be ``run.model``); without, a plain forward of any model
+        (old, reference, iterate; models/train_forward.py)."""
+        args = [batch[k][sl] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+        if grad:
+            assert model is run.model
+            return run.wrapped(*args, entropy=entropy, value=value)
+        fwd = run.train_forward if model is run.model else self.forwarder(run, model)
+        with torch.no_grad():
+            return fwd(*args, entropy=entropy, value=value)
+
+    def forward(self, run, mb: dict, sl: slice, rows) -> dict:
+        """The training forward of a micro-batch (grad): logp, and entropy / value when read."""
+        inputs = run.current.inputs
+        return self.forward_rows(run, run.model, mb, sl, grad=True, entropy="entropy" in inputs,
+                                 value="value" in inputs)
+
+    def padding_loss(self, run) -> torch.Tensor:
+        """A zero-weight micro-batch: a process with no more rows still joins the reduction."""
+        inputs = run.current.inputs
+        dummy = dummy_micro_batch(run.tokenizer.pad_token_id or 0, run.device)
+        fw = self.forward_rows(run, run.model, dummy, slice(0, 1), grad=True, entropy="entropy" in inputs,
+                               value="value" in inputs)
+        return zero_loss(fw)
+
+    @staticmethod
+    def zero_loss(fw: dict) -> torch.Tensor:
+        return zero_loss(fw)
+
+    def grad_params(self, run):
+        return run.wrapped.parameters()
+
+    def no_grad_forwards(self, run, batch: dict) -> None:
+        from .lm_forwards import no_grad_forwards
+        no_grad_forwards(self, run, batch)
+
+    @staticmethod
+    def reference_needed(run) -> bool:
+        return "logp_ref" in run.algo.inputs or (run.cfg.force_reference and run.reference is not None)
+
+    def reference_forward(self, run, batch) -> torch.Tensor:
+        from .lm_forwards import reference_forward
+        return reference_forward(self, run, batch)
+
+    # -- metrics, evaluation, iterations -------------------------------------------------------
+    def rollout_metrics(self, run, batch: dict) -> dict:
+        from ..scoring.bind import EXTERNALS
+        out = {f"{name}/mean": float(batch[name].float().mean()) for name in EXTERNALS if name in batch}
+        lens = batch["completion_mask"].sum(1).float()  # completion tokens per row
+        out["length/mean"] = float(lens.mean())
+        if run.world == 1:  # (metrics are averaged over processes, which min/max are not)
+            out.update({"length/min": float(lens.min()), "length/max": float(lens.max())})
+        return out
+
+    def step_extra(self, run) -> dict | None:
+        return getattr(getattr(run, "tree_sampler", None), "stats", None)  # search/*
+
+    def evaluate(self, run) -> float | None:
+        if run.task is None:
+            return None
+        return run.task.eval_score(run.policy, run.tokenizer, run.cfg.eval_size, prompt_format=run.prompt_format)
+
+    @staticmethod
+    def evaluates(run) -> bool:
+        return run.task is not None
+
+    @staticmethod
+    def policy_state(run) -> dict:
+        return unwrap_causal_lm(run.model).state_dict()
+
+    @staticmethod
+    def start_iteration(run, it: int, replace: bool) -> None:
+        if replace and it > 0:
+            from ..loop.iterations import refresh_iterate
+            refresh_iterate(run)  # pi_t := the policy (when it is not the reference itself)
+
+    def run_line(self, run) -> str:
+        return (f"run: {run.algo.name} for {run.steps} steps, batch {run.batch_size} "
+                f"({run.world} process{'es' if run.world > 1 else ''}), lr {run.lr}, "
+                f"builds {', '.join(k for k, v in run.builds.items() if v)}{' +LoRA' if run.lora else ''}")
+
+    def before_steps(self, run) -> None:
+        if run.cfg.precompute_reference and self.reference_needed(run):
+            run.ref_cache.precompute(run)
+
+    # -- checkpoints (the files: models/lm_policy_io.py) ------------------------------------------
+    save_weights = staticmethod(save_weights)
+    load_weights = staticmethod(load_weights)
+    write_model = staticmethod(write_model)
+
+    @staticmethod
+    def checkpoint_state(run) -> dict:
+        return {"step": run.step, "cursor": run.cursor, "spec": run.algo.name, "world": run.world,
+                "seed": run.cfg.seed}
+
+    @staticmethod
+    def check_checkpoint(run, ck: Path, state: dict) -> None:
+        if state.get("spec") != run.algo.name:
+            raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}, not {run.algo.name!r}",
+                           hint="use another --out, or run the same spec")
+
+    @staticmethod
+    def process_state(run) -> dict:
+        """The tree-search sampler's pairs found but not yet trained on."""
+        if getattr(run, "tree_sampler", None) is not None:
+            return {"tree_buffer": run.tree_sampler.buffer}
+        return {}
+
+    @staticmethod
+    def set_process_state(run, state: dict) -> None:
+        if getattr(run, "tree_sampler", None) is not None and "tree_buffer" in state:
+            run.tree_sampler.buffer = state["tree_buffer"]
+
+
+__all__ = ["TokenPolicy", "PolicyWithValueHead"]

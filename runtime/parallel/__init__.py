@@ -1,0 +1,1 @@
+"""How the training forward is spread over processes: DDP through ``accelerate`` (``ddp.py``)."""

@@ -1,0 +1,58 @@
+"""The sampler interface and its registry: how a group of responses is produced for each prompt.
+
+The run plan names the sampler (``algo.plan.sampler``: a ``SamplerPlan`` with its kind and
+resolved options, compiler/plan.py). ``build_sampler(plan, run)`` looks its kind up in
+``SAMPLERS`` and builds it; the loop (loop/rollout_stage.py) calls ``sample(prompts, seed)``
+and never looks at the kind. A new sampler is a class registered here::
+
+    @register("my_sampler")
+    class MySampler(Sampler):
+        def sample(self, prompts, seed):
+            ...
+
+What ``prompts`` and the result are belongs to the policy family: for a causal LM, a list of
+data records in and one group (a list of row dicts ``{"p": prompt ids, "c": completion ids,
+"text", "rec"}``) per record out; for a flow policy, a number of class prompts in and a
+``FlowRollout`` out. ``seed`` is the round's seed, derived from (seed, step, process, round).
+"""
+
+from __future__ import annotations
+
+from ..errors import RunError
+
+SAMPLERS: dict[str, type] = {}
+
+
+def register(kind: str):
+    """Class decorator: the sampler of ``kind`` (a SamplerPlan kind)."""
+    def deco(cls):
+        cls.kind = kind
+        SAMPLERS[kind] = cls
+        return cls
+    return deco
+
+
+class Sampler:
+    """A sampler of the plan, bound to the run that owns the models it samples with."""
+
+    kind = ""
+
+    def __init__(self, plan, run):
+        self.plan = plan   # SamplerPlan: kind, options (params resolved), parts, rows
+        self.run = run
+
+    def option(self, name: str, default=None):
+        return self.plan.option(name, default)
+
+    def sample(self, prompts, seed: int):
+        raise NotImplementedError
+
+
+def build_sampler(plan, run) -> Sampler:
+    """The registered sampler for ``plan.kind`` (the modules of rollout/ register themselves)."""
+    from . import concat, flow_sde, generate, offline, tree  # noqa: F401  (registration)
+    cls = SAMPLERS.get(plan.kind)
+    if cls is None:
+        raise RunError(f"sampler {plan.kind}(...) is not supported by this runtime yet",
+                       hint=f"samplers: {', '.join(sorted(SAMPLERS))}")
+    return cls(plan, run)

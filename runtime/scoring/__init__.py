@@ -1,0 +1,3 @@
+"""Scores of responses: reward functions and scorer models (``rewards.py``), how a run binds
+them to the spec's external scores (``bind.py``), flow rewards (``flow_rewards.py``),
+embeddings for the active selectors (``embedding.py``)."""

@@ -1,0 +1,182 @@
+"""Reward functions by name, user functions by ``module:function``, and scoring models.
+
+A reward function takes the batch's prompts, completions (decoded text) and data rows and
+returns one float per completion::
+
+    def my_reward(prompts: list[str], completions: list[str], records: list[dict]) -> list[float]
+
+A prompt is the data row's prompt as written -- a string, or a list of ``{"role", "content"}``
+messages for conversational data -- never the chat-templated text the policy was given.
+
+Built-in names: ``exact_answer`` (1 if the completion, stripped, equals the row's
+``answer``), ``format`` (1 if the completion is a non-empty run of digits -- the built-in
+task's answer format), ``length`` (minus the completion's length in characters / 100).
+Several configured rewards are summed. ``module:function`` strings are imported only when
+the run's configuration names them (an explicit opt-in to running that code).
+
+``SequenceScorer`` wraps an ``AutoModelForSequenceClassification`` directory: the score of a
+response is the first logit on prompt + completion (+ EOS for a reward model alignspec
+trained, whose config says ``alignspec_score_eos``: scored as it was trained, its prompts through
+its tokenizer's chat template when they went through it in training). A conversational prompt
+(a list of messages) is scored with the classifier's own chat template: the messages plus
+an assistant message holding the completion. It serves ``reward_model(response)``
+and, as a Bradley-Terry scorer with P(i > j) = sigmoid(s_i - s_j), ``preference(response)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+
+from ..errors import RunError, RunFailure
+
+
+def exact_answer(prompts, completions, records):
+    out = []
+    for c, r in zip(completions, records):
+        if "answer" not in r or r["answer"] is None:
+            raise RunError("reward 'exact_answer' needs an 'answer' field in every data row",
+                           hint="map one with fields: {answer: <your field>}")
+        out.append(1.0 if c.strip() == str(r["answer"]).strip() else 0.0)
+    return out
+
+
+def format_reward(prompts, completions, records):
+    return [1.0 if c.strip().isdigit() else 0.0 for c in completions]
+
+
+def length_reward(prompts, completions, records):
+    return [-len(c) / 100.0 for c in completions]
+
+
+REGISTRY: dict[str, Callable] = {
+    "exact_answer": exact_answer,
+    "format": format_reward,
+    "length": length_reward,
+}
+
+
+def resolve_reward(name: str) -> Callable:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        mod_name, _, fn_name = name.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception as e:
+            raise RunError(f"reward {name!r}: could not import module {mod_name!r}: {e}") from e
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise RunError(f"reward {name!r}: module {mod_name!r} has no function {fn_name!r}")
+        return fn
+    raise RunError(f"unknown reward {name!r}",
+                   hint=f"use one of {', '.join(sorted(REGISTRY))}, or 'module:function'")
+
+
+class RewardFunctions:
+    """The sum of several named reward functions. Each must return one real, finite number per
+    completion; anything else (an exception, None, a scalar, a string, a nested list, a complex
+    number, NaN, the wrong length) stops the run with a message that names the function, the
+    step (``step``, set by the engine before each call) and the row."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.fns = [resolve_reward(n) for n in names]
+        self.step: int | None = None
+
+    def __call__(self, prompts, completions, records) -> torch.Tensor:
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        for name, fn in zip(self.names, self.fns):
+            total += torch.tensor(self._values(name, fn, prompts, completions, records), dtype=torch.float32)
+        return total
+
+    def _values(self, name, fn, prompts, completions, records) -> list[float]:
+        at = f"step {self.step}: " if self.step is not None else ""
+        try:
+            vals = fn(prompts, completions, records)
+        except RunError:
+            raise
+        except Exception as e:
+            raise RunFailure(f"{at}reward {name!r} raised {type(e).__name__}: {e}",
+                             hint="the reward function is called with (prompts, completions, records) for a "
+                                  "batch and returns one number per completion") from e
+        if isinstance(vals, (str, bytes, dict)) or not hasattr(vals, "__len__"):
+            raise RunFailure(f"{at}reward {name!r} returned {type(vals).__name__} {_short(vals)} instead of a list "
+                             f"of {len(completions)} numbers (one per completion)")
+        vals = list(vals)
+        if len(vals) != len(completions):
+            raise RunFailure(f"{at}reward {name!r} returned {len(vals)} values for {len(completions)} completions")
+        out = []
+        for i, v in enumerate(vals):
+            if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+                v = v.item()  # a NumPy or torch scalar
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise RunFailure(f"{at}reward {name!r} returned {_short(v)} ({type(v).__name__}) for row {i} "
+                                 f"(completion {_short(completions[i])}); expected a real number")
+            if not math.isfinite(v):
+                raise RunFailure(f"{at}reward {name!r} returned {v} for row {i} (completion "
+                                 f"{_short(completions[i])}); rewards must be finite")
+            out.append(float(v))
+        return out
+
+
+def _short(v, n: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+class SequenceScorer:
+    """A scalar scorer from an ``AutoModelForSequenceClassification`` directory."""
+
+    def __init__(self, path: str, device=None, batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification
+
+        from ..models.loaders import load_frozen_local
+        self.tok, self.model, p = load_frozen_local(
+            path, AutoModelForSequenceClassification, "sequence classifier",
+            "give a directory written by save_pretrained of a sequence classifier", device)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.batch_size = batch_size
+        self.path = str(p)
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, records) -> torch.Tensor:
+        from ..data.prompts import PromptFormat, is_conversation
+        if getattr(self.model.config, "alignspec_score_eos", False):
+            # a reward model alignspec trained (runtime/models/reward_head.py): scored as it was trained,
+            # at the EOS after prompt + completion, the prompt templated as in training
+            from ..models.reward_head import TEMPLATE_FLAG, score_texts
+            templated = getattr(self.model.config, TEMPLATE_FLAG, None)
+            fmt = PromptFormat(self.tok, "auto" if templated is None else "on" if templated else "off",
+                               source=self.path)
+            return score_texts(self.model, self.tok, list(prompts), list(completions), self.batch_size,
+                               prompt_format=fmt)
+        chat = any(is_conversation(p) for p in prompts)
+        texts = [self._chat_text(p, c) if chat else p + c for p, c in zip(prompts, completions)]
+        out = []
+        device = next(self.model.parameters()).device
+        for s in range(0, len(texts), self.batch_size):
+            enc = self.tok(texts[s:s + self.batch_size], padding=True, return_tensors="pt",
+                           add_special_tokens=not chat).to(device)
+            out.append(self.model(**enc).logits[:, 0].float().cpu())
+        return torch.cat(out)
+
+    def _chat_text(self, prompt, completion: str) -> str:
+        """A conversational prompt + completion through the classifier's chat template."""
+        from ..data.prompts import has_chat_template
+        if not has_chat_template(self.tok):
+            raise RunError(f"the prompts are lists of messages, but the tokenizer of the sequence classifier "
+                           f"in {self.path} has no chat template",
+                           hint="give its tokenizer a chat template, or write the prompts as plain text")
+        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
+        messages.append({"role": "assistant", "content": completion})
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False)
+        except Exception as e:
+            raise RunError(f"the chat template of the sequence classifier in {self.path} failed: "
+                           f"{type(e).__name__}: {e}") from e

@@ -1,0 +1,143 @@
+"""The run plan (compiler/passes/plan.py): what the runtime reads in place of the syntax tree."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import pathlib
+
+import pytest
+
+import alignspec
+from alignspec.compiler.plan import RunPlan, SamplerPlan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _plan(spec, **kw) -> RunPlan:
+    return alignspec.compile(spec, **kw).plan
+
+
+def test_grpo_generates_n_with_params_resolved():
+    p = _plan("grpo")
+    assert p.data == "prompts" and p.sampler.kind == "generate"
+    assert p.sampler.option("n") == 8 and p.sampler.rows == 8 and p.group_size == p.sample_group_size == 8
+    assert p.sampler.option("temperature") == 1.0 and p.sampler.option("model") == "policy"
+    assert p.sampler.option("max_tokens") is None and p.sampler.option("max_tokens", 32) == 32
+    assert (p.epochs, p.minibatches, p.iterations, p.reference) == (1, 1, 1, "fixed")
+    assert p.filters == () and not p.refill and not p.offline and p.generates
+    # a param override reaches the sampler's options
+    assert _plan("grpo", n=4).sampler.option("n") == 4 and _plan("grpo", n=4).group_size == 4
+
+
+def test_dapo_filter_and_refill():
+    p = _plan("dapo")
+    assert len(p.filters) == 1 and p.filters[0].level == "groups" and p.filters[0].line > 0
+    assert p.refill
+    assert not _plan("grpo").refill
+
+
+def test_dpo_pairs_from_the_data():
+    p = _plan("dpo")
+    assert p.data == "pairs" and p.sampler == SamplerPlan("pairs", rows=2)
+    assert [(r.name, r.first, r.rows) for r in p.roles] == [("chosen", 0, 1), ("rejected", 1, 1)]
+    assert p.offline and not p.generates
+    s = _plan("sft")
+    assert s.data == "demonstrations" and s.sampler.kind == "demonstration" and s.offline
+    k = _plan("kto")
+    assert k.data == "unpaired" and k.sampler == SamplerPlan("unpaired", rows=1) and k.offline
+
+
+def test_ppo_epochs_minibatches_and_sampling_temperature():
+    p = _plan("ppo")
+    assert (p.epochs, p.minibatches, p.updates_per_rollout) == (4, 1, 4)
+    assert p.sampler.option("temperature") == 0.7
+    assert p.logprob_temperature == 0.7  # train: logprob_temperature = "sampling", resolved
+    assert _plan("flow_grpo").minibatches == 2
+
+
+def test_spin_iterations_reference_and_schedule():
+    p = _plan("spin")
+    assert p.iterations == 4 and p.reference == "iterate"
+    assert dict(p.schedules) == {"beta": (0.1, 0.1, 0.1, 5.0)} and p.default("beta") == 0.1
+    assert p.sampler.kind == "concat" and [s.kind for s in p.sampler.parts] == ["demonstration", "generate"]
+    assert p.sampler.parts[1].option("model") == "reference"
+    assert p.data == "demonstrations" and p.generates and not p.offline
+
+
+def test_mcts_tree_search_options():
+    p = _plan("mcts", simulations=5)
+    assert p.sampler.kind == "tree_search" and p.sampler.rows == 2
+    assert dict(p.sampler.options) == {"simulations": 5, "branching": 3, "depth": 4, "c_puct": 1.5,
+                                       "temperature": 1.0}
+    assert p.refill  # a search can find fewer pairs than prompts
+
+
+def test_flow_grpo_flow_sde_and_filter():
+    p = _plan("flow_grpo", n=6)
+    assert p.sampler.kind == "flow_sde" and dict(p.sampler.options) == {"n": 6, "steps": 10, "noise": 0.7}
+    assert p.group_size == 6 and p.refill and len(p.filters) == 1
+
+
+def test_select_roles_and_selectors():
+    p = _plan("ampo")
+    assert p.sample_group_size == 8 and p.group_size == 4
+    assert [(s.role, s.selector, s.rows) for s in p.selects] == [("chosen", "argmax", 1), ("rejected", "coreset", 3)]
+    assert [(r.name, r.first, r.rows) for r in p.roles] == [("chosen", 0, 1), ("rejected", 1, 3)]
+
+
+def test_plan_is_frozen():
+    p = _plan("grpo")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.epochs = 2
+
+
+def test_sampling_temperature_without_a_sampler_is_a_spec_error(tmp_path):
+    spec = tmp_path / "t.align"
+    spec.write_text("algorithm t\ndata demonstrations\nloss\n  minimize -token_mean_all(logp)\n"
+                    "train\n  logprob_temperature = \"sampling\"\n")
+    with pytest.raises(alignspec.SpecError, match="one sampling temperature") as err:
+        alignspec.compile(str(spec))
+    assert err.value.span.line == 6 and str(spec.name) in err.value.span.file
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "dpo", "ppo", "spin", "mcts", "flow_grpo", "ampo", "sft"])
+def test_generated_module_shows_the_plan(name):
+    algo = alignspec.compile(name)
+    assert algo.module.PLAN == algo.plan.as_literal()
+    # the literal is plain values: it parses back with ast.literal_eval
+    text = algo.source.split("PLAN = ", 1)[1].split("\n\n", 1)[0]
+    assert ast.literal_eval(text) == algo.plan.as_literal()
+
+
+def test_runtime_reads_no_syntax_tree():
+    """Nothing under runtime/ imports the DSL or the CLI: it reads the compiled plan."""
+    bad = []
+    for f in sorted((ROOT / "runtime").rglob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level:  # relative: runtime/x.py -> alignspec.runtime.x
+                    pkg = ["alignspec"] + list(f.relative_to(ROOT).parent.parts)
+                    pkg = pkg[:len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+                    mod = ".".join(pkg + ([mod] if mod else []))
+                names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            for n in names:
+                if n.startswith(("alignspec.dsl", "alignspec.cli")) or n in ("alignspec.dsl", "alignspec.cli"):
+                    bad.append(f"{f.relative_to(ROOT)}:{node.lineno}: {n}")
+    assert not bad, bad
+
+
+def test_runtime_reads_no_spec_or_graph_of_a_compiled_algorithm():
+    """The runtime takes what it needs from ``algo.plan`` (and the step functions): it reaches
+    neither into the checked spec (``algo.spec``) nor into the compiler's graph."""
+    import re
+    pat = re.compile(r"\b(?:algo|current|base|self\.algo|run\.algo|run\.current|engine\.algo)\.(?:spec|graph)\b")
+    bad = [f"{f.relative_to(ROOT)}:{i}: {ln.strip()}"
+           for f in sorted((ROOT / "runtime").rglob("*.py"))
+           for i, ln in enumerate(f.read_text().splitlines(), 1) if pat.search(ln)]
+    assert not bad, bad
