@@ -85,15 +85,21 @@ class Engine(TrainingLoop):
         check_trackers(log_with)  # unknown or missing trackers: a RunError before anything is built
         # cpu=True without a GPU: accelerate then picks gloo (MULTI_CPU) under torchrun / launchers
         # buffers (rotary tables) are the same on every process: no broadcast at each forward
+        # parallel: the parallel / precision / LoRA settings checked before anything loads (runtime/parallel/settings.py)
+        from .parallel import precision, settings
+        self.parallel_plan = settings.resolve(cfg, algo)
         self.acc = Accelerator(log_with=log_with or None, project_dir=str(self.out),
                                cpu=not torch.cuda.is_available(),
+                               mixed_precision=precision.accelerator_setting(self.parallel_plan),  # parallel: autocast
                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         from accelerate.utils import DistributedType
-        if self.acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                             DistributedType.MULTI_GPU):
+        accepted = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        if self.parallel_plan.fsdp2:  # parallel: accelerate's FSDP2 config; runtime/parallel/fsdp2.py shards
+            accepted += (DistributedType.FSDP,)
+        if self.acc.distributed_type not in accepted:
             raise RunError(f"accelerate's {self.acc.distributed_type.value} mode is not supported by this runtime yet",
-                           hint="use DDP (the default of `accelerate launch --multi_gpu`); FSDP and DeepSpeed "
-                                "configurations are not wired up")
+                           hint="use DDP (the default of `accelerate launch --multi_gpu`) or FSDP2 "
+                                "(--set parallel=fsdp2, or fsdp_version: 2 in the accelerate config)")
         self.rank = self.acc.process_index
         self.world = self.acc.num_processes
         if self.world > 1:  # processes that exit with the process group alive can abort (gloo threads)
@@ -175,18 +181,17 @@ class Engine(TrainingLoop):
             self.policy, self.tokenizer = load_reward_model(self.model_dir, dtype=cfg.dtype, device=self.device)
             self.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
         else:
-            self.policy, self.tokenizer = load_policy(self.model_dir, dtype=cfg.dtype, device=self.device)
+            from .parallel.lora import quantized_load_kwargs  # parallel: QLoRA's 4-bit base
+            self.policy, self.tokenizer = load_policy(self.model_dir, dtype=cfg.dtype, device=self.device,
+                                                      extra=quantized_load_kwargs(cfg))
         self.builds["policy"] += 1
-        self.lora = cfg.lora_r > 0
+        self.lora = cfg.lora_r > 0 or cfg.lora_adapter is not None  # parallel: or an existing adapter
         if self.lora:
-            from peft import LoraConfig, get_peft_model
             if algo.train.get("reference") == "iterate" and "reference" in algo.requires:
                 raise RunError("LoRA with `reference = \"iterate\"` is not supported yet",
                                hint="set lora_r: 0 for this spec")
-            lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-                              target_modules="all-linear", lora_dropout=0.0,
-                              **({"task_type": "SEQ_CLS"} if self.reward_head else {}))
-            self.policy = get_peft_model(self.policy, lcfg)
+            from .parallel.lora import add_adapters  # parallel: peft.LoraConfig from the run settings
+            self.policy = add_adapters(self.policy, cfg, reward_head=self.reward_head)
         self.model = self.policy
         if "critic" in algo.requires:
             self.model = add_value_head(self.policy)
@@ -204,15 +209,20 @@ class Engine(TrainingLoop):
         self.ref_cache = ReferenceCache(self)  # offline data, fixed reference (runtime/fastpath.py)
         from .lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
         setup_extras(self)
+        # parallel: activation checkpointing, then FSDP2 sharding, before the optimizer sees the parameters
+        self.logprob_temperature = self._logprob_temperature()
+        from .parallel.fsdp2 import prepare_forward
+        self.train_forward = prepare_forward(self)
         # optimizer / schedule
         params = [p for p in self.model.parameters() if p.requires_grad]
         from .fastpath import adamw
         self.optimizer = adamw(params, lr=self.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
         self._build_scheduler()  # warmup + lr_schedule (runtime/loop.py)
         # the training forward, wrapped by accelerate (DDP under `accelerate launch`; runtime/train_forward.py)
-        self.logprob_temperature = self._logprob_temperature()
-        self.train_forward = self._forwarder(self.model)
-        self.wrapped, self.optimizer = self.acc.prepare(self.train_forward, self.optimizer)
+        if self.parallel_plan.fsdp2:  # parallel: already sharded (runtime/parallel/fsdp2.py)
+            self.wrapped, self.optimizer = self.train_forward, self.acc.prepare(self.optimizer)
+        else:
+            self.wrapped, self.optimizer = self.acc.prepare(self.train_forward, self.optimizer)
         self._init_iterations()
         self.cursor = 0
 
@@ -578,7 +588,9 @@ class Engine(TrainingLoop):
         algo = self.current
         times = {k: 0.0 for k in PHASES}
         t_start, c_start = time.perf_counter(), time.process_time()
-        batch, info = self._rollout(times)
+        from .parallel.fsdp2 import gathered
+        with gathered(self):  # parallel: whole weights for generation under FSDP2
+            batch, info = self._rollout(times)
         metrics: dict = {}
         if batch is None and self.world == 1:
             self.say(f"[yellow]step {self.step + 1}: no group survived the filters; step skipped[/yellow]")
@@ -663,7 +675,10 @@ class Engine(TrainingLoop):
             t0 = time.perf_counter()
             if self.world > 1:
                 mb_loss = self.acc.reduce(mb_loss, reduction="sum")
-            if self.cfg.max_grad_norm:
+            if self.cfg.max_grad_norm and self.parallel_plan.fsdp2:  # parallel: the norm over all shards
+                from .parallel.fsdp2 import clip_grad_norm_
+                grad_norms.append(clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm))
+            elif self.cfg.max_grad_norm:
                 gn = self.acc.clip_grad_norm_(self.wrapped.parameters(), self.cfg.max_grad_norm)
                 grad_norms.append(float(gn))
             self.optimizer.step()
@@ -692,8 +707,10 @@ class Engine(TrainingLoop):
     def evaluate(self) -> float | None:
         if self.task is None:
             return None
-        return self.task.eval_score(self.policy, self.tokenizer, self.cfg.eval_size,
-                                    prompt_format=self.prompt_format)
+        from .parallel.fsdp2 import gathered
+        with gathered(self):  # parallel: whole weights for generation under FSDP2
+            return self.task.eval_score(self.policy, self.tokenizer, self.cfg.eval_size,
+                                        prompt_format=self.prompt_format)
 
     # -- checkpoints and the final model (written by TrainingLoop: runtime/loop.py) ----------
     def _trainable_state(self) -> dict:
@@ -701,6 +718,25 @@ class Engine(TrainingLoop):
 
     def _barrier(self) -> None:
         self.acc.wait_for_everyone()
+
+    # parallel: sharded runs checkpoint with torch.distributed.checkpoint (runtime/parallel/sharded_checkpoint.py)
+    def save_checkpoint(self) -> None:
+        if self.parallel_plan.fsdp2:
+            from .parallel import sharded_checkpoint
+            return sharded_checkpoint.save(self)
+        super().save_checkpoint()
+
+    def load_checkpoint(self) -> bool:
+        if self.parallel_plan.fsdp2:
+            from .parallel import sharded_checkpoint
+            return sharded_checkpoint.load(self)
+        return super().load_checkpoint()
+
+    def save_final(self) -> None:
+        if self.parallel_plan.fsdp2:
+            from .parallel import sharded_checkpoint
+            return sharded_checkpoint.save_final(self)
+        super().save_final()
 
     def _save_weights(self, tmp: Path) -> None:
         """``model/`` (the LM, or its LoRA adapters, + tokenizer), the trainable parameters, and
