@@ -43,10 +43,16 @@ if a.get("kill_at") is not None:  # SIGKILL in the middle of a step: after its r
             os.kill(os.getpid(), signal.SIGKILL)
         return forwards(*args, **kw)
     eng._no_grad_forwards = killing
+import torch
+compute = set()  # the dtype of a projection's output in the training forwards
+proj = next(m for n, m in eng.model.named_modules() if n.endswith("q_proj"))
+proj.register_forward_hook(lambda m, i, o: compute.add(str(o.dtype)) if torch.is_grad_enabled() else None)
 eng.train()
 p = next(eng.wrapped.parameters())
+adam = {str(st["exp_avg"].dtype) for st in eng.optimizer.state.values() if "exp_avg" in st}
 with open(os.path.join(a["out"], f"info{eng.rank}.json"), "w") as f:
-    json.dump({"wrapped": type(eng.wrapped).__name__, "param": type(p).__name__, "world": eng.world}, f)
+    json.dump({"wrapped": type(eng.wrapped).__name__, "param": type(p).__name__, "world": eng.world,
+               "compute": sorted(compute), "master": str(p.dtype), "adam": sorted(adam)}, f)
 """
 
 SETS = ["batch_size=4", "micro_batch_size=1", "lr=1e-3", "eval_every=0"]
@@ -194,3 +200,19 @@ def test_fsdp2_killed_and_resumed_reproduces_the_uninterrupted_run(runs):
         assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
     steps = [r["step"] for r in read_metrics(resumed) if "loss" in r]
     assert steps == [1, 2, 3]  # the killed step was cut from metrics.jsonl and run again
+
+
+def test_fsdp2_bf16_mixed_precision_keeps_float32_master_weights(runs):
+    """FSDP2's MixedPrecisionPolicy: bf16 compute, float32 shards and AdamW moments, float32 saved
+    weights, and a loss within bf16 rounding of the float32 run's."""
+    out = runs.launch("dpo_fsdp2_bf16", 2, runs.args("dpo_fsdp2_bf16", "dpo", ["parallel=fsdp2",
+                                                                                "mixed_precision=bf16"]))
+    _assert_sharded(out)
+    info = _info(out, 0)
+    assert info["compute"] == ["torch.bfloat16"] and info["master"] == "torch.float32", info
+    assert info["adam"] == ["torch.float32"], info
+    _assert_trained(runs, out)
+    assert {v.dtype for v in read_weights(out / "model").values()} == {torch.float32}
+    fp32 = runs.launch("dpo_one_False", 1, runs.args("dpo_one_False", "dpo", ["share_prompt=true"]))
+    for x, y in zip(*([r["loss"] for r in read_metrics(o) if "loss" in r] for o in (fp32, out))):
+        assert y == pytest.approx(x, rel=2e-2) and y != x
