@@ -372,7 +372,8 @@ class Engine(TrainingLoop):
                     model = self.reference
                 elif self.lora:
                     ctx = self.policy.disable_adapter()
-            with ctx:
+            from .parallel.fsdp2 import gathered
+            with ctx, gathered(self):  # parallel: whole weights for generation under FSDP2
                 ro = generate_groups(model, self.tokenizer, [r["prompt"] for r in recs], n,
                                      max_new_tokens=max_tok, temperature=temp, top_p=top_p,
                                      generator_seed=seed, fast=self.cfg.fast_sampling,
@@ -588,9 +589,7 @@ class Engine(TrainingLoop):
         algo = self.current
         times = {k: 0.0 for k in PHASES}
         t_start, c_start = time.perf_counter(), time.process_time()
-        from .parallel.fsdp2 import gathered
-        with gathered(self):  # parallel: whole weights for generation under FSDP2
-            batch, info = self._rollout(times)
+        batch, info = self._rollout(times)
         metrics: dict = {}
         if batch is None and self.world == 1:
             self.say(f"[yellow]step {self.step + 1}: no group survived the filters; step skipped[/yellow]")
