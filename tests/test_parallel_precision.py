@@ -32,3 +32,10 @@ def test_bf16_mixed_precision_grpo_learns_with_float32_master_weights(tmp_path):
     assert {v.dtype for v in read_weights(out / "model").values()} == {torch.float32}
     ev = [r["eval_score"] for r in read_metrics(out) if "eval_score" in r]
     assert ev[0] < 0.3 and ev[-1] >= ev[0] + 0.2, ev
+
+
+def test_engines_with_other_precisions_follow_in_one_process(tmp_path):
+    """accelerate keeps one state per process: each engine still gets its own precision."""
+    for mp in ("bf16", "no", "bf16"):
+        eng = quiet(build_engine("sft", out=str(tmp_path / mp), steps=1, sets=[f"mixed_precision={mp}"]))
+        assert eng.acc.mixed_precision == mp

@@ -28,8 +28,16 @@ def compute_dtype(plan) -> torch.dtype | None:
 
 def accelerator_setting(plan) -> str:
     """``Accelerator(mixed_precision=...)``: autocast (+ loss scaling for fp16) for DDP / one
-    process; ``"no"`` under FSDP2, whose policy casts instead (:func:`fsdp_policy`)."""
-    return "no" if plan.fsdp2 else plan.mixed_precision
+    process; ``"no"`` under FSDP2, whose policy casts instead (:func:`fsdp_policy`).
+
+    accelerate keeps one ``AcceleratorState`` per process and refuses an ``Accelerator`` with
+    another precision than the state's; a process that builds engines one after the other
+    (pipelines, tests) gets the state's precision reset here (the process group is kept)."""
+    mp = "no" if plan.fsdp2 else plan.mixed_precision
+    from accelerate.state import AcceleratorState
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mp:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return mp
 
 
 def fsdp_policy(plan, root: bool = False):
