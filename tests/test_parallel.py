@@ -1,8 +1,9 @@
 """FSDP2 (``parallel=fsdp2``) on 2 processes (torchrun, gloo on CPU) against unsharded runs.
 
 - dpo (pairs, offline): 2 FSDP2 processes reach the weights of 1 process with the whole batch
-  (1e-5), with activation checkpointing off (launched as 2 nodes x 1 process on 127.0.0.1,
-  the multi-node launch of the README) and on;
+  (1e-5), with activation checkpointing off (``--set parallel=fsdp2``, launched as 2 nodes x
+  1 process on 127.0.0.1, the multi-node launch of the README) and on (launched by
+  ``accelerate launch --config_file`` with accelerate's own FSDP2 config, fsdp_version 2);
 - grpo (generation, sequence-mean loss): 2 FSDP2 processes reach the
   weights of 2 DDP processes (samples are drawn per process, so a 1-process run samples other
   completions; DDP = 1 process is tests/test_distributed.py's), with activation checkpointing off and on;
@@ -51,8 +52,22 @@ eng.train()
 p = next(eng.wrapped.parameters())
 adam = {str(st["exp_avg"].dtype) for st in eng.optimizer.state.values() if "exp_avg" in st}
 with open(os.path.join(a["out"], f"info{eng.rank}.json"), "w") as f:
+    plan = eng.parallel_plan
     json.dump({"wrapped": type(eng.wrapped).__name__, "param": type(p).__name__, "world": eng.world,
+               "plan": [plan.parallel, plan.gradient_checkpointing, plan.mixed_precision],
                "compute": sorted(compute), "master": str(p.dtype), "adam": sorted(adam)}, f)
+"""
+
+ACCELERATE_FSDP2 = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_reshard_after_forward: true
+  fsdp_activation_checkpointing: {ac}
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
 """
 
 SETS = ["batch_size=4", "micro_batch_size=1", "lr=1e-3", "eval_every=0"]
@@ -102,6 +117,19 @@ class Runs:
         r = subprocess.run(_cmd(self.script, nproc, args), env=self.env, capture_output=True, text=True,
                            timeout=300, cwd=self.root)
         assert (r.returncode == 0) == ok, r.stdout[-3000:] + r.stderr[-3000:]
+        self.done[name] = Path(args["out"])
+        return self.done[name]
+
+    def accelerate_fsdp2(self, name: str, args: dict, activation_checkpointing: bool) -> Path:
+        """2 processes from `accelerate launch --config_file fsdp2.yaml` (FSDP, fsdp_version 2)."""
+        if name in self.done:
+            return self.done[name]
+        config = self.root / f"{name}.yaml"
+        config.write_text(ACCELERATE_FSDP2.format(ac=str(activation_checkpointing).lower()))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--main_process_port", free_port(), str(self.script), json.dumps(args)]
+        r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300, cwd=self.root)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         self.done[name] = Path(args["out"])
         return self.done[name]
 
@@ -164,8 +192,11 @@ def test_dpo_fsdp2_two_processes_match_one_process(runs, ac):
     # math as share_prompt=false, whose float rounding differs from the shared prompt's
     one = runs.launch(f"dpo_one_{ac}", 1, runs.args(f"dpo_one_{ac}", "dpo", [f"share_prompt={str(not ac).lower()}"]))
     name = f"dpo_fsdp2_{ac}"
-    args = runs.args(name, "dpo", ["parallel=fsdp2", f"gradient_checkpointing={str(ac).lower()}"])
-    two = runs.two_nodes(name, args) if not ac else runs.launch(name, 2, args)  # no_ac: 2 nodes x 1 process
+    if not ac:  # 2 nodes x 1 process, --set parallel=fsdp2
+        two = runs.two_nodes(name, runs.args(name, "dpo", ["parallel=fsdp2"]))
+    else:  # accelerate's own FSDP2 config, with its activation checkpointing
+        two = runs.accelerate_fsdp2(name, runs.args(name, "dpo", []), activation_checkpointing=True)
+    assert _info(two, 0)["plan"] == ["fsdp2", ac, "no"]
     _assert_sharded(two)
     _assert_trained(runs, two)
     _assert_same_weights(one, two)
