@@ -53,7 +53,7 @@ class RunConfig(BaseModel):
                                                  "e.g. [q_proj, v_proj]")
     lora_adapter: str | None = Field(None, description="start from this existing PEFT adapter directory "
                                      "(adapter_config.json); its rank, alpha, dropout and targets are used")
-    qlora: bool = Field(False, description="QLoRA: the base model in 4-bit NF4 (bitsandbytes, CUDA only), "
+    qlora: bool = Field(False, description="QLoRA: the base model in 4-bit NF4 (bitsandbytes; its CPU kernels are slow), "
                         "LoRA adapters trained in full precision; needs lora_r > 0 or lora_adapter")
     parallel: Literal["ddp", "fsdp2"] = Field(
         "ddp", description="how several processes share the training: ddp = each process holds the whole model, "

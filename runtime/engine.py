@@ -841,6 +841,8 @@ def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None,
             merged = {**{k: v for k, v in spec.params.items()}, **merged}
         algo = alignspec.compile(base.spec, **merged)
     if "flow" in algo.requires:  # the flow-matching policy family has its own engine
+        from .parallel import settings  # parallel: refuses the settings the flow engine does not take
+        settings.resolve(cfg, algo)
         from .flow_engine import FlowEngine
         return FlowEngine(algo, cfg, resume=resume)
     return Engine(algo, cfg, resume=resume)

@@ -8,8 +8,8 @@
   lora_dropout=lora_dropout, target_modules=lora_target_modules)``.
 
 QLoRA (``qlora: true``): :func:`quantized_load_kwargs` gives the ``from_pretrained`` arguments
-of a 4-bit NF4 base (``bitsandbytes``, CUDA only; runtime/parallel/settings.py refuses it
-elsewhere), and ``add_adapters`` prepares the quantized model for training (peft's
+of a 4-bit NF4 base (``bitsandbytes``; on a GPU, or slowly on a CPU, whose 4-bit kernels want
+layer widths that are multiples of their block), and ``add_adapters`` prepares the quantized model for training (peft's
 ``prepare_model_for_kbit_training``) before the adapters go on.
 """
 

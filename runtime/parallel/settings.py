@@ -11,7 +11,7 @@
   FSDP2 (``fsdp_version: 2``) selects ``parallel=fsdp2``; FSDP1 and DeepSpeed are refused;
 - ``mixed_precision: fp16`` needs a CUDA device (loss scaling; CPUs have no fp16 autocast worth
   it) and DDP; mixed precision keeps float32 master weights, so it excludes a low-precision ``dtype``;
-- QLoRA needs LoRA, ``bitsandbytes`` and a CUDA device;
+- QLoRA needs LoRA and ``bitsandbytes`` (whose 4-bit layers also run, slowly, on CPUs);
 - what FSDP2 does not cover yet (LoRA, flow policies, self-play iterates and a replaced
   reference, which copy whole weights between models) is refused with the reason.
 """
@@ -124,10 +124,7 @@ def resolve(cfg, algo=None, env=os.environ, cuda: bool | None = None) -> Paralle
         import importlib.util
         if importlib.util.find_spec("bitsandbytes") is None:
             raise RunError("qlora needs the bitsandbytes package, which is not installed",
-                           hint="pip install bitsandbytes (on a machine with a CUDA GPU)")
-        if not cuda:
-            raise RunError("qlora's 4-bit layers (bitsandbytes NF4) need a CUDA device; this machine has none",
-                           hint="train LoRA without quantization (qlora=false) on a CPU")
+                           hint="pip install bitsandbytes (or the qlora extra: pip install alignspec[qlora])")
     if cfg.lora_adapter is not None:
         from pathlib import Path
         p = Path(cfg.lora_adapter).expanduser()
