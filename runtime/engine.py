@@ -22,8 +22,9 @@ leave processes with different numbers of micro-batches: the count of each updat
 agreed first, and a process that has fewer runs zero-weight padding micro-batches, so every
 process joins every gradient reduction. Batch-wide statistics in ``score`` and ``advantage``
 (``whiten``, ``batch_std``, means and sums) are taken over all processes
-(``ops.batch_stats_reduce``). FSDP and DeepSpeed are refused with a RunError: accelerate runs
-neither on CPU, so nothing here could test them.
+(``ops.batch_stats_reduce``). ``parallel=fsdp2`` (or accelerate's FSDP2 config) shards the
+training forward with ``fully_shard`` instead of DDP, and mixed precision, activation
+checkpointing and LoRA settings apply (runtime/parallel/); FSDP1 and DeepSpeed are refused.
 
 Reproducibility: sampling uses a seed derived from (seed, step, process, round), minibatch
 shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted one.
@@ -183,7 +184,7 @@ class Engine(TrainingLoop):
         else:
             from .parallel.lora import quantized_load_kwargs  # parallel: QLoRA's 4-bit base
             self.policy, self.tokenizer = load_policy(self.model_dir, dtype=cfg.dtype, device=self.device,
-                                                      extra=quantized_load_kwargs(cfg))
+                                                      extra=quantized_load_kwargs(cfg, self.device))
         self.builds["policy"] += 1
         self.lora = cfg.lora_r > 0 or cfg.lora_adapter is not None  # parallel: or an existing adapter
         if self.lora:

@@ -48,12 +48,13 @@ def add_adapters(model, cfg, reward_head: bool = False):
         raise RunError(f"LoRA: {e}", hint="check lora_target_modules against the model's module names") from e
 
 
-def quantized_load_kwargs(cfg) -> dict:
-    """``from_pretrained`` arguments of the 4-bit base model of QLoRA (empty without qlora)."""
+def quantized_load_kwargs(cfg, device=None) -> dict:
+    """``from_pretrained`` arguments of the 4-bit base model of QLoRA on ``device`` (a quantized
+    model is placed while it loads, not moved afterwards); empty without qlora."""
     if not cfg.qlora:
         return {}
     import torch
     from transformers import BitsAndBytesConfig
-    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                      bnb_4bit_compute_dtype=torch.bfloat16,
-                                                      bnb_4bit_use_double_quant=True)}
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_use_double_quant=True)
+    return {"quantization_config": q, "device_map": {"": str(device if device is not None else "cpu")}}
