@@ -151,3 +151,43 @@ def test_lora_settings_reach_peft_and_an_adapter_directory_is_a_start(tmp_path):
     with pytest.raises(RunError, match="lora_target_modules"):
         build_engine("sft", out=str(tmp_path / "c"), steps=1, sets=QUIET + ["lora_r=4",
                                                                           "lora_target_modules=[nope]"])
+
+
+def test_sharded_checkpoint_metadata_is_read_without_unpickling_arbitrary_objects(tmp_path):
+    """DCP's ``.metadata`` is a pickle: parallel/sharded_checkpoint.py reads it with an unpickler that
+    builds DCP's metadata classes only, and non-tensor values with ``weights_only=True``; a
+    ``.metadata`` that names anything else (here ``os.system``) is refused before it runs."""
+    import pickle
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from alignspec.runtime.parallel import sharded_checkpoint as sc
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.01)
+    lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(lin, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... a single process"
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+        other = torch.nn.Linear(3, 2)
+        other_opt = torch.optim.AdamW(other.parameters(), lr=0.5)
+        other(torch.ones(1, 3)).sum().backward()
+        other_opt.step()
+        back = dict(zip(("model", "optim"), get_state_dict(other, other_opt)))
+        dcp.load(back, storage_reader=sc._reader(tmp_path / "ok"), planner=sc._planner(), no_dist=True)
+    assert all(torch.equal(back["model"][k], v) for k, v in msd.items())
+    assert back["optim"]["param_groups"][0]["lr"] == 0.01  # a non-tensor value, loaded weights_only
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(RunError, match="refused to load"):
+        sc._reader(bad).read_metadata()
+    assert not (tmp_path / "pwned").exists()

@@ -183,6 +183,10 @@ def test_resume_refuses_changed_settings_unless_set_on_purpose(tmp_path, capsys)
     assert run_from_cli("sft", out=str(out), steps=3, sets=SETS, seed=5, resume=True) == 2
     err = capsys.readouterr().err
     assert "settings differ" in err and "seed: 0 -> 5" in err
+    bf16 = tmp_path / "bf16.yaml"  # a setting of runtime/parallel/ that changes the numbers (RESUME_FIXED)
+    bf16.write_text("mixed_precision: bf16\n")
+    assert run_from_cli("sft", out=str(out), steps=3, sets=SETS, config=str(bf16), resume=True) == 2
+    assert "mixed_precision: 'no' -> 'bf16'" in capsys.readouterr().err
     assert run_from_cli("sft", out=str(out), steps=3, sets=SETS + ["lr=0.002"], resume=True) == 0
     assert "changed setting (--set): lr" in capsys.readouterr().out
 
