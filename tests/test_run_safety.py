@@ -286,3 +286,19 @@ def test_a_prompt_longer_than_the_context_is_an_error(tmp_path, capsys):
     data.write_text(json.dumps({"prompt": "1+" * context + "1=", "response": "2"}) + "\n")
     assert run_from_cli("sft", data=str(data), out=str(tmp_path / "run"), steps=1, sets=SETS) == 2
     assert f"in the model's context of {context:,} positions" in capsys.readouterr().err
+
+
+def test_another_process_of_the_launch_accepts_the_main_ones_fresh_lock(tmp_path):
+    """Under torchrun every process checks --out while the main one claims it: a folder that holds
+    only the main process's `.lock` (its mark not written yet) is not someone else's folder."""
+    from types import SimpleNamespace
+
+    from alignspec.runtime.errors import RunError
+    from alignspec.runtime.io.outdir import claim_out
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".lock").write_text("123")
+    assert claim_out(SimpleNamespace(out=str(out)), resume=False, main=False) is None
+    (out / "stranger.txt").write_text("x")
+    with pytest.raises(RunError, match="holds no alignspec run"):
+        claim_out(SimpleNamespace(out=str(out)), resume=False, main=False)
