@@ -161,7 +161,7 @@ def _run(framework: str, kind: str, model: Path, data: Path, out: Path, steps: i
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     cmd = [sys.executable, str(Path(__file__).resolve()), f"_{framework}", kind, str(model), str(data), str(out),
            str(steps), "tiny" if tiny else "full"]
-    log = out / "log.txt"
+    log = out.parent / f"{out.name}.log"  # beside OUT: a run refuses a non-empty folder it did not write
     with open(log, "w") as lf:
         rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
