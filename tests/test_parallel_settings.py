@@ -90,7 +90,7 @@ def test_fsdp2_refusals_name_what_is_not_covered():
     import alignspec
     with pytest.raises(RunError, match="self-play iterations"):
         settings.resolve(_cfg("parallel=fsdp2"), alignspec.compile("spin"), env=env, cuda=False)
-    with pytest.raises(RunError, match="flow-matching engine does not support them"):
+    with pytest.raises(RunError, match="flow policy family .* does not support them"):
         from alignspec.runtime.engine import build_engine
         build_engine("flow_grpo", sets=["gradient_checkpointing=true"])
     plan = settings.resolve(_cfg("parallel=fsdp2", "mixed_precision=bf16", "gradient_checkpointing=true"),
