@@ -49,7 +49,11 @@ class RunConfig(BaseModel):
     lora_r: int = Field(0, ge=0, description="0: full fine-tuning")
     lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="LoRA scaling numerator (None: 2 * lora_r)")
     rewards: list[str] = Field(default_factory=list,
-                               description="registry names or module:function")
+                               description="reward functions: built-in names (exact_answer, format, length) or "
+                               "module:function with TRL's signature f(prompts, completions, completion_ids, "
+                               "**columns), sync or async, returning a float or None per completion")
+    reward_weights: list[float] | None = Field(None, description="one weight per reward, in order (None: all 1); "
+                                               "the reward is the weighted sum, skipping None")
     reward_model: str | None = None
     preference_model: str | None = None
     embedding_model: str | None = Field(None, description="local model whose mean hidden state embeds a response "
@@ -95,11 +99,11 @@ class RunConfig(BaseModel):
     params: dict[str, float | int | bool | str] = Field(default_factory=dict)
     _set_keys: set = PrivateAttr(default_factory=set)  # the keys given with --set (on purpose on --resume)
 
-    @field_validator("log_with", "rewards", mode="before")
+    @field_validator("log_with", "rewards", "reward_weights", mode="before")
     @classmethod
-    def _listify(cls, v):
+    def _listify(cls, v, info):
         if v is None:
-            return []
+            return None if info.field_name == "reward_weights" else []
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v

@@ -63,12 +63,13 @@ def _tree_sampler(engine):
     if task is not None and hasattr(task, "reward"):
         reward, what = task.reward, f"{task.name} correctness of the whole solution"
     else:
-        from ..scoring.rewards import RewardFunctions
+        from ..scoring.reward_functions import RewardFunctions
         names = engine.cfg.rewards
         if not names:
             raise RunError(f"{engine.algo.name} searches with tree_search, whose leaf values need a reward",
                            hint="set rewards: [module:function] (called with the prompt and the solution after it)")
-        reward, what = RewardFunctions(names), " + ".join(names)
+        reward = RewardFunctions(names, engine.cfg.reward_weights, tokenizer=engine.tokenizer)
+        what = " + ".join(names)
     step_tokens = getattr(task, "step_tokens", None) or engine.max_new_tokens
     engine.say(f"tree search: steps end at a newline or EOS (at most {step_tokens} tokens); leaf values: {what} "
                f"at terminal nodes, one sampled rollout's reward elsewhere")
