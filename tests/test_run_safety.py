@@ -187,12 +187,12 @@ def test_resume_refuses_changed_settings_unless_set_on_purpose(tmp_path, capsys)
     assert "changed setting (--set): lr" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage", ["state.json", "optimizer.pt", "trainable.safetensors"])
+@pytest.mark.parametrize("damage", ["state.json", "optimizer.pt", "model/model.safetensors", "missing weights"])
 def test_damaged_checkpoints_give_clear_errors(tmp_path, capsys, damage):
     out = tmp_path / "run"
     assert run_from_cli("sft", out=str(out), steps=1, sets=SETS) == 0
-    f = out / "checkpoint" / damage
-    if damage == "trainable.safetensors":
+    f = out / "checkpoint" / damage.replace("missing weights", "model/model.safetensors")
+    if damage == "missing weights":
         f.unlink()
     else:
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
