@@ -79,10 +79,15 @@ class RunConfig(BaseModel):
     init_model: str | None = Field(None, description="start from these weights (a pipeline stage's input); the "
                                    "run's model (--model or the built-in) still sets the defaults")
     reference_model: str | None = Field(None, description="the frozen reference (None: the starting model)")
-    chat_template: Literal["auto", "on", "off"] = Field(
-        "auto", description="prompts through the tokenizer's chat template (runtime/data/prompts.py): auto = "
-        "when the tokenizer has one (the built-in char tokenizer has none), on = require one, off = raw "
-        "text; a plain-string prompt becomes one user message, completions are never templated")
+    chat_template: str = Field(
+        "auto", description="prompts through a chat template (runtime/data/prompts.py): auto = the tokenizer's "
+        "when it has one (the built-in char tokenizer has none), on = require one, off = raw text, or the path "
+        "of a Jinja template file to use (and save with the model) instead; a plain-string prompt becomes one "
+        "user message, completions are never templated")
+    chat_template_kwargs: dict = Field(default_factory=dict, description="extra variables of the chat template, "
+                                       "passed to apply_chat_template (e.g. {enable_thinking: false})")
+    stop: list[str] = Field(default_factory=list, description="stop strings: a sampled completion ends at the "
+                            "token that completes one (kept in the text), as generate(stop_strings=...)")
     dtype: str = Field("float32", description="weights dtype: float32, bfloat16, float16, float64 or auto")
     max_refill_rounds: int = Field(4, ge=0, le=1000, description="extra sampling rounds when filters drop "
                                    "groups")
@@ -133,6 +138,8 @@ class RunConfig(BaseModel):
     def _on_off(cls, v):
         if isinstance(v, bool):  # YAML reads a bare on / off as a boolean
             return "on" if v else "off"
+        if isinstance(v, str) and v not in ("auto", "on", "off") and not Path(os.path.expanduser(v)).is_file():
+            raise ValueError("must be auto, on, off or the path of a Jinja chat template file (no file there)")
         return v
 
     @field_validator("dtype")

@@ -55,7 +55,8 @@ def _reason(e: BaseException) -> str:
 RESUME_FIXED = ("model", "data", "fields", "seed", "batch_size", "max_new_tokens", "lr", "weight_decay",
                 "warmup_steps", "warmup_ratio", "lr_schedule", "min_lr_rate", "lr_scheduler_kwargs", "max_grad_norm",
                 "lora_r", "lora_alpha", "rewards", "reward_weights", "reward_model",
-                "preference_model", "embedding_model", "init_model", "reference_model", "chat_template", "dtype")
+                "preference_model", "embedding_model", "init_model", "reference_model", "chat_template",
+                "chat_template_kwargs", "dtype")
 
 
 def load_tensors(path: Path):

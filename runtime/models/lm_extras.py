@@ -24,10 +24,12 @@ def setup_extras(engine) -> None:
     algo, cfg = engine.algo, engine.cfg
     from ..data.prompts import PromptFormat
     engine.prompt_format = PromptFormat(engine.tokenizer, getattr(cfg, "chat_template", "auto"),
-                                        source=engine.model_dir)
+                                        source=engine.model_dir, kwargs=getattr(cfg, "chat_template_kwargs", None))
     engine.prompt_format.check_records(engine.records, cfg.data or "the built-in task")
     if engine.prompt_format.templated:
-        engine.say(f"prompts: through the chat template of the tokenizer in {engine.model_dir}")
+        which = (cfg.chat_template if cfg.chat_template not in ("auto", "on")
+                 else f"the tokenizer in {engine.model_dir}")
+        engine.say(f"prompts: through the chat template of {which}")
     if engine.reward_head:  # scored downstream as trained (rewards.SequenceScorer)
         from .reward_head import mark_template
         mark_template(engine.policy, engine.prompt_format.templated)
