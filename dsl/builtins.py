@@ -135,7 +135,8 @@ FUNCTIONS: dict[str, Fn] = {f.name: f for f in [
        doc="a pairwise preference model's score s, with P(i > j) = sigmoid(s_i - s_j)"),
     Fn("embedding", "external", ("response",), gives="response", doc="an embedding of each response"),
     # samplers
-    Fn("generate", "sampler", ("prompt",), kwargs=("n", "temperature", "top_p", "model", "max_tokens")),
+    Fn("generate", "sampler", ("prompt",), kwargs=("n", "temperature", "top_p", "top_k", "min_p",
+                                                   "repetition_penalty", "model", "max_tokens")),
     Fn("demonstration", "sampler", ("prompt",)),
     Fn("concat", "sampler", ("first", "second", "third", "fourth"), optional=2),
     Fn("tree_search", "sampler", ("prompt",), kwargs=("simulations", "branching", "depth", "c_puct",

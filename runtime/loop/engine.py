@@ -19,6 +19,16 @@ head, a reward-model head, self-play iterates, tree search) or ``FlowPolicyFamil
 the models, the data and the scorers (``setup``), turns rows into tensors, runs the
 forwards, and says what a checkpoint and the final model hold.
 
+A policy family provides: ``setup(run)``; rows -- ``next_prompts``, ``rows``, ``batch_of``,
+``score_rows``, ``select_rows``, ``cat_rows``, ``take``, ``rollout_info``; forwards --
+``no_grad_forwards``, ``forward`` (a micro-batch, with grad), ``padding_loss``, ``zero_loss``,
+``grad_params``; the run -- ``rollout_metrics``, ``step_extra``, ``evaluate``, ``evaluates``,
+``policy_state``, ``start_iteration``, ``run_line``, ``before_steps``; checkpoints --
+``save_weights``, ``load_weights``, ``write_model``, ``checkpoint_state``,
+``check_checkpoint``, ``process_state``, ``set_process_state``; and the class attributes
+``bar_metrics``, ``curve_metrics``, ``cuda_rng``. A new sampler needs none of this: it is a
+class registered in rollout/ (rollout/base.py).
+
 Reproducibility: sampling uses a seed derived from (seed, step, process, round), minibatch
 shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted one.
 """

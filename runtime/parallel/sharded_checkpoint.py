@@ -8,7 +8,8 @@ state) into ``OUT/.checkpoint.tmp-sharded/sharded``; the main process adds the s
 (``scheduler.pt``), each process's generator states (``process_<rank>.json``) and, last,
 ``state.json`` (with the settings a resume must share, and ``"sharded": true``), then renames
 the directory into ``OUT/checkpoint`` as unsharded checkpoints are (io/checkpoint.py
-``replace_dir``; io/outdir.py recovers a save a kill cut short). The directory must be one
+``replace_dir``, keeping ``save_total_limit``'s ``OUT/checkpoint-<step>``; io/outdir.py
+recovers a save a kill cut short). The directory must be one
 that every process sees (one machine, or a file system the nodes share).
 
 ``load(run)``: ``dcp.load`` into the run's sharded model and optimizer (their state dicts from
@@ -140,8 +141,9 @@ def save(run) -> None:
         (tmp / "state.json").write_text(json.dumps({**run._checkpoint_state(), "settings": run._settings(),
                                                     "sharded": True}))
     run._barrier()
-    if run.main:
-        replace_dir(tmp, out / "checkpoint", out / ".checkpoint.old")
+    if run.main:  # save_total_limit: the replaced one kept as OUT/checkpoint-<step> (io/checkpoint.py)
+        replace_dir(tmp, out / "checkpoint", out / ".checkpoint.old", run._kept_name())
+        run._prune_checkpoints()
     run._barrier()
 
 
@@ -181,4 +183,6 @@ def save_final(run) -> None:
         if head_sd is not None:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in head_sd.items()}, str(tmp / "value_head.safetensors"))
+        from ..io.model_card import write_model_card
+        write_model_card(run, tmp)  # README.md: spec, base model, data, settings, last metrics
     run._save_dir("model", write)
