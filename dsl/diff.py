@@ -52,6 +52,8 @@ UNORDERED = {"min", "max"}
 SAMPLER_DEFAULTS = {
     "generate": {"n": A.Number(1, "1"), "temperature": A.Number(1.0, "1.0"), "top_p": A.Number(1.0, "1.0"),
                  "model": A.Name("policy")},
+    "rollout": {"env": A.Name("env"), "n": A.Number(1, "1"), "max_turns": A.Number(4, "4"),
+                "temperature": A.Number(1.0, "1.0"), "top_p": A.Number(1.0, "1.0")},
 }
 _PAIR_SIMILARITY = 0.3  # two terms of a sum that share this much of their subtrees are one term changed
 
