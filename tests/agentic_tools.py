@@ -54,3 +54,7 @@ class Count:
     def step(self, text):
         self.k += 1
         return "ok", float(any(ch.isdigit() for ch in text)), self.k >= 2
+
+
+class Other(Count):
+    """Another environment (a resumed run may not switch to it unasked)."""

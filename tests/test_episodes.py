@@ -185,13 +185,18 @@ def test_a_run_with_a_raising_and_a_hanging_tool_completes_and_batches_uneven_ep
     assert all(1 <= x["episodes/turns_mean"] <= 3 and "episodes/tool_calls_mean" in x for x in m)
 
 
-def test_resume_between_rollouts_matches_an_uninterrupted_run(tmp_path):
+def test_resume_between_rollouts_matches_an_uninterrupted_run(tmp_path, capsys):
     """Checkpoints are taken between rollouts: a resumed run replays the same episodes."""
     sets = ["batch_size=2", "lr_schedule=constant", "env=agentic_tools:Count", "max_new_tokens=4"] + QUIET
     a, b = tmp_path / "a", tmp_path / "b"
     spec = _spec(tmp_path)
     assert run_from_cli(spec, out=str(a), steps=4, sets=sets) == 0
     assert run_from_cli(spec, out=str(b), steps=2, sets=sets) == 0
+    cfg = tmp_path / "other.yaml"  # another environment, not asked for with --set: refused
+    cfg.write_text("env: agentic_tools:Other\n")
+    assert run_from_cli(spec, out=str(b), steps=4, config=str(cfg), resume=True,
+                        sets=[x for x in sets if not x.startswith("env=")]) == 2
+    assert "agentic_tools:Other" in capsys.readouterr().err
     assert run_from_cli(spec, out=str(b), steps=4, sets=sets, resume=True) == 0
     wa, wb = read_weights(a / "model"), read_weights(b / "model")
     for k in wa:

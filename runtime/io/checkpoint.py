@@ -47,7 +47,8 @@ def _reason(e: BaseException) -> str:
 # often to save, evaluate or log, threads, performance switches -- may change on --resume).
 RESUME_FIXED = ("model", "data", "fields", "seed", "batch_size", "max_new_tokens", "lr", "weight_decay",
                 "warmup_steps", "lr_schedule", "max_grad_norm", "lora_r", "lora_alpha", "rewards", "reward_model",
-                "preference_model", "embedding_model", "init_model", "reference_model", "chat_template", "dtype")
+                "preference_model", "embedding_model", "init_model", "reference_model", "chat_template", "dtype",
+                "env")  # not tools: [] by default, which a checkpoint written before it lacks
 
 
 def load_tensors(path: Path):
