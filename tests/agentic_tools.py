@@ -31,7 +31,7 @@ def slow(x: int) -> int:
     Args:
         x: anything
     """
-    time.sleep(1.0)
+    time.sleep(2.0)
     return x
 
 
