@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative post-training algorithms: check, format, diff, compile and run spec files.")
 
 
@@ -57,25 +57,12 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _parse_sets(sets: List[str]) -> dict:
-    out = {}
-    for s in sets:
-        if "=" not in s:
-            typer.echo(f"--set expects key=value, got {s!r}", err=True)
-            raise typer.Exit(2)
-        k, v = s.split("=", 1)
-        out[k.strip()] = _value(v.strip())
-    return out
-
-
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return v
+    from alignspec.sets import SetError, parse_sets  # the one --set parser (run's too)
+    try:
+        return parse_sets(sets)
+    except SetError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -282,7 +269,38 @@ def new(name: str, from_: Optional[str] = typer.Option(None, "--from", help="a s
     typer.echo(f"wrote {path}")
 
 
-@app.command(context_settings={"allow_interspersed_args": True})
+def _type_name(annotation) -> str:
+    """A setting's type as help text: ``int | None``, ``constant|linear|...``, ``list[str]``."""
+    import types
+    import typing
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    return annotation.__name__ if not args else str(annotation).replace("typing.", "")
+
+
+def settings_help() -> list[tuple[str, str]]:
+    """``(name: type = default, description)`` for every field of the run configuration."""
+    from alignspec.runtime.config import RunConfig
+    rows = []
+    for name, f in RunConfig.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        rows.append((f"{name}: {_type_name(f.annotation)} = {default!r}", f.description or ""))
+    return rows
+
+
+class _RunCommand(typer.core.TyperCommand):
+    """``run --help``: typer's help, then every setting of the run configuration (runtime/config.py)."""
+
+    def format_help(self, ctx, formatter):
+        super().format_help(ctx, formatter)
+        with formatter.section("Settings (--set KEY=VALUE, or KEY: VALUE in the --config file)"):
+            formatter.write_dl(settings_help())
+
+
+@app.command(cls=_RunCommand, context_settings={"allow_interspersed_args": True})
 def run(spec: str,
         model: Optional[str] = typer.Option(None, "--model", help="a transformers model directory"),
         data: Optional[str] = typer.Option(None, "--data", help="jsonl/json/parquet file or saved dataset dir"),

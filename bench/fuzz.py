@@ -40,10 +40,8 @@ def _warm_up() -> None:
 _warm_up()
 
 
-def compile_or_spec_error(text: str) -> str:
-    """The property: compile (and format) ``text``; only a SpecError may come out, within
-    CPU_LIMIT_S of CPU time. Returns "ok" or "SpecError" (what the compile gave)."""
-    t0 = time.process_time()
+def _front_end(text: str) -> str:
+    """Compile and format ``text``: "ok" or "SpecError" (what the compile gave)."""
     outcome = "ok"
     try:
         alignspec.compile(text)
@@ -53,7 +51,21 @@ def compile_or_spec_error(text: str) -> str:
         format_text(text, "<fuzz>")
     except SpecError:
         pass
+    return outcome
+
+
+def compile_or_spec_error(text: str) -> str:
+    """The property: compile (and format) ``text``; only a SpecError may come out, within
+    CPU_LIMIT_S of CPU time. An input over the limit is timed once more before it fails: a
+    first use of a code path (a lazy import, a cache) or a garbage collection is a one-time
+    cost, while an input that is slow to check is slow every time."""
+    t0 = time.process_time()
+    outcome = _front_end(text)
     spent = time.process_time() - t0
+    if spent >= CPU_LIMIT_S:
+        t0 = time.process_time()
+        _front_end(text)
+        spent = time.process_time() - t0
     assert spent < CPU_LIMIT_S, f"{spent:.2f} s of CPU for:\n{text}"
     return outcome
 

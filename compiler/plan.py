@@ -15,7 +15,8 @@ from dataclasses import dataclass
 # Each sampler's options and their defaults (None: the run decides, e.g. max_tokens from
 # the run's max_new_tokens). A spec's keyword arguments override them.
 SAMPLER_OPTIONS: dict[str, dict[str, object]] = {
-    "generate": {"n": 1, "temperature": 1.0, "top_p": 1.0, "model": "policy", "max_tokens": None},
+    "generate": {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                 "model": "policy", "max_tokens": None},
     "tree_search": {"simulations": 16, "branching": 3, "depth": 4, "c_puct": 1.5, "temperature": 1.0},
     "flow_sde": {"n": 1, "steps": 10, "noise": 0.7},
     # env = env: the run configuration's environment (env: module:Class, or tools: [...]); max_tokens per turn

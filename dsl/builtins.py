@@ -137,7 +137,8 @@ FUNCTIONS: dict[str, Fn] = {f.name: f for f in [
     Fn("env_reward", "external", ("response",), gives="response",
        doc="the sum of the rewards the environment gave an episode of rollout(...)"),
     # samplers
-    Fn("generate", "sampler", ("prompt",), kwargs=("n", "temperature", "top_p", "model", "max_tokens")),
+    Fn("generate", "sampler", ("prompt",), kwargs=("n", "temperature", "top_p", "top_k", "min_p",
+                                                   "repetition_penalty", "model", "max_tokens")),
     Fn("demonstration", "sampler", ("prompt",)),
     Fn("concat", "sampler", ("first", "second", "third", "fourth"), optional=2),
     Fn("tree_search", "sampler", ("prompt",), kwargs=("simulations", "branching", "depth", "c_puct",

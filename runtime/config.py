@@ -1,8 +1,8 @@
 """Run configuration: a pydantic ``RunConfig`` loaded from YAML/TOML plus ``--set`` overrides.
 
 ``load_config(path, sets, spec_params)`` reads the file (optional), applies each
-``key=value`` override (values parsed as YAML scalars, so ``3``, ``1e-4``, ``true``,
-``[a, b]`` work; dotted keys reach into mappings: ``fields.prompt=question``). A key that
+``key=value`` override (values parsed by alignspec/sets.py, the parser of every command's
+``--set``: YAML scalars and lists, so ``3``, ``1e-4``, ``true``, ``[a, b]`` work; dotted keys reach into mappings: ``fields.prompt=question``). A key that
 names one of the spec's params, or ``params.NAME``, goes to ``params``. Validation errors
 become one ``RunError`` listing each bad field, its value and what is allowed.
 """
@@ -15,7 +15,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from ..sets import SetError, parse_set
 from .errors import RunError
+
+
+# transformers.get_scheduler's names (tests/test_cli_schedules.py checks them against
+# SchedulerType) but reduce_lr_on_plateau and greedy, which step on a metric
+LR_SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup",
+                "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 
 
 class RunConfig(BaseModel):
@@ -27,7 +34,7 @@ class RunConfig(BaseModel):
     data: str | None = Field(None, description="data file (None: built-in arithmetic task)")
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="our field name -> the data set's field name")
-    out: str = "runs/run"
+    out: str = Field("runs/run", description="output folder: metrics.jsonl, checkpoints, the final model/")
     overwrite: bool = Field(False, description="write into a non-empty --out that holds no alignspec run "
                             "(only the run's own files are written; nothing there is deleted)")
     steps: int | None = Field(None, ge=1, description="optimizer steps (rollouts); None: 100, 300 on the built-in task "
@@ -39,32 +46,53 @@ class RunConfig(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, le=1 << 20, description="None: 64, 3 on the built-in task")
     lr: float | None = Field(None, gt=0, le=10, allow_inf_nan=False, description="None: 1e-5, 1e-3 for the built-in model (or the spec's "
                                 "built-in preset, runtime/presets.py)")
-    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="optimizer updates of linear warmup (0: warmup_ratio's)")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="warmup as a fraction of all optimizer updates, "
+                                "rounded up (used when warmup_steps is 0)")
+    lr_schedule: Literal[LR_SCHEDULES] = Field(
+        "constant", description="transformers.get_scheduler's schedule over all optimizer updates; 'constant' "
+        "warms up when warmup is set (HF's constant_with_warmup)")
+    min_lr_rate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="cosine_with_min_lr, "
+                                      "cosine_warmup_with_min_lr: the final lr as a fraction of lr (None: 0)")
+    lr_scheduler_kwargs: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="more arguments of the schedule (num_cycles, power, num_decay_steps, ...)")
     max_grad_norm: float | None = Field(1.0, ge=0, allow_inf_nan=False, description="None or 0: no clipping")
-    save_every: int = Field(0, ge=0, description="0: only at the end")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    save_total_limit: int | None = Field(1, ge=1, description="checkpoints kept: OUT/checkpoint (the latest) and "
+                                         "the K-1 before it as OUT/checkpoint-<step> (None: all)")
     eval_every: int | None = Field(None, ge=0, description="0: only at start and end; None: 25 on the built-in task")
     eval_size: int | None = Field(None, ge=1, description="None: every held-out problem")
     lora_r: int = Field(0, ge=0, description="0: full fine-tuning")
     lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="LoRA scaling numerator (None: 2 * lora_r)")
     rewards: list[str] = Field(default_factory=list,
-                               description="registry names or module:function")
-    reward_model: str | None = None
-    preference_model: str | None = None
+                               description="reward functions: built-in names (exact_answer, format, length) or "
+                               "module:function with TRL's signature f(prompts, completions, completion_ids, "
+                               "**columns), sync or async, returning a float or None per completion")
+    reward_weights: list[float] | None = Field(None, description="one weight per reward, in order (None: all 1); "
+                                               "the reward is the weighted sum, skipping None")
+    reward_model: str | None = Field(None, description="sequence-classifier directory for reward_model(response)")
+    preference_model: str | None = Field(None, description="sequence-classifier directory for preference(response) "
+                                         "(Bradley-Terry)")
     embedding_model: str | None = Field(None, description="local model whose mean hidden state embeds a response "
                                         "(None: the policy's own)")
     init_model: str | None = Field(None, description="start from these weights (a pipeline stage's input); the "
                                    "run's model (--model or the built-in) still sets the defaults")
     reference_model: str | None = Field(None, description="the frozen reference (None: the starting model)")
-    chat_template: Literal["auto", "on", "off"] = Field(
-        "auto", description="prompts through the tokenizer's chat template (runtime/data/prompts.py): auto = "
-        "when the tokenizer has one (the built-in char tokenizer has none), on = require one, off = raw "
-        "text; a plain-string prompt becomes one user message, completions are never templated")
-    dtype: str = "float32"
-    max_refill_rounds: int = Field(4, ge=0, le=1000)
-    log_with: list[str] = Field(default_factory=list)
-    profile: bool = False
+    chat_template: str = Field(
+        "auto", description="prompts through a chat template (runtime/data/prompts.py): auto = the tokenizer's "
+        "when it has one (the built-in char tokenizer has none), on = require one, off = raw text, or the path "
+        "of a Jinja template file to use (and save with the model) instead; a plain-string prompt becomes one "
+        "user message, completions are never templated")
+    chat_template_kwargs: dict = Field(default_factory=dict, description="extra variables of the chat template, "
+                                       "passed to apply_chat_template (e.g. {enable_thinking: false})")
+    stop: list[str] = Field(default_factory=list, description="stop strings: a sampled completion ends at the "
+                            "token that completes one (kept in the text), as generate(stop_strings=...)")
+    dtype: str = Field("float32", description="weights dtype: float32, bfloat16, float16, float64 or auto")
+    max_refill_rounds: int = Field(4, ge=0, le=1000, description="extra sampling rounds when filters drop "
+                                   "groups")
+    log_with: list[str] = Field(default_factory=list, description="trackers: tensorboard, wandb, ...")
+    profile: bool = Field(False, description="print the per-phase time split and write OUT/profile.txt")
     chunk_size: int = Field(1024, ge=1, description="rows per block of the output layer's log-prob tiles (each "
                             "block goes through the vocabulary in slices of about 2M logits)")
     # -- performance switches: the defaults are the fast paths; the others exist so that
@@ -105,14 +133,15 @@ class RunConfig(BaseModel):
     tool_result_tags: tuple[str, str] = Field(("<result>", "</result>"),
                                               description="the markers around a tool result in the observation")
     # -- end of agentic episodes
-    params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    params: dict[str, float | int | bool | str] = Field(default_factory=dict, description="the spec's params "
+                                                        "(also settable as --set NAME=VALUE)")
     _set_keys: set = PrivateAttr(default_factory=set)  # the keys given with --set (on purpose on --resume)
 
-    @field_validator("log_with", "rewards", "tools", mode="before")
+    @field_validator("log_with", "rewards", "reward_weights", "tools", mode="before")
     @classmethod
-    def _listify(cls, v):
+    def _listify(cls, v, info):
         if v is None:
-            return []
+            return None if info.field_name == "reward_weights" else []
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
@@ -122,6 +151,8 @@ class RunConfig(BaseModel):
     def _on_off(cls, v):
         if isinstance(v, bool):  # YAML reads a bare on / off as a boolean
             return "on" if v else "off"
+        if isinstance(v, str) and v not in ("auto", "on", "off") and not Path(os.path.expanduser(v)).is_file():
+            raise ValueError("must be auto, on, off or the path of a Jinja chat template file (no file there)")
         return v
 
     @field_validator("dtype")
@@ -160,14 +191,6 @@ def _read_file(path) -> dict:
     return data
 
 
-def _parse_value(text: str):
-    import yaml
-    try:
-        return yaml.safe_load(text)
-    except Exception:
-        return text
-
-
 def _set_dotted(data: dict, key: str, value) -> None:
     parts = key.split(".")
     cur = data
@@ -203,11 +226,10 @@ def load_config(path=None, sets=(), spec_params=(), **explicit) -> RunConfig:
             data[k] = v
     params = dict(data.get("params") or {})
     for item in sets:
-        if "=" not in item:
-            raise RunError(f"--set {item!r}: expected KEY=VALUE", hint="e.g. --set lr=1e-4 or --set beta=0.01")
-        key, _, raw = item.partition("=")
-        key = key.strip()
-        value = _parse_value(raw.strip())
+        try:
+            key, value = parse_set(item)  # the parser of every command's --set (alignspec/sets.py)
+        except SetError as e:
+            raise RunError(str(e)) from None
         if key.startswith("params."):
             params[key[len("params."):]] = value
         elif key in spec_params and key not in RunConfig.model_fields:

@@ -104,7 +104,7 @@ def test_sampled_prompts_are_templated_and_rewards_get_the_data_prompt(models, t
     chat, _ = models
     seen = []
 
-    def spy(prompts, completions, records):
+    def spy(prompts, completions, **kwargs):
         seen.extend(prompts)
         return [0.0] * len(completions)
     monkeypatch.setitem(rewards.REGISTRY, "spy", spy)
@@ -194,7 +194,7 @@ def test_tree_search_roots_are_templated(models, tmp_path, monkeypatch):
     chat, _ = models
     seen = []
 
-    def spy(prompts, completions, records):
+    def spy(prompts, completions, **kwargs):
         seen.extend(prompts)
         return [float(len(c) % 2) for c in completions]
     monkeypatch.setitem(rewards.REGISTRY, "spy", spy)

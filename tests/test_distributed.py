@@ -41,7 +41,7 @@ loss
 
 # reward = number of characters of the response; kept when it is not 4 characters long
 REWARD_MODULE = """
-def length(prompts, completions, records):
+def length(prompts, completions, **kwargs):
     return [float(len(c)) for c in completions]
 """
 
@@ -237,7 +237,7 @@ def test_pipeline_on_two_processes(tmp_path):
 # process 1's responses all score 4 and are filtered out: it trains on padding micro-batches
 RANK_REWARD_MODULE = """
 import os
-def length(prompts, completions, records):
+def length(prompts, completions, **kwargs):
     return [4.0 if os.environ.get("RANK") == "1" else float(len(c)) for c in completions]
 """
 

@@ -187,12 +187,12 @@ def test_resume_refuses_changed_settings_unless_set_on_purpose(tmp_path, capsys)
     assert "changed setting (--set): lr" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage", ["state.json", "optimizer.pt", "trainable.safetensors"])
+@pytest.mark.parametrize("damage", ["state.json", "optimizer.pt", "model/model.safetensors", "missing weights"])
 def test_damaged_checkpoints_give_clear_errors(tmp_path, capsys, damage):
     out = tmp_path / "run"
     assert run_from_cli("sft", out=str(out), steps=1, sets=SETS) == 0
-    f = out / "checkpoint" / damage
-    if damage == "trainable.safetensors":
+    f = out / "checkpoint" / damage.replace("missing weights", "model/model.safetensors")
+    if damage == "missing weights":
         f.unlink()
     else:
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
@@ -262,12 +262,12 @@ def test_a_10mb_prompt_line_is_read_without_blowing_up(tmp_path):
     ("return [[1.0]] * len(completions)", "returned [1.0] (list) for row 0"),
     ("return [1j] * len(completions)", "(complex) for row 0"),
     ("return [float('nan')] * len(completions)", "returned nan for row 0"),
-    ("return [None] * len(completions)", "returned None (NoneType) for row 0"),
+    ("return [float('inf')] + [0.0] * (len(completions) - 1)", "returned inf for row 0"),
     ("return [1.0]", "returned 1 values for"),
 ])
 def test_bad_rewards_name_the_function_step_and_row(tmp_path, capsys, monkeypatch, body, words):
     module = f"bad_reward_{abs(hash(body))}"  # one module per case: imports are cached
-    (tmp_path / f"{module}.py").write_text(f"def bad(prompts, completions, records):\n    {body}\n")
+    (tmp_path / f"{module}.py").write_text(f"def bad(prompts, completions, **kwargs):\n    {body}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     rc = run_from_cli("grpo", out=str(tmp_path / "run"), steps=2, sets=SETS + [f"rewards={module}:bad"])
     err = capsys.readouterr().err

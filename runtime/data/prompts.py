@@ -9,7 +9,12 @@ setting (runtime/config.py):
   (``tokenizer.chat_template`` is set), else the raw text. The built-in char tokenizer has
   none, so the built-in task is unchanged;
 - ``on``: the chat template, which the tokenizer must have;
-- ``off``: the raw text.
+- ``off``: the raw text;
+- the path of a Jinja file: that template, set on the tokenizer (so the final model is saved
+  with it) in place of its own.
+
+``chat_template_kwargs`` are passed to every ``apply_chat_template`` call (template variables
+such as ``enable_thinking``).
 
 With a template, the prompt (a plain string becomes one user message) is rendered with
 ``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`` and tokenized
@@ -66,10 +71,11 @@ class PromptFormat:
     directory) names the tokenizer in error messages.
     """
 
-    def __init__(self, tokenizer, mode: str = "auto", source=None):
+    def __init__(self, tokenizer, mode: str = "auto", source=None, kwargs: dict | None = None):
         if mode not in MODES:
-            raise RunError(f"chat_template: {mode!r} is not one of {', '.join(MODES)}")
+            mode = self._template_file(tokenizer, mode)
         self.tokenizer = tokenizer
+        self.kwargs = dict(kwargs or {})
         self.source = str(source) if source is not None else "the model directory"
         has = has_chat_template(tokenizer)
         if mode == "on" and not has:
@@ -78,6 +84,20 @@ class PromptFormat:
                                 "tokenizer.save_pretrained(dir)), or set chat_template: auto or off")
         self.mode = mode
         self.templated = has and mode != "off"
+
+    @staticmethod
+    def _template_file(tokenizer, path: str) -> str:
+        """Set the Jinja template in the file ``path`` on ``tokenizer``; the mode is then ``on``."""
+        import os
+        from pathlib import Path
+        p = Path(os.path.expanduser(path))
+        try:
+            tokenizer.chat_template = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RunError(f"chat_template: {path!r} is not auto, on or off, and cannot be read as a template "
+                           f"file ({getattr(e, 'strerror', None) or e})",
+                           hint="give auto, on, off or the path of a Jinja chat template") from None
+        return "on"
 
     @classmethod
     def raw(cls, tokenizer) -> PromptFormat:
@@ -103,7 +123,8 @@ class PromptFormat:
             return prompt
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         try:
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                     **self.kwargs)
         except Exception as e:  # jinja errors, raise_exception(...) in the template
             shown = json.dumps(messages, ensure_ascii=False)
             shown = shown if len(shown) <= 200 else shown[:200] + "..."

@@ -7,7 +7,9 @@ Python / NumPy / torch generator states as plain values, plus what ``_process_st
 and ``state.json`` (step, data cursor, spec, the settings a resumed run must share).
 Directories are written atomically (``_save_dir``: under ``OUT/.NAME.tmp<pid>``, renamed into
 place, the previous one kept as ``OUT/.NAME.old`` until then), so a killed run leaves the
-last good checkpoint whole and ``--resume`` continues from it exactly.
+last good checkpoint whole and ``--resume`` continues from it exactly. ``OUT/checkpoint`` is
+always the latest; with ``save_total_limit`` K > 1 the one it replaces moves to
+``OUT/checkpoint-<step>`` and the newest K - 1 of those are kept.
 """
 
 from __future__ import annotations
@@ -24,17 +26,22 @@ import torch
 from ..errors import RunError, RunFailure
 
 
-def replace_dir(tmp: Path, dest: Path, old: Path) -> None:
+def replace_dir(tmp: Path, dest: Path, old: Path, keep: Path | None = None) -> None:
     """Put the finished directory ``tmp`` in ``dest``'s place. An existing ``dest`` is first
-    renamed to ``old`` and removed only after the rename of ``tmp``: an interrupted save
-    leaves the previous directory whole (at ``dest`` or ``old``)."""
+    renamed to ``old`` and removed (or, with ``keep``, renamed to ``keep``) only after the rename
+    of ``tmp``: an interrupted save leaves the previous directory whole (at ``dest`` or ``old``)."""
     if dest.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old.exists():
-        shutil.rmtree(old)
+        if keep is not None:
+            if keep.exists():
+                shutil.rmtree(keep)
+            os.replace(old, keep)
+        else:
+            shutil.rmtree(old)
 
 
 def _reason(e: BaseException) -> str:
@@ -46,8 +53,10 @@ def _reason(e: BaseException) -> str:
 # Settings that a resumed run must share with its checkpoint (the others -- steps, out, how
 # often to save, evaluate or log, threads, performance switches -- may change on --resume).
 RESUME_FIXED = ("model", "data", "fields", "seed", "batch_size", "max_new_tokens", "lr", "weight_decay",
-                "warmup_steps", "lr_schedule", "max_grad_norm", "lora_r", "lora_alpha", "rewards", "reward_model",
-                "preference_model", "embedding_model", "init_model", "reference_model", "chat_template", "dtype",
+                "warmup_steps", "warmup_ratio", "lr_schedule", "min_lr_rate", "lr_scheduler_kwargs", "max_grad_norm",
+                "lora_r", "lora_alpha", "rewards", "reward_weights", "reward_model",
+                "preference_model", "embedding_model", "init_model", "reference_model", "chat_template",
+                "chat_template_kwargs", "dtype",
                 "env")  # not tools: [] by default, which a checkpoint written before it lacks
 
 
@@ -67,7 +76,7 @@ def load_tensors(path: Path):
 class CheckpointMixin:
     """Saving and restoring ``OUT/checkpoint`` and writing ``OUT/model`` (see the module docstring)."""
 
-    def _save_dir(self, name: str, fill) -> None:
+    def _save_dir(self, name: str, fill, keep: Path | None = None) -> None:
         """Write ``OUT/name`` atomically: ``fill(tmp)`` writes into a fresh ``OUT/.name.tmp<pid>``,
         which then replaces ``OUT/name`` (see ``replace_dir``; the old one is ``OUT/.name.old``)."""
         self.out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,7 @@ class CheckpointMixin:
         try:
             tmp.mkdir()
             fill(tmp)
-            replace_dir(tmp, self.out / name, self.out / f".{name}.old")
+            replace_dir(tmp, self.out / name, self.out / f".{name}.old", keep)
         except Exception as e:  # a full disk, a quota, a vanished folder: the previous copy stays
             shutil.rmtree(tmp, ignore_errors=True)
             reason = _reason(e)
@@ -112,8 +121,37 @@ class CheckpointMixin:
         self._barrier()
         states = self._gather_objects(self._process_state())  # every process's, in rank order
         if self.main:
-            self._save_dir("checkpoint", lambda tmp: self._write_checkpoint(tmp, states))
+            keep = self._kept_name()
+            self._save_dir("checkpoint", lambda tmp: self._write_checkpoint(tmp, states), keep)
+            self._prune_checkpoints()
         self._barrier()
+
+    def _kept_name(self) -> Path | None:
+        """Where the checkpoint being replaced goes when ``save_total_limit`` keeps more than one:
+        ``OUT/checkpoint-<its step>`` (None: it is deleted -- one kept, the same step, or a
+        checkpoint of an earlier run in this folder, which a fresh run does not keep)."""
+        limit = self.cfg.save_total_limit
+        ours = getattr(self, "_checkpoint_ours", False) or self.resume
+        self._checkpoint_ours = True
+        if not ours:  # a fresh run in an earlier run's folder: that run's kept checkpoints go
+            for p in self.out.glob("checkpoint-*"):
+                shutil.rmtree(p, ignore_errors=True)
+        if limit == 1 or not ours:
+            return None
+        try:
+            step = json.loads((self.out / "checkpoint" / "state.json").read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return self.out / f"checkpoint-{step}" if isinstance(step, int) and step != self.step else None
+
+    def _prune_checkpoints(self) -> None:
+        """Keep the newest ``save_total_limit - 1`` ``OUT/checkpoint-<step>`` folders (all with None)."""
+        limit = self.cfg.save_total_limit
+        kept = sorted((p for p in self.out.glob("checkpoint-*") if p.name[11:].isdigit()),
+                      key=lambda p: int(p.name[11:]))
+        if limit is not None:
+            for p in kept[:max(0, len(kept) - (limit - 1))]:
+                shutil.rmtree(p, ignore_errors=True)
 
     def _write_checkpoint(self, tmp: Path, states: list[dict]) -> None:
         self._save_weights(tmp)
@@ -135,7 +173,8 @@ class CheckpointMixin:
         if not saved:
             return
         now = self._settings()
-        changed = {k: (saved.get(k), now.get(k)) for k in now if k != "params" and saved.get(k) != now.get(k)}
+        changed = {k: (saved.get(k), now.get(k)) for k in now  # (a setting newer than the checkpoint: not compared)
+                   if k != "params" and k in saved and saved.get(k) != now.get(k)}
         sp, np_ = saved.get("params", {}), now["params"]
         changed.update({k: (sp.get(k), np_.get(k)) for k in sorted(set(sp) | set(np_)) if sp.get(k) != np_.get(k)})
         asked = set(getattr(self.cfg, "_set_keys", ()))
@@ -199,9 +238,15 @@ class CheckpointMixin:
         self.step = int(state["step"])
 
     def save_final(self) -> None:
-        """The trained model in ``OUT/model`` (atomic, main process; ``_write_model``)."""
+        """The trained model in ``OUT/model`` (atomic, main process; ``_write_model``) with its
+        card (io/model_card.py)."""
         if self.main:
-            self._save_dir("model", self._write_model)
+            from .model_card import write_model_card
+
+            def fill(tmp):
+                self._write_model(tmp)
+                write_model_card(self, tmp)  # README.md: spec, base model, data, settings, last metrics
+            self._save_dir("model", fill)
 
     def _barrier(self) -> None:
         """Wait for every process (one process: nothing to wait for)."""

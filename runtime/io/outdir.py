@@ -6,13 +6,14 @@ left its checkpoint in.
   is an error that says so.
 - A non-empty folder that no alignspec run wrote (no ``.alignspec-run`` mark) is refused
   unless the run configuration says ``overwrite: true``; the run then writes only its own
-  names (``metrics.jsonl``, ``checkpoint/``, ``model/``, ``curves.png``) and deletes nothing else.
+  names (``metrics.jsonl``, ``checkpoint/``, ``checkpoint-<step>/``, ``model/``, ``curves.png``) and deletes nothing else.
 - ``OUT/.lock`` is held (``flock``) by the main process for the whole run: a second run on the
   same folder stops at once with the pid of the first.
 - Checkpoints are replaced through ``OUT/.checkpoint.tmp<pid>`` (written completely, its
   ``state.json`` last) and ``OUT/.checkpoint.old`` (the previous one, kept until the new one is
   in place): ``recover_checkpoint`` puts the newest complete copy back in ``OUT/checkpoint``
-  and removes the rest, whichever step of a save a kill interrupted.
+  and removes the rest, whichever step of a save a kill interrupted; with none of those left,
+  the newest complete ``OUT/checkpoint-<step>`` that ``save_total_limit`` kept.
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ def recover_checkpoint(out: Path) -> None:
         best = max(done, key=lambda t: json.loads((t / "state.json").read_text()).get("step", 0), default=None)
         if best is None and _complete(old):
             best = old
+        if best is None:  # nothing of the last save survived: the newest kept OUT/checkpoint-<step>
+            kept = [p for p in out.glob("checkpoint-*") if p.name[11:].isdigit() and _complete(p)]
+            best = max(kept, key=lambda p: int(p.name[11:]), default=None)
         if best is not None:
             if dest.exists():
                 shutil.rmtree(dest)

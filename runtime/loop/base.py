@@ -5,8 +5,8 @@
   step-0 evaluation, the steps (iteration boundaries, ``eval_every``, ``save_every``, the
   progress bar), an optional CPU profile (``OUT/profile.txt``), the final evaluation,
   checkpoint and model, ``curves.png``, the summary line;
-- the LR schedule (``_build_scheduler``): ``warmup_steps`` of linear warmup, then constant,
-  linear or cosine decay over all optimizer updates of the run;
+- the LR schedule (``_build_scheduler``): ``transformers.get_scheduler`` over all optimizer
+  updates of the run, with ``warmup_steps`` or ``warmup_ratio`` of warmup;
 - per-iteration algorithms (``algo_for``, ``_start_iteration``: the plan's iterations and
   param schedules), each step's minibatches (``_minibatches``: the plan's epochs x
   minibatches, seeded by (seed, step, epoch)), and the step record (``_step_record``);
@@ -76,21 +76,31 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
             torch.set_num_threads(threads)
 
     def _build_scheduler(self) -> None:
-        """``self.scheduler``: ``warmup_steps`` updates of linear warmup, then ``lr_schedule``
-        (constant, linear or cosine decay to 0) over the run's ``steps * updates_per_step``."""
-        algo, cfg = self.algo, self.cfg
-        self.updates_per_step = algo.plan.updates_per_rollout
-        total = self.steps * self.updates_per_step
-        warm, kind = cfg.warmup_steps, cfg.lr_schedule
+        """``self.scheduler``: ``transformers.get_scheduler(lr_schedule)`` over the run's
+        ``steps * updates_per_step`` optimizer updates, with ``warmup_steps`` (or ``warmup_ratio``
+        of the updates, rounded up) of warmup; ``constant`` with warmup is HF's
+        ``constant_with_warmup``; ``min_lr_rate`` and ``lr_scheduler_kwargs`` go to the schedule."""
+        from transformers import get_scheduler
 
-        def lr_lambda(i):
-            if warm and i < warm:
-                return (i + 1) / warm
-            if kind == "constant":
-                return 1.0
-            frac = min(1.0, (i - warm) / max(1, total - warm))
-            return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        from ..errors import RunError
+        cfg = self.cfg
+        self.updates_per_step = self.algo.plan.updates_per_rollout
+        total = self.steps * self.updates_per_step
+        warm = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+        kind = "constant_with_warmup" if cfg.lr_schedule == "constant" and warm else cfg.lr_schedule
+        extra = dict(cfg.lr_scheduler_kwargs)
+        if kind in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and "min_lr" not in extra:
+            extra.setdefault("min_lr_rate", cfg.min_lr_rate or 0.0)
+        elif cfg.min_lr_rate is not None:
+            raise RunError(f"min_lr_rate is for cosine_with_min_lr and cosine_warmup_with_min_lr, not lr_schedule "
+                           f"{cfg.lr_schedule!r}", hint="set lr_schedule=cosine_with_min_lr")
+        try:
+            self.scheduler = get_scheduler(kind, self.optimizer, num_warmup_steps=warm, num_training_steps=total,
+                                           scheduler_specific_kwargs=extra or None)
+        except (TypeError, ValueError) as e:
+            raise RunError(f"lr_schedule {cfg.lr_schedule!r} with lr_scheduler_kwargs {extra}: {e}",
+                           hint="see transformers.get_scheduler for the arguments of each schedule") from None
+        self.warmup_updates = warm
 
     def _init_iterations(self) -> None:
         """Step 0, and the spec's ``train: iterations`` of ``ceil(steps / iterations)`` steps each."""

@@ -24,10 +24,12 @@ def setup_extras(engine) -> None:
     algo, cfg = engine.algo, engine.cfg
     from ..data.prompts import PromptFormat
     engine.prompt_format = PromptFormat(engine.tokenizer, getattr(cfg, "chat_template", "auto"),
-                                        source=engine.model_dir)
+                                        source=engine.model_dir, kwargs=getattr(cfg, "chat_template_kwargs", None))
     engine.prompt_format.check_records(engine.records, cfg.data or "the built-in task")
     if engine.prompt_format.templated:
-        engine.say(f"prompts: through the chat template of the tokenizer in {engine.model_dir}")
+        which = (cfg.chat_template if cfg.chat_template not in ("auto", "on")
+                 else f"the tokenizer in {engine.model_dir}")
+        engine.say(f"prompts: through the chat template of {which}")
     if engine.reward_head:  # scored downstream as trained (rewards.SequenceScorer)
         from .reward_head import mark_template
         mark_template(engine.policy, engine.prompt_format.templated)
@@ -63,12 +65,13 @@ def _tree_sampler(engine):
     if task is not None and hasattr(task, "reward"):
         reward, what = task.reward, f"{task.name} correctness of the whole solution"
     else:
-        from ..scoring.rewards import RewardFunctions
+        from ..scoring.reward_functions import RewardFunctions
         names = engine.cfg.rewards
         if not names:
             raise RunError(f"{engine.algo.name} searches with tree_search, whose leaf values need a reward",
                            hint="set rewards: [module:function] (called with the prompt and the solution after it)")
-        reward, what = RewardFunctions(names), " + ".join(names)
+        reward = RewardFunctions(names, engine.cfg.reward_weights, tokenizer=engine.tokenizer)
+        what = " + ".join(names)
     step_tokens = getattr(task, "step_tokens", None) or engine.max_new_tokens
     engine.say(f"tree search: steps end at a newline or EOS (at most {step_tokens} tokens); leaf values: {what} "
                f"at terminal nodes, one sampled rollout's reward elsewhere")

@@ -207,9 +207,12 @@ class TokenPolicy:
         prompts = [token_rows.scorer_prompt(run.tokenizer, r) for r in rows]  # as in the data, not templated
         texts = [r["text"] for r in rows]
         recs = [r["rec"] for r in rows]
+        ids = [r["c"] for r in rows]
         for name, scorer in run.scorers.items():
             scorer.step = run.step + 1  # named in a reward's error message
-            batch[name] = scorer(prompts, texts, recs).to(run.device, torch.float32)
+            if hasattr(scorer, "state"):  # trainer_state of TRL-style reward functions
+                scorer.state.global_step, scorer.state.max_steps = run.step, run.steps
+            batch[name] = scorer(prompts, texts, recs, completion_ids=ids).to(run.device, torch.float32)
         if "env_reward" in run.algo.inputs:  # the environment's reward of each episode (rollout/episodes.py)
             batch["env_reward"] = torch.tensor([float(r.get("env_reward", 0.0)) for r in rows],
                                                dtype=torch.float32, device=run.device)
@@ -282,6 +285,9 @@ class TokenPolicy:
         from ..scoring.bind import EXTERNALS
         out = {f"{name}/mean": float(batch[name].float().mean()) for name in (*EXTERNALS, "env_reward")
                if name in batch}
+        tree = getattr(run, "tree_sampler", None)
+        for scorer in [*run.scorers.values(), getattr(tree, "reward", None)]:  # rewards/<name>/mean, /std
+            out.update(scorer.pop_metrics() if hasattr(scorer, "pop_metrics") else {})
         lens = batch["length"].float()  # the policy's tokens per row (an episode's observations are not)
         out["length/mean"] = float(lens.mean())
         if run.world == 1:  # (metrics are averaged over processes, which min/max are not)

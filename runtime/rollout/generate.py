@@ -1,4 +1,5 @@
-"""``generate(prompt, n, temperature, top_p, max_tokens, model)``: n samples per prompt from an LM."""
+"""``generate(prompt, n, temperature, top_p, top_k, min_p, repetition_penalty, max_tokens, model)``:
+n samples per prompt from an LM; the run's ``stop`` strings end a completion."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ class Generate(Sampler):
                 max_new_tokens=int(self.option("max_tokens", run.max_new_tokens)),
                 temperature=float(self.option("temperature")), top_p=float(self.option("top_p")),
                 generator_seed=seed, fast=run.cfg.fast_sampling, prompt_format=run.prompt_format,
-                sampler_logprobs="logp_sampler" in run.current.inputs)
+                sampler_logprobs="logp_sampler" in run.current.inputs, top_k=int(self.option("top_k", 0)),
+                min_p=float(self.option("min_p", 0.0)), repetition_penalty=float(self.option("repetition_penalty", 1.0)),
+                stop=tuple(run.cfg.stop))
         groups = [[] for _ in recs]
         pm, cm = ro.prompt_mask.cpu(), ro.completion_mask.cpu()
         for i in range(ro.completion_ids.shape[0]):

@@ -56,6 +56,27 @@ def completion_mask_from_ids(ids: torch.Tensor, eos_id: int | Sequence[int]) -> 
     return (eos_before == 0).long()
 
 
+def stop_at(ids: torch.Tensor, mask: torch.Tensor, tokenizer, stop: Sequence[str]) -> torch.Tensor:
+    """``mask`` cut after the token that completes the first of the ``stop`` strings in each row's
+    decoded text (the token is kept, as ``generate``'s StopStringCriteria stops after it)."""
+    mask = mask.clone()
+    for i, (row, m) in enumerate(zip(ids.cpu(), mask.cpu())):
+        toks = row[m.bool()].tolist()
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        ends = [text.find(s) + len(s) for s in stop if s and s in text]
+        if not ends:
+            continue
+        end, lo, hi = min(ends), 1, len(toks)  # the fewest tokens whose text reaches `end`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(tokenizer.decode(toks[:mid], skip_special_tokens=True)) >= end:
+                hi = mid
+            else:
+                lo = mid + 1
+        mask[i, lo:] = 0
+    return mask
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = getattr(model.generation_config, "eos_token_id", None)
     if ids is None:
@@ -69,9 +90,13 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
                     generator_seed: int | None = None, fast: bool = True, prompt_format=None,
-                    sampler_logprobs: bool = False) -> Rollout:
+                    sampler_logprobs: bool = False, top_k: int = 0, min_p: float = 0.0,
+                    repetition_penalty: float = 1.0, stop: Sequence[str] = ()) -> Rollout:
     """Sample ``n`` completions for each prompt; greedy when ``temperature == 0`` or not
-    ``do_sample``. Sampling is pure temperature/top-p (no top-k). ``generator_seed`` makes
+    ``do_sample``. Sampling is temperature / top-k (0: off) / top-p / min-p (0: off), with
+    ``repetition_penalty`` (1: off; also when greedy), as ``generate``'s processors compute them.
+    A completion ends at its first EOS or at the token that completes one of the ``stop``
+    strings (kept in the text, as ``generate(stop_strings=...)``; ``stop_at``), on both paths. ``generator_seed`` makes
     the draw reproducible without touching the global RNG state. The model is put in eval
     mode for the call and restored afterwards.
 
@@ -101,11 +126,13 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
 
     eos = _eos_ids(lm, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
+                  repetition_penalty=float(repetition_penalty) if repetition_penalty != 1.0 else None)
     if eos:
         kwargs["eos_token_id"] = eos
     if do_sample and temperature > 0:
-        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                      min_p=float(min_p) if min_p > 0 else None)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
 
@@ -122,7 +149,8 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
             completion_ids = sampling.sample_groups(
                 lm, enc["input_ids"].to(device), enc["attention_mask"].to(device), n,
                 max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id, temperature=float(temperature),
-                top_p=float(top_p), greedy=not (do_sample and temperature > 0), generator=gen, logprobs=steps)
+                top_p=float(top_p), greedy=not (do_sample and temperature > 0), generator=gen, logprobs=steps,
+                top_k=int(top_k), min_p=float(min_p), repetition_penalty=float(repetition_penalty))
             lp = torch.stack(steps, 1) if sampler_logprobs else None
         else:
             if sampler_logprobs:  # the processed scores: logits after temperature / top-p
@@ -144,6 +172,8 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
         completion_mask = completion_mask_from_ids(completion_ids, eos)
     else:
         completion_mask = torch.ones_like(completion_ids)
+    if stop:
+        completion_mask = stop_at(completion_ids, completion_mask, tokenizer, stop)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     if lp is not None:
         lp = lp.masked_fill(completion_mask == 0, 0.0)

@@ -17,8 +17,8 @@ node's second visit, evaluation, backup) with the two callbacks bound to the pol
 
 The reward: on the built-in default, ``StepTask`` correctness of the whole solution (1 if
 every step is the right partial sum and the answer is right); with ``--data``, the run's
-``rewards`` (required), called as ``fn(prompts, completions, records)`` with the
-completion = everything after the prompt.
+``rewards`` (required; TRL's signature, scoring/reward_functions.py) with the completion =
+everything after the prompt.
 
 Prompts go through the run's ``prompt_format`` (runtime/data/prompts.py): the tree's root is the
 prompt's text as the policy sees it (chat-templated when the run uses a template), steps are
@@ -80,7 +80,7 @@ class TreeSampler:
         self.tok = tokenizer
         self.fmt = prompt_format or PromptFormat.raw(tokenizer)
         self.special = self.fmt.add_special_tokens  # a templated root holds its special tokens
-        self.reward = reward               # fn(prompts, completions, records) -> list/tensor of floats
+        self.reward = reward               # scorer(prompts, completions, records) -> [B] floats
         self.step_tokens = int(step_tokens)
         self.max_new_tokens = int(max_new_tokens)
         self.device = device

@@ -13,6 +13,9 @@ Compared with ``model.generate`` it
 The distribution sampled is the same: ``softmax(logits / temperature)``, restricted to the
 top-p nucleus when ``top_p < 1`` (the smallest set of most likely tokens whose probability
 reaches ``top_p``, as transformers' ``TopPLogitsWarper``), greedy when ``temperature == 0``.
+``repetition_penalty``, ``top_k`` and ``min_p`` (``process_logits``) are applied as
+``generate``'s processors are, in its order: the penalty on every token of the prompt (left
+padding excluded) and of the completion so far, then temperature, top-k, top-p, min-p.
 The model's generation config is honoured for ``min_new_tokens`` / ``min_length`` (EOS is
 suppressed until then); :func:`supported` says when a model or generation config asks for
 anything else (repetition penalty, bad words, ...), in which case callers use ``generate``.
@@ -83,6 +86,32 @@ def _min_new(lm, prompt_len: int) -> int:
     return max(m, ml - prompt_len)
 
 
+def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, *, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                   greedy: bool = False) -> torch.Tensor:
+    """``[B, V]`` scores as ``generate`` computes them: RepetitionPenalty on the ``seen`` tokens
+    (``[B, V]`` bool), then (sampling only) Temperature, TopK, TopP, MinP warpers (-inf outside)."""
+    if repetition_penalty != 1.0 and seen is not None:
+        pen = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    if greedy:
+        return logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    ninf = float("-inf")
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, ninf)
+    if top_p < 1.0:
+        logits = logits.masked_fill(_top_p_filter(logits.softmax(-1), top_p) == 0, ninf)
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        remove = probs < min_p * probs.amax(-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(-1, keepdim=True), False)
+        logits = logits.masked_fill(remove, ninf)
+    return logits
+
+
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tokens outside the top-p nucleus (ties and order as in TopPLogitsWarper)."""
     sp, si = probs.sort(-1, descending=False)
@@ -96,13 +125,17 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: int, *, max_new_tokens: int,
                   eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                   greedy: bool = False, generator: torch.Generator | None = None,
-                  logprobs: list | None = None) -> torch.Tensor:
+                  logprobs: list | None = None, top_k: int = 0, min_p: float = 0.0,
+                  repetition_penalty: float = 1.0) -> torch.Tensor:
     """``[U * n, T]`` completion ids (``T <= max_new_tokens``) for ``U`` distinct left-padded prompts
     ``prompt_ids``/``prompt_mask`` ``[U, P]``; rows ``i*n .. i*n+n-1`` belong to prompt ``i``.
 
     With a list ``logprobs``, each step appends ``[B]`` float32: the log-probability of the token
     drawn under the distribution it was drawn from (temperature and top-p applied; for greedy
-    decoding the model's own ``log_softmax(logits)``)."""
+    decoding the model's own ``log_softmax(logits)``, after the repetition penalty).
+
+    With ``top_k``, ``min_p`` or ``repetition_penalty`` the scores go through ``process_logits``
+    (``generate``'s processors); without, the lean path below (the same distribution)."""
     U, P = prompt_ids.shape
     ck = cache_kwarg(lm)
     device = prompt_ids.device
@@ -121,11 +154,31 @@ def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: in
     done = torch.zeros(B, dtype=torch.bool, device=device)
     ones = torch.ones(B, 1, dtype=att.dtype, device=device)
     toks = []
+    processed = top_k > 0 or min_p > 0.0 or repetition_penalty != 1.0
+    seen = None
+    if repetition_penalty != 1.0:  # the prompt's own tokens (not its left padding), then each drawn one
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)[:, None].expand(-1, P)
+        real = att.bool()
+        seen[rows[real], prompt_ids.repeat_interleave(n, 0)[real]] = True
     for t in range(max_new_tokens):
         logits = logits.float()
         if eos is not None and t < min_new:
             logits[:, eos] = float("-inf")
-        if greedy:
+        if processed:
+            scores = process_logits(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, greedy=greedy)
+            if greedy:
+                nxt = scores.argmax(-1)
+            else:
+                cdf = scores.softmax(-1).cumsum_(-1)
+                u = torch.rand(B, 1, generator=generator, device=device, dtype=cdf.dtype) * cdf[:, -1:]
+                nxt = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+            if logprobs is not None:
+                logprobs.append(torch.log_softmax(scores, -1).gather(-1, nxt[:, None]).squeeze(-1))
+            if seen is not None:
+                seen[torch.arange(B, device=device), nxt] = True
+        elif greedy:
             nxt = logits.argmax(-1)
             if logprobs is not None:
                 logprobs.append(torch.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1))

@@ -1,18 +1,23 @@
 """Reward functions by name, user functions by ``module:function``, and scoring models.
 
-A reward function takes the batch's prompts, completions (decoded text) and data rows and
-returns one float per completion::
+Reward functions take TRL's signature (``GRPOTrainer``'s ``reward_funcs``) and are called with
+keyword arguments only::
 
-    def my_reward(prompts: list[str], completions: list[str], records: list[dict]) -> list[float]
+    def my_reward(prompts, completions, completion_ids, **kwargs) -> list[float | None]
 
-A prompt is the data row's prompt as written -- a string, or a list of ``{"role", "content"}``
-messages for conversational data -- never the chat-templated text the policy was given.
+``prompts`` are the data rows' prompts as written -- strings, or lists of ``{"role", "content"}``
+messages for conversational data, never the chat-templated text the policy was given;
+``completions`` are the decoded texts, or for conversational prompts one-message lists
+``[{"role": "assistant", "content": text}]`` (as TRL); ``completion_ids`` the token ids; every
+other column of the data row comes as a keyword argument holding one value per completion
+(``answer=[...]``), plus ``trainer_state`` (``global_step``, ``max_steps``). A function may be
+``async def``. Calling, weighting, None handling and validation: scoring/reward_functions.py.
 
 Built-in names: ``exact_answer`` (1 if the completion, stripped, equals the row's
 ``answer``), ``format`` (1 if the completion is a non-empty run of digits -- the built-in
 task's answer format), ``length`` (minus the completion's length in characters / 100).
-Several configured rewards are summed. ``module:function`` strings are imported only when
-the run's configuration names them (an explicit opt-in to running that code).
+``module:function`` strings are imported only when the run's configuration names them (an
+explicit opt-in to running that code).
 
 ``SequenceScorer`` wraps an ``AutoModelForSequenceClassification`` directory: the score of a
 response is the first logit on prompt + completion (+ EOS for a reward model alignspec
@@ -26,31 +31,33 @@ and, as a Bradley-Terry scorer with P(i > j) = sigmoid(s_i - s_j), ``preference(
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 from collections.abc import Callable
 
 import torch
 
-from ..errors import RunError, RunFailure
+from ..errors import RunError
 
 
-def exact_answer(prompts, completions, records):
-    out = []
-    for c, r in zip(completions, records):
-        if "answer" not in r or r["answer"] is None:
-            raise RunError("reward 'exact_answer' needs an 'answer' field in every data row",
-                           hint="map one with fields: {answer: <your field>}")
-        out.append(1.0 if c.strip() == str(r["answer"]).strip() else 0.0)
-    return out
+def completion_text(c) -> str:
+    """A completion as text: itself, or the content of a conversational completion's messages."""
+    if isinstance(c, str):
+        return c
+    return "".join(str(m.get("content") or "") for m in c if isinstance(m, dict))
 
 
-def format_reward(prompts, completions, records):
-    return [1.0 if c.strip().isdigit() else 0.0 for c in completions]
+def exact_answer(prompts, completions, completion_ids=None, answer=None, **kwargs):
+    if answer is None or any(a is None for a in answer):
+        raise RunError("reward 'exact_answer' needs an 'answer' field in every data row",
+                       hint="map one with fields: {answer: <your field>}")
+    return [1.0 if completion_text(c).strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer)]
 
 
-def length_reward(prompts, completions, records):
-    return [-len(c) / 100.0 for c in completions]
+def format_reward(prompts, completions, completion_ids=None, **kwargs):
+    return [1.0 if completion_text(c).strip().isdigit() else 0.0 for c in completions]
+
+
+def length_reward(prompts, completions, completion_ids=None, **kwargs):
+    return [-len(completion_text(c)) / 100.0 for c in completions]
 
 
 REGISTRY: dict[str, Callable] = {
@@ -77,58 +84,6 @@ def resolve_reward(name: str) -> Callable:
                    hint=f"use one of {', '.join(sorted(REGISTRY))}, or 'module:function'")
 
 
-class RewardFunctions:
-    """The sum of several named reward functions. Each must return one real, finite number per
-    completion; anything else (an exception, None, a scalar, a string, a nested list, a complex
-    number, NaN, the wrong length) stops the run with a message that names the function, the
-    step (``step``, set by the engine before each call) and the row."""
-
-    def __init__(self, names: list[str]):
-        self.names = list(names)
-        self.fns = [resolve_reward(n) for n in names]
-        self.step: int | None = None
-
-    def __call__(self, prompts, completions, records) -> torch.Tensor:
-        total = torch.zeros(len(completions), dtype=torch.float32)
-        for name, fn in zip(self.names, self.fns):
-            total += torch.tensor(self._values(name, fn, prompts, completions, records), dtype=torch.float32)
-        return total
-
-    def _values(self, name, fn, prompts, completions, records) -> list[float]:
-        at = f"step {self.step}: " if self.step is not None else ""
-        try:
-            vals = fn(prompts, completions, records)
-        except RunError:
-            raise
-        except Exception as e:
-            raise RunFailure(f"{at}reward {name!r} raised {type(e).__name__}: {e}",
-                             hint="the reward function is called with (prompts, completions, records) for a "
-                                  "batch and returns one number per completion") from e
-        if isinstance(vals, (str, bytes, dict)) or not hasattr(vals, "__len__"):
-            raise RunFailure(f"{at}reward {name!r} returned {type(vals).__name__} {_short(vals)} instead of a list "
-                             f"of {len(completions)} numbers (one per completion)")
-        vals = list(vals)
-        if len(vals) != len(completions):
-            raise RunFailure(f"{at}reward {name!r} returned {len(vals)} values for {len(completions)} completions")
-        out = []
-        for i, v in enumerate(vals):
-            if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
-                v = v.item()  # a NumPy or torch scalar
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise RunFailure(f"{at}reward {name!r} returned {_short(v)} ({type(v).__name__}) for row {i} "
-                                 f"(completion {_short(completions[i])}); expected a real number")
-            if not math.isfinite(v):
-                raise RunFailure(f"{at}reward {name!r} returned {v} for row {i} (completion "
-                                 f"{_short(completions[i])}); rewards must be finite")
-            out.append(float(v))
-        return out
-
-
-def _short(v, n: int = 60) -> str:
-    text = repr(v)
-    return text if len(text) <= n else text[:n] + "..."
-
-
 class SequenceScorer:
     """A scalar scorer from an ``AutoModelForSequenceClassification`` directory."""
 
@@ -145,7 +100,7 @@ class SequenceScorer:
         self.path = str(p)
 
     @torch.no_grad()
-    def __call__(self, prompts, completions, records) -> torch.Tensor:
+    def __call__(self, prompts, completions, records, completion_ids=None) -> torch.Tensor:
         from ..data.prompts import PromptFormat, is_conversation
         if getattr(self.model.config, "alignspec_score_eos", False):
             # a reward model alignspec trained (runtime/models/reward_head.py): scored as it was trained,
