@@ -19,6 +19,8 @@ SAMPLER_OPTIONS: dict[str, dict[str, object]] = {
                  "model": "policy", "max_tokens": None},
     "tree_search": {"simulations": 16, "branching": 3, "depth": 4, "c_puct": 1.5, "temperature": 1.0},
     "flow_sde": {"n": 1, "steps": 10, "noise": 0.7},
+    # env = env: the run configuration's environment (env: module:Class, or tools: [...]); max_tokens per turn
+    "rollout": {"env": "env", "n": 1, "max_turns": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": None},
     "demonstration": {},
     "pairs": {},
     "unpaired": {},
@@ -30,7 +32,7 @@ SAMPLER_OPTIONS: dict[str, dict[str, object]] = {
 class SamplerPlan:
     """One sampler of the ``sample`` section (or of the data, when the spec has none).
 
-    kind: generate | demonstration | pairs | unpaired | concat | tree_search | flow_sde;
+    kind: generate | demonstration | pairs | unpaired | concat | tree_search | flow_sde | rollout;
     options: (name, value) with params resolved to their values and defaults filled in;
     parts: the samplers a ``concat`` joins, in order; rows: responses per group it yields;
     line: the spec line it comes from (0 when it comes from ``data``).
@@ -124,7 +126,7 @@ class RunPlan:
     @property
     def generates(self) -> bool:
         """Whether some sampler draws responses from a model."""
-        return any(s.kind in ("generate", "tree_search", "flow_sde") for s in self.sampler.walk())
+        return any(s.kind in ("generate", "tree_search", "flow_sde", "rollout") for s in self.sampler.walk())
 
     def samplers(self, kind: str) -> list[SamplerPlan]:
         return [s for s in self.sampler.walk() if s.kind == kind]

@@ -134,6 +134,8 @@ FUNCTIONS: dict[str, Fn] = {f.name: f for f in [
     Fn("preference", "external", ("response",), gives="response",
        doc="a pairwise preference model's score s, with P(i > j) = sigmoid(s_i - s_j)"),
     Fn("embedding", "external", ("response",), gives="response", doc="an embedding of each response"),
+    Fn("env_reward", "external", ("response",), gives="response",
+       doc="the sum of the rewards the environment gave an episode of rollout(...)"),
     # samplers
     Fn("generate", "sampler", ("prompt",), kwargs=("n", "temperature", "top_p", "top_k", "min_p",
                                                    "repetition_penalty", "model", "max_tokens")),
@@ -142,6 +144,8 @@ FUNCTIONS: dict[str, Fn] = {f.name: f for f in [
     Fn("tree_search", "sampler", ("prompt",), kwargs=("simulations", "branching", "depth", "c_puct",
                                                       "temperature")),
     Fn("flow_sde", "sampler", ("prompt",), kwargs=("n", "steps", "noise")),
+    Fn("rollout", "sampler", ("prompt",), kwargs=("env", "n", "max_turns", "temperature", "top_p", "max_tokens"),
+       doc="n multi-turn episodes per prompt with the run configuration's environment (env) or tools"),
     # selectors
     Fn("argmax", "selector", ("x",)), Fn("argmin", "selector", ("x",)),
     Fn("top_k", "selector", ("x", "k")), Fn("bottom_k", "selector", ("x", "k")),
@@ -152,7 +156,7 @@ FUNCTIONS: dict[str, Fn] = {f.name: f for f in [
 ]}
 
 EXTERNAL_REQUIRES = {"reward": "reward", "reward_model": "reward_model",
-                     "preference": "preference_model", "embedding": "embedding"}
+                     "preference": "preference_model", "embedding": "embedding", "env_reward": "env"}
 
 SECTIONS = ("params", "sample", "score", "filter", "select", "advantage", "loss", "train", "pipeline")
 DATA_KINDS = ("prompts", "demonstrations", "pairs", "unpaired")

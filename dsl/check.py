@@ -496,6 +496,10 @@ class _Checker:
             arg = e.args[0]
             if not (isinstance(arg, A.Name) and arg.id == "response"):
                 raise error(f"{name}(...) scores each response: write {name}(response)", arg.span, "arity")
+            if name == "env_reward" and not self._samples_episodes():
+                raise error("env_reward(response) is the environment's reward of an episode: it needs "
+                            "rollout(prompt, env = env, ...) in the sample section", e.span, "unknown-name",
+                            "add: sample\n  responses = rollout(prompt, env = env, n = n)")
             if name == "embedding":
                 raise error("embedding(response) is a vector: it can only be an argument of coreset/opt_select",
                             e.span, "level")
@@ -654,8 +658,8 @@ class _Checker:
     def _sampler(self, e: A.Expr, data: str | None) -> tuple[int, bool]:
         """(rows per group, whether the group is pair-shaped with a designated first row)."""
         if not isinstance(e, A.Call) or FUNCTIONS.get(e.func, None) is None or FUNCTIONS[e.func].kind != "sampler":
-            raise error("the sample section takes one sampler: generate, demonstration, concat, tree_search or "
-                        "flow_sde", e.span, "section")
+            raise error("the sample section takes one sampler: generate, demonstration, concat, tree_search, "
+                        "flow_sde or rollout", e.span, "section")
         fn = FUNCTIONS[e.func]
         self._arity(fn, e)
         kw = {k.name: k.value for k in e.kwargs}
@@ -663,6 +667,11 @@ class _Checker:
             if k == "model":
                 if not (isinstance(v, A.Name) and v.id in ("policy", "reference")):
                     raise error("model must be policy or reference", v.span, "unknown-name")
+            elif k == "env":
+                if not (isinstance(v, A.Name) and v.id == "env"):
+                    raise error("env names the run configuration's environment: write env = env", v.span,
+                                "unknown-name", "set env: module:Class or tools: [module:function] in the run "
+                                "configuration; a spec holds no Python")
             elif isinstance(v, A.Name):
                 if v.id not in self.params:
                     raise error(f"unknown name {v.id!r}", v.span, "unknown-name", did_you_mean(v.id, self.params))
@@ -673,7 +682,7 @@ class _Checker:
                     raise error(f"{k} must be a number or a parameter", v.span, "type") from None
                 if isinstance(val, str):
                     raise error(f"{k} must be a number, got the string {val!r}", v.span, "type")
-        if e.func in ("generate", "demonstration", "tree_search", "flow_sde"):
+        if e.func in ("generate", "demonstration", "tree_search", "flow_sde", "rollout"):
             arg = e.args[0]
             if not (isinstance(arg, A.Name) and arg.id == "prompt"):
                 raise error(f"{e.func} samples for each prompt: write {e.func}(prompt, ...)", arg.span, "arity")
@@ -681,7 +690,11 @@ class _Checker:
             if data not in (None, "demonstrations"):
                 raise error("demonstration(prompt) needs `data demonstrations`", e.span, "level")
             return 1, False
-        if e.func in ("generate", "flow_sde"):
+        if e.func == "rollout":
+            for k in ("max_turns", "max_tokens"):
+                if k in kw and self._int_arg(kw[k], k) < 1:
+                    raise error(f"{k} must be at least 1", kw[k].span, "type")
+        if e.func in ("generate", "flow_sde", "rollout"):
             n = self._int_arg(kw["n"], "n") if "n" in kw else 1
             if n < 1:
                 raise error("n must be at least 1", kw["n"].span, "type")
@@ -719,6 +732,11 @@ class _Checker:
         if select is not None:
             self._select(select)
 
+    def _samples_episodes(self) -> bool:
+        sample = self.res.sections.get("sample")
+        return sample is not None and any(isinstance(c, A.Call) and c.func == "rollout" for st in sample.body
+                                          if isinstance(st, A.Assign) for c in A.walk(st.value))
+
     def _generates(self) -> bool:
         sample = self.res.sections.get("sample")
         return sample is not None and len(sample.body) == 1 and isinstance(sample.body[0], A.Assign) \
@@ -729,7 +747,8 @@ class _Checker:
         for node in A.walk(e):
             if isinstance(node, A.Call):
                 req |= {"generate": {"generation"}, "tree_search": {"generation", "tree_search"},
-                        "flow_sde": {"flow"}, "demonstration": set(), "concat": set()}.get(node.func, set())
+                        "flow_sde": {"flow"}, "rollout": {"generation", "env"}, "demonstration": set(),
+                        "concat": set()}.get(node.func, set())
                 for kw in node.kwargs:
                     if kw.name == "model" and isinstance(kw.value, A.Name) and kw.value.id == "reference":
                         req.add("reference")

@@ -145,11 +145,24 @@ class RunConfig(BaseModel):
     threads: int | None = Field(None, ge=0, le=1024, description="torch intra-op threads per process; None: 1 for the "
                                 "built-in tiny model (more threads only add overhead there), torch's default "
                                 "otherwise; 0: torch's default")
+    # -- agentic episodes: rollout(prompt, env = env, ...) (runtime/rollout/episodes.py, envs.py, tools.py)
+    env: str | None = Field(None, description="module:Class of the environment of rollout(...) episodes: "
+                            "reset(row) -> observation, step(text) -> (observation, reward, done)")
+    tools: list[str] = Field(default_factory=list, description="module:function tools the policy may call in "
+                             "rollout(...) episodes (schemas from their type hints and docstrings)")
+    tool_timeout: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False,
+                                description="seconds a tool call may run before its observation says it timed out")
+    tool_max_chars: int = Field(400, ge=1, description="a tool result longer than this is cut and marked")
+    tool_call_tags: tuple[str, str] = Field(("<call>", "</call>"), description="the markers around a tool call "
+                                            "name(args) in the policy's text (the tag format)")
+    tool_result_tags: tuple[str, str] = Field(("<result>", "</result>"),
+                                              description="the markers around a tool result in the observation")
+    # -- end of agentic episodes
     params: dict[str, float | int | bool | str] = Field(default_factory=dict, description="the spec's params "
                                                         "(also settable as --set NAME=VALUE)")
     _set_keys: set = PrivateAttr(default_factory=set)  # the keys given with --set (on purpose on --resume)
 
-    @field_validator("log_with", "rewards", "reward_weights", mode="before")
+    @field_validator("log_with", "rewards", "reward_weights", "tools", mode="before")
     @classmethod
     def _listify(cls, v, info):
         if v is None:

@@ -393,3 +393,14 @@ def test_check_all_builtins_faster_than_import_torch():
     print(f"\ncheck of {len(ALGORITHMS)} built-in specs: {check_time * 1000:.0f} ms; "
           f"import torch: {import_torch_time * 1000:.0f} ms")
     assert check_time < import_torch_time
+
+
+def test_graph_dot_of_a_rollout_spec(tmp_path):
+    spec = tmp_path / "agentic.align"
+    spec.write_text("algorithm agentic\nparams\n  n: int = 4\nsample\n  responses = rollout(prompt, env = env, n = n)\n"
+                    "score\n  r = env_reward(response)\nloss\n  minimize -mean(mean_tokens(logp) * (r - group_mean(r)))\n")
+    r = cli("graph", spec)
+    assert r.returncode == 0, r.stderr
+    assert "env_reward(response)" in r.stdout
+    f = cli("fmt", spec)
+    assert f.returncode == 0 and "rollout(prompt, env = env, n = n)" in f.stdout, f.stderr

@@ -269,3 +269,24 @@ def test_a_split_statement_is_no_section_change(tmp_path):
                                                                              "minimize -mean(sum_tokens(exp("))
     msgs = [c.message for c in diff_specs(str(one), str(two))]
     assert msgs == ["loss: aggregation mean(mean_tokens(·)) → mean(sum_tokens(·))"]
+
+
+ROLLOUT = """\
+algorithm {name}
+params
+  n: int = 4
+sample
+  responses = rollout(prompt, env = env, n = n{extra})
+score
+  r = env_reward(response)
+loss
+  minimize -mean(mean_tokens(logp) * (r - group_mean(r)))
+"""
+
+
+def test_rollout_defaults_written_out_are_no_difference_and_options_are_compared():
+    a = ROLLOUT.format(name="a", extra="")
+    same = ROLLOUT.format(name="b", extra=", max_turns = 4, temperature = 1.0, top_p = 1.0")
+    assert diff_specs(a, same) == []
+    changed = diff_specs(a, ROLLOUT.format(name="c", extra=", max_turns = 8"))
+    assert [c.section for c in changed] == ["sample"] and changed[0].message == "sample: rollout max_turns 4 → 8"

@@ -576,3 +576,12 @@ def test_format_random_specs(text):
 @pytest.mark.parametrize("path", ALGORITHMS, ids=[p.name for p in ALGORITHMS])
 def test_format_algorithm_files(path):
     check_format_properties(path.read_text(encoding="utf-8"), str(path))
+
+
+def test_format_a_rollout_spec():
+    src = ("algorithm agentic\nparams\n  n: int = 4\nsample\n  responses = rollout(prompt,env=env,n=n,max_turns=3)\n"
+           "score\n  r = env_reward( response )\nloss\n  minimize -mean(mean_tokens(logp) * (r - group_mean(r)))\n")
+    out = format_text(src)
+    assert "responses = rollout(prompt, env = env, n = n, max_turns = 3)" in out
+    assert "r = env_reward(response)" in out
+    check_format_properties(src, "agentic.align")

@@ -90,6 +90,10 @@ def test_fsdp2_refusals_name_what_is_not_covered():
     import alignspec
     with pytest.raises(RunError, match="self-play iterations"):
         settings.resolve(_cfg("parallel=fsdp2"), alignspec.compile("spin"), env=env, cuda=False)
+    agentic = ("algorithm agentic\nsample\n  responses = rollout(prompt, env = env, n = 2)\nscore\n  r = env_reward(response)\n"
+               "advantage\n  A = r - group_mean(r)\nloss\n  minimize pg = -token_mean_all(logp * A)\n")
+    with pytest.raises(RunError, match="multi-turn episodes"):
+        settings.resolve(_cfg("parallel=fsdp2"), alignspec.compile(agentic), env=env, cuda=False)
     with pytest.raises(RunError, match="flow policy family .* does not support them"):
         from alignspec.runtime.engine import build_engine
         build_engine("flow_grpo", sets=["gradient_checkpointing=true"])

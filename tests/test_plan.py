@@ -141,3 +141,49 @@ def test_runtime_reads_no_spec_or_graph_of_a_compiled_algorithm():
            for f in sorted((ROOT / "runtime").rglob("*.py"))
            for i, ln in enumerate(f.read_text().splitlines(), 1) if pat.search(ln)]
     assert not bad, bad
+
+
+AGENTIC = """\
+algorithm agentic
+params
+  n: int = 4  "episodes per prompt"
+  turns: int = 3
+sample
+  responses = rollout(prompt, env = env, n = n, max_turns = turns, temperature = 0.9)
+score
+  r = reward(response) + env_reward(response)
+advantage
+  A = (r - group_mean(r)) / (group_std(r) + 1e-4)
+loss
+  minimize -mean(mean_tokens(exp(logp - logp_old) * A))
+"""
+
+
+def test_rollout_episodes_options_resolved(tmp_path):
+    spec = tmp_path / "agentic.align"
+    spec.write_text(AGENTIC)
+    a = alignspec.compile(str(spec), n=6)
+    p = a.plan
+    assert p.sampler.kind == "rollout" and p.sampler.rows == 6 and p.group_size == 6
+    assert dict(p.sampler.options) == {"env": "env", "n": 6, "max_turns": 3, "temperature": 0.9, "top_p": 1.0,
+                                       "max_tokens": None}
+    assert p.generates and not p.offline and not p.refill
+    assert {"generation", "env"} <= a.requires and a.inputs["env_reward"] == "response"
+    # the plan literal in the generated module holds the resolved options
+    assert "'kind': 'rollout'" in a.source and "'max_turns': 3" in a.source
+
+
+@pytest.mark.parametrize("edit, match", [
+    (("env = env", "env = my_env"), "write env = env"),
+    (("max_turns = turns", "max_turns = 0"), "max_turns must be at least 1"),
+    (("temperature = 0.9", "temprature = 0.9"), "no option 'temprature'"),
+    (("rollout(prompt", "rollout(response"), "write rollout\\(prompt"),
+    (("rollout(prompt, env = env, n = n, max_turns = turns, temperature = 0.9)", "generate(prompt, n = n)"),
+     "env_reward\\(response\\) is the environment's reward"),
+])
+def test_rollout_checker_errors(tmp_path, edit, match):
+    spec = tmp_path / "bad.align"
+    spec.write_text(AGENTIC.replace(*edit))
+    with pytest.raises(alignspec.SpecError, match=match) as err:
+        alignspec.compile(str(spec))
+    assert f"{spec}:" in err.value.format()

@@ -18,7 +18,7 @@ from alignspec.runtime.rollout.offline import Pairs  # noqa: E402
 
 
 def test_every_kind_the_compiler_plans_has_a_sampler():
-    from alignspec.runtime.rollout import concat, flow_sde, generate, offline, tree  # noqa: F401
+    from alignspec.runtime.rollout import concat, episodes, flow_sde, generate, offline, tree  # noqa: F401
     assert set(SAMPLER_OPTIONS) <= set(base.SAMPLERS)
 
 

@@ -74,7 +74,7 @@ def _sampler(call: A.Call, params: dict) -> SamplerPlan:
         rows = sum(p.rows for p in parts)
     elif call.func == "tree_search":
         rows = 2
-    elif call.func in ("generate", "flow_sde"):
+    elif call.func in ("generate", "flow_sde", "rollout"):
         rows = int(opts["n"])
     else:
         rows = 1
@@ -88,7 +88,7 @@ def _logprob_temperature(meta: dict, sampler: SamplerPlan) -> float:
     if t != "sampling":
         return float(t)
     temps = sorted({float(s.option("temperature", 1.0)) for s in sampler.walk()
-                    if s.kind in ("generate", "tree_search")})
+                    if s.kind in ("generate", "tree_search", "rollout")})
     if len(temps) != 1:
         span = meta.get("train_spans", {}).get("logprob_temperature") or Span(meta.get("path") or "<spec>", 1, 1, 1, 1)
         raise error(f"{meta['name']}: logprob_temperature = \"sampling\" needs one sampling temperature, "

@@ -1,7 +1,7 @@
 """Rows of a causal-LM rollout: data records in, token lists and padded tensors out.
 
 A row is a dict ``{"p": prompt ids, "c": completion ids, "text": completion text, "rec": data
-record}`` (a tree-search row may add its own ``"prompt"``, the prefix it continues). A group
+record}`` (an episode adds ``"m"``: 1 on the policy's tokens of ``c``, 0 on the environment's) (a tree-search row may add its own ``"prompt"``, the prefix it continues). A group
 is a list of rows; groups are contiguous in a batch.
 """
 
@@ -57,7 +57,9 @@ def scorer_prompt(tokenizer, row: dict):
 
 def tensors(rows: list[dict], pad: int, device, *, labels: bool = False) -> dict:
     """Prompts left-padded, completions right-padded: ``prompt_ids``, ``prompt_mask``,
-    ``completion_ids``, ``completion_mask`` (long), ``mask`` (float), ``length``; with rows
+    ``completion_ids``, ``completion_mask`` (long: every completion token, the attention mask),
+    ``mask`` (float: the actions) and ``length`` (actions per row) -- the same except for rows
+    with an action mask ``m`` (episodes: 0 on the environment's tokens); with rows
     that carry the sampler's log-probs (``ls``), ``logp_sampler``; with ``labels`` (data
     unpaired), each record's ``label`` (1 desirable, 0 undesirable)."""
     B = len(rows)
@@ -79,6 +81,12 @@ def tensors(rows: list[dict], pad: int, device, *, labels: bool = False) -> dict
     out = {"prompt_ids": pid.to(d), "prompt_mask": pm.to(d), "completion_ids": cid.to(d),
            "completion_mask": cm.to(d), "mask": cm.to(d, torch.float32),
            "length": cm.sum(1).to(d, torch.float32)}
+    if any("m" in r for r in rows):  # episodes (rollout/episodes.py): observation tokens are context, not actions
+        m = torch.zeros((B, T), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            act = r.get("m", [1] * len(r["c"]))
+            m[i, :len(act)] = torch.tensor(act, dtype=torch.float32)
+        out["mask"], out["length"] = m.to(d), m.sum(1).to(d)
     if all("ls" in r for r in rows):  # logp_sampler
         ls = torch.zeros((B, T), dtype=torch.float32)
         for i, r in enumerate(rows):

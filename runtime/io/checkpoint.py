@@ -63,7 +63,8 @@ RESUME_FIXED = ("model", "data", "fields", "seed", "batch_size", "max_new_tokens
                 "warmup_steps", "warmup_ratio", "lr_schedule", "min_lr_rate", "lr_scheduler_kwargs", "max_grad_norm",
                 "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter", "qlora",
                 "rewards", "reward_weights", "reward_model", "preference_model", "embedding_model", "init_model",
-                "reference_model", "chat_template", "chat_template_kwargs", "dtype", "parallel", "mixed_precision")
+                "reference_model", "chat_template", "chat_template_kwargs", "dtype", "parallel", "mixed_precision",
+                "env")  # not tools: [] by default, which a checkpoint written before it lacks
 
 
 def load_tensors(path: Path):

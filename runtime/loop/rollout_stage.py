@@ -21,7 +21,7 @@ import torch
 from ..parallel.ddp import batch_stats_context, sum_over_processes
 from .base import _mix
 
-EXTERNALS = ("reward", "reward_model", "preference")
+EXTERNALS = ("reward", "reward_model", "preference", "env_reward")
 
 
 def rollout(run, times: dict) -> tuple[dict | None, dict]:

@@ -216,6 +216,9 @@ class TokenPolicy:
             if hasattr(scorer, "state"):  # trainer_state of TRL-style reward functions
                 scorer.state.global_step, scorer.state.max_steps = run.step, run.steps
             batch[name] = scorer(prompts, texts, recs, completion_ids=ids).to(run.device, torch.float32)
+        if "env_reward" in run.algo.inputs:  # the environment's reward of each episode (rollout/episodes.py)
+            batch["env_reward"] = torch.tensor([float(r.get("env_reward", 0.0)) for r in rows],
+                                               dtype=torch.float32, device=run.device)
         if getattr(run, "embedder", None) is not None:  # embedding(response), scoring/embedding.py
             batch["embedding"] = run.embedder(batch, texts)
 
@@ -283,18 +286,21 @@ class TokenPolicy:
     # -- metrics, evaluation, iterations -------------------------------------------------------
     def rollout_metrics(self, run, batch: dict) -> dict:
         from ..scoring.bind import EXTERNALS
-        out = {f"{name}/mean": float(batch[name].float().mean()) for name in EXTERNALS if name in batch}
+        out = {f"{name}/mean": float(batch[name].float().mean()) for name in (*EXTERNALS, "env_reward")
+               if name in batch}
         tree = getattr(run, "tree_sampler", None)
         for scorer in [*run.scorers.values(), getattr(tree, "reward", None)]:  # rewards/<name>/mean, /std
             out.update(scorer.pop_metrics() if hasattr(scorer, "pop_metrics") else {})
-        lens = batch["completion_mask"].sum(1).float()  # completion tokens per row
+        lens = batch["length"].float()  # the policy's tokens per row (an episode's observations are not)
         out["length/mean"] = float(lens.mean())
         if run.world == 1:  # (metrics are averaged over processes, which min/max are not)
             out.update({"length/min": float(lens.min()), "length/max": float(lens.max())})
         return out
 
     def step_extra(self, run) -> dict | None:
-        return getattr(getattr(run, "tree_sampler", None), "stats", None)  # search/*
+        search = getattr(getattr(run, "tree_sampler", None), "stats", None)  # search/*
+        episodes = getattr(run, "episode_stats", None)  # episodes/*: rollout(...) (rollout/episodes.py)
+        return {**(search or {}), **(episodes or {})} or None
 
     def evaluate(self, run) -> float | None:
         if run.task is None:

@@ -13,7 +13,8 @@
   it) and DDP; mixed precision keeps float32 master weights, so it excludes a low-precision ``dtype``;
 - QLoRA needs LoRA and ``bitsandbytes`` (whose 4-bit layers also run, slowly, on CPUs);
 - what FSDP2 does not cover yet (LoRA, flow policies, self-play iterates and a replaced
-  reference, which copy whole weights between models) is refused with the reason.
+  reference, which copy whole weights between models, tree search, multi-turn episodes) is
+  refused with the reason.
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ def _check_algorithm(plan: ParallelPlan, cfg, algo) -> None:
             raise RunError(f"{algo.name}: self-play iterations (an iterate or a replaced reference copy the "
                            "policy's whole weights) are not supported under parallel=fsdp2 yet",
                            hint="use parallel=ddp for this spec")
+        if any(sp.kind == "rollout" for sp in algo.plan.sampler.walk()):
+            raise RunError(f"{algo.name}: multi-turn episodes (the rollout sampler, rollout/episodes.py) under "
+                           "parallel=fsdp2 are not supported yet", hint="use parallel=ddp for this spec")
         if "tree_search" in algo.requires or "embedding" in algo.inputs or "reward_head" in algo.requires:
             raise RunError(f"{algo.name}: tree search, embeddings of responses and reward-model training "
                            "under parallel=fsdp2 are not supported yet",

@@ -1,4 +1,4 @@
 """Samplers behind one interface, chosen by the run plan (``base.py``: ``Sampler``, ``register``,
 ``build_sampler``): ``generate`` (generate.py; token sampling: generation.py, sampling.py),
 ``demonstration`` and ``pairs`` (offline.py), ``concat`` (concat.py), ``tree_search``
-(tree.py; the search: mcts_sampler.py, tree_search.py), ``flow_sde`` (flow_sde.py)."""
+(tree.py; the search: mcts_sampler.py, tree_search.py), ``flow_sde`` (flow_sde.py), ``rollout`` (episodes.py: multi-turn episodes with envs.py, tools.py)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..errors import RunError
 
-EXTERNALS = ("reward", "reward_model", "preference")
+EXTERNALS = ("reward", "reward_model", "preference")  # env_reward: from the rows (episodes)
 
 
 def bind_scorers(run) -> dict:

@@ -1,0 +1,246 @@
+"""Multi-turn episodes: the ``rollout`` sampler (runtime/rollout/episodes.py), its
+environments and tools (envs.py, tools.py), and the action mask it hands the loss."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import QUIET, quiet, read_metrics, read_weights  # noqa: E402
+
+import alignspec  # noqa: E402
+from alignspec.runtime.data.token_rows import tensors  # noqa: E402
+from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
+from alignspec.runtime.errors import RunError  # noqa: E402
+from alignspec.runtime.rollout import episodes  # noqa: E402
+from alignspec.runtime.rollout.tools import ToolBox, parse_args  # noqa: E402
+
+DT = torch.float64
+
+SPEC = """\
+algorithm agentic
+params
+  n: int = 2
+sample
+  responses = rollout(prompt, env = env, n = n, max_turns = 3)
+score
+  r = reward(response) + env_reward(response)
+advantage
+  A = r - group_mean(r)
+loss
+  minimize pg = -token_mean_all(exp(logp - stopgrad(logp)) * A)
+  minimize per_row = -0.5 * mean(mean_tokens(logp) * A)
+"""
+
+
+def _spec(tmp_path) -> str:
+    p = tmp_path / "agentic.align"
+    p.write_text(SPEC)
+    return str(p)
+
+
+# ---------------------------------------------------------------- masks
+def test_rows_with_an_action_mask_make_mask_and_length():
+    rows = [{"p": [5, 6], "c": [7, 8, 9, 10, 11], "m": [1, 1, 0, 0, 1], "text": "", "rec": {}},
+            {"p": [5], "c": [7, 2], "m": [1, 1], "text": "", "rec": {}}]
+    b = tensors(rows, 0, "cpu")
+    assert b["completion_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]  # attention: every token
+    assert b["mask"].tolist() == [[1, 1, 0, 0, 1], [1, 1, 0, 0, 0]]              # actions only
+    assert b["length"].tolist() == [3.0, 2.0]
+    plain = tensors([{k: v for k, v in r.items() if k != "m"} for r in rows], 0, "cpu")
+    assert plain["mask"].tolist() == plain["completion_mask"].float().tolist()
+
+
+def test_compiled_loss_gives_environment_tokens_no_gradient_and_no_count(tmp_path):
+    """The compiled loss on a hand-built batch with known masks against a reference written
+    with loops over each row's action tokens only."""
+    algo = alignspec.compile(_spec(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    act = torch.tensor([[1, 1, 0, 0, 0, 1], [1, 0, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=DT)
+    logp = (-torch.rand(B, T, generator=g, dtype=DT)).requires_grad_(True)
+    batch = {"mask": act, "logp": logp, "reward": torch.randn(B, generator=g, dtype=DT),
+             "env_reward": torch.randn(B, generator=g, dtype=DT)}
+    out = algo.loss(dict(batch))
+    r = (batch["reward"] + batch["env_reward"]).detach()
+    A = [r[i] - r[(i // 2) * 2:(i // 2) * 2 + 2].mean() for i in range(B)]
+    lp = logp.detach().clone().requires_grad_(True)
+    n_act = sum(int(act[i, t]) for i in range(B) for t in range(T))
+    pg = -sum(A[i] for i in range(B) for t in range(T) if act[i, t]) / n_act  # ratio 1 at logp_old = logp
+    per_row = sum(-0.5 * A[i] * sum(lp[i, t] for t in range(T) if act[i, t]) / act[i].sum() for i in range(B)) / B
+    want = pg + per_row
+    torch.testing.assert_close(out.loss, want.to(out.loss.dtype) if torch.is_tensor(want) else torch.tensor(want))
+    out.loss.backward()
+    want_grad = torch.autograd.grad(per_row + sum(-A[i] * lp[i, t] / n_act for i in range(B) for t in range(T)
+                                                  if act[i, t]), lp)[0]
+    torch.testing.assert_close(logp.grad, want_grad)
+    assert torch.all(logp.grad[act == 0] == 0) and torch.all(logp.grad[act == 1] != 0)
+    # environment tokens' log-probs do not matter at all
+    other = logp.detach().clone()
+    other[act == 0] = -50.0
+    torch.testing.assert_close(algo.loss({**batch, "logp": other}).loss, out.loss.detach())
+
+
+# ---------------------------------------------------------------- tools
+def _box(**kw) -> ToolBox:
+    return ToolBox(["agentic_tools:add", "agentic_tools:boom", "agentic_tools:slow", "agentic_tools:huge"],
+                   **{"timeout": 0.5, "max_chars": 50, **kw})
+
+
+def test_tool_schemas_come_from_transformers():
+    box = _box()
+    add = box.schemas[0]["function"]
+    assert add["name"] == "add" and add["parameters"]["required"] == ["a", "b"]
+    assert add["parameters"]["properties"]["a"]["type"] == "integer"
+
+
+def test_tool_calls_parse_in_both_formats():
+    box = _box()
+    assert box.parse('x <call>add(1, b=2)</call> y <tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}'
+                     '</tool_call>') == [("add", [1], {"b": 2}), ("add", [], {"a": 3, "b": 4})]
+    assert parse_args("123 456") == ([123, 456], {})
+    assert parse_args("'a', 2.5") == (["a", 2.5], {})
+    assert box.observe("no call here") is None
+    assert box.observe("<call>add(2, 3)</call>") == "<result>5</result>"
+
+
+def test_a_tool_that_raises_hangs_or_floods_gives_an_observation():
+    box = _box()
+    assert box.observe("<call>boom(1)</call>") == "<result>error: ValueError: no luck</result>"
+    assert box.observe("<call>slow(1)</call>") == "<result>error: timed out after 0.5s</result>"
+    big = box.observe("<call>huge(1)</call>")
+    assert big == "<result>" + "9" * 50 + "... [truncated, 10000 chars]</result>"
+    assert "unknown tool 'nope'" in box.observe("<call>nope()</call>")
+    assert "not JSON" in box.observe("<tool_call>{oops}</tool_call>")
+    assert box.counts == {"calls": 5, "errors": 4, "timeouts": 1, "truncated": 1}
+
+
+def test_bad_tool_and_env_names_are_clear_errors(tmp_path):
+    with pytest.raises(RunError, match="could not import module 'no_such_mod'"):
+        ToolBox(["no_such_mod:f"])
+    with pytest.raises(RunError, match="expected module:function"):
+        ToolBox(["add"])
+    eng = quiet(build_engine(_spec(tmp_path), out=str(tmp_path / "o"), steps=1, sets=["batch_size=2"] + QUIET))
+    with pytest.raises(RunError, match="names no environment"):
+        eng.train()
+
+
+# ---------------------------------------------------------------- episodes in a run
+TAGS = ["tool_call_tags=['call ', '=']", "tool_result_tags=['?', '?']"]  # the char tokenizer has no < > ,
+
+
+def _scripted(monkeypatch, seen):
+    """Replace the policy's turns: a prompt with an even first digit answers at once (turn 1);
+    the others call boom, then slow, then answer (turn 3). Records each turn's batch size."""
+    def turn(self, lm, contexts, gen, eos, pad):
+        seen.append(len(contexts))
+        tok = self.run.tokenizer
+        out = []
+        for c in contexts:
+            text = tok.decode(c, skip_special_tokens=True)
+            k = text.count("call ")
+            if int(text.strip()[0]) % 2 == 0 or k == 2:
+                say = "7"
+            else:
+                say = ["call boom(1)=", "call slow(2)="][k]
+            out.append(list(tok(say, add_special_tokens=False)["input_ids"]) + ([tok.eos_token_id] if say == "7" else []))
+        return out
+    monkeypatch.setattr(episodes.Rollout, "_turn", turn)
+
+
+def test_a_run_with_a_raising_and_a_hanging_tool_completes_and_batches_uneven_episodes(tmp_path, monkeypatch):
+    seen = []
+    _scripted(monkeypatch, seen)
+    out = tmp_path / "o"
+    eng = quiet(build_engine(_spec(tmp_path), out=str(out), steps=2,
+                             sets=["batch_size=4", "tools=[agentic_tools:boom, agentic_tools:slow]",
+                                   "tool_timeout=0.3", *TAGS] + QUIET))
+    eng.train()
+    rows, tok = eng.batch_rows, eng.tokenizer
+    odd = [r for r in rows if int(r["rec"]["prompt"].strip()[0]) % 2]
+    even = [r for r in rows if not int(r["rec"]["prompt"].strip()[0]) % 2]
+    assert odd and even  # episodes of one batch end at different turns
+    for r in even:
+        assert r["turns"] == 1 and r["tool_calls"] == 0 and r["m"] == [1] * len(r["c"])
+    for r in odd:
+        assert r["turns"] == 3 and r["tool_calls"] == 2
+        text = tok.decode(r["c"], skip_special_tokens=True)
+        assert text.startswith("call boom(1)=?") and "call slow(2)=?" in text and text.endswith("?7")
+        # the observations' tokens (between the ? marks) are exactly the mask's zeros
+        policy = [t for t, m in zip(r["c"], r["m"]) if m]
+        assert tok.decode(policy, skip_special_tokens=True) == "call boom(1)=call slow(2)=7"
+        obs = [t for t, m in zip(r["c"], r["m"]) if not m]
+        # (the char tokenizer has no capitals, colon or dot: <unk>, dropped in the text)
+        assert tok.decode(obs, skip_special_tokens=True) == "?error aluerror no luck??error timed out after 03s?"
+    # all unfinished episodes generated together: turn 1 every episode, turns 2-3 the odd ones
+    per_step = len(rows)
+    assert seen[:3] == [per_step, len(odd), len(odd)] or seen[3:6] == [per_step, len(odd), len(odd)]
+    b = eng.family.batch_of(eng, rows)
+    assert b["length"].tolist() == [float(sum(r["m"])) for r in rows]
+    m = [r for r in read_metrics(out) if "loss" in r]
+    assert len(m) == 2 and all(x["episodes/tool_errors"] >= 1 and x["episodes/tool_timeouts"] >= 1 for x in m)
+    assert all(1 <= x["episodes/turns_mean"] <= 3 and "episodes/tool_calls_mean" in x for x in m)
+
+
+def test_resume_between_rollouts_matches_an_uninterrupted_run(tmp_path, capsys):
+    """Checkpoints are taken between rollouts: a resumed run replays the same episodes."""
+    sets = ["batch_size=2", "lr_schedule=constant", "env=agentic_tools:Count", "max_new_tokens=4"] + QUIET
+    a, b = tmp_path / "a", tmp_path / "b"
+    spec = _spec(tmp_path)
+    assert run_from_cli(spec, out=str(a), steps=4, sets=sets) == 0
+    assert run_from_cli(spec, out=str(b), steps=2, sets=sets) == 0
+    cfg = tmp_path / "other.yaml"  # another environment, not asked for with --set: refused
+    cfg.write_text("env: agentic_tools:Other\n")
+    assert run_from_cli(spec, out=str(b), steps=4, config=str(cfg), resume=True,
+                        sets=[x for x in sets if not x.startswith("env=")]) == 2
+    assert "agentic_tools:Other" in capsys.readouterr().err
+    assert run_from_cli(spec, out=str(b), steps=4, sets=sets, resume=True) == 0
+    wa, wb = read_weights(a / "model"), read_weights(b / "model")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+    ma = [r for r in read_metrics(a) if "loss" in r]
+    mb = [r for r in read_metrics(b) if "loss" in r]
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    assert [r["env_reward/mean"] for r in ma] == [r["env_reward/mean"] for r in mb]
+    assert all(r["episodes/turns_mean"] == 2 for r in ma)  # every episode: a turn, "ok", a turn (Count)
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """The README's tool function and environment class, as written there, in a short run."""
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sec = readme[readme.index("### Agentic episodes"):]
+    code = re.search(r"```python\n# my_agent.py\n(.*?)```", sec, re.S).group(1)
+    (tmp_path / "my_agent.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "o"
+    eng = quiet(build_engine(_spec(tmp_path), out=str(out), steps=2,
+                             sets=["batch_size=2", "env=my_agent:Answer", "tools=[my_agent:calculator]"] + QUIET))
+    eng.train()
+    rows = eng.batch_rows
+    want = [float(r["text"].strip() == str(r["rec"]["answer"])) for r in rows]
+    assert [r["env_reward"] for r in rows] == want and all(r["turns"] == 1 for r in rows)
+    assert eng._samplers and next(iter(eng._samplers.values())).toolbox.schemas[0]["function"]["name"] == "calculator"
+    assert len([r for r in read_metrics(out) if "loss" in r]) == 2
+
+
+def test_tool_schemas_go_to_the_chat_template():
+    """With a templated tokenizer, the prompt is rendered with the tools' schemas."""
+    from types import SimpleNamespace
+
+    from alignspec.compiler.plan import SamplerPlan
+    from alignspec.runtime.config import RunConfig
+    from alignspec.runtime.data.prompts import PromptFormat
+    from alignspec.runtime.models.tokenizer import build_char_tokenizer
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% for t in tools %}tool {{ t['function']['name'] }}\n{% endfor %}"
+                         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    cfg = RunConfig(tools=["agentic_tools:add"])
+    run = SimpleNamespace(cfg=cfg, tokenizer=tok, prompt_format=PromptFormat(tok, "auto"),
+                          algo=SimpleNamespace(name="t"))
+    s = episodes.Rollout(SamplerPlan("rollout", 1, (("n", 1),)), run)
+    assert tok.decode(s._prompt_ids("1+2=")) == "tool add\n1+2="
