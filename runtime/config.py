@@ -63,8 +63,33 @@ class RunConfig(BaseModel):
                                          "the K-1 before it as OUT/checkpoint-<step> (None: all)")
     eval_every: int | None = Field(None, ge=0, description="0: only at start and end; None: 25 on the built-in task")
     eval_size: int | None = Field(None, ge=1, description="None: every held-out problem")
-    lora_r: int = Field(0, ge=0, description="0: full fine-tuning")
-    lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="LoRA scaling numerator (None: 2 * lora_r)")
+    lora_r: int = Field(0, ge=0, description="LoRA rank (peft.LoraConfig r); 0: full fine-tuning")
+    lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="LoRA alpha (peft.LoraConfig lora_alpha); None: 2 * lora_r")
+    # parallel: the settings of runtime/parallel/ (checked by runtime/parallel/settings.py before anything loads)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch (peft.LoraConfig lora_dropout)")
+    lora_target_modules: list[str] | str = Field("all-linear", description="modules that get LoRA adapters "
+                                                 "(peft.LoraConfig target_modules): 'all-linear' or a list of names, "
+                                                 "e.g. [q_proj, v_proj]")
+    lora_adapter: str | None = Field(None, description="start from this existing PEFT adapter directory "
+                                     "(adapter_config.json); its rank, alpha, dropout and targets are used")
+    qlora: bool = Field(False, description="QLoRA: the base model in 4-bit NF4 (bitsandbytes; its CPU kernels are slow), "
+                        "LoRA adapters trained in full precision; needs lora_r > 0 or lora_adapter")
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="how several processes share the training: ddp = each process holds the whole model, "
+        "gradients averaged (DistributedDataParallel); fsdp2 = parameters, gradients and optimizer state "
+        "sharded over the processes (torch fully_shard per decoder layer, then the root). Also chosen by "
+        "accelerate's own FSDP2 configuration (fsdp_version: 2)")
+    reshard_after_forward: bool = Field(True, description="fsdp2: free each layer's gathered parameters after "
+                                        "its forward (gathered again in backward); false keeps them (faster, "
+                                        "more memory)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="low-precision compute with float32 master weights and optimizer state (FSDP2's "
+        "MixedPrecisionPolicy under fsdp2, autocast otherwise); fp16 needs a GPU (loss scaling) and ddp. "
+        "Separate from dtype, which stores the weights themselves in low precision")
+    gradient_checkpointing: bool = Field(False, description="activation checkpointing: the model's own "
+                                         "gradient checkpointing (non-reentrant), applied before sharding; "
+                                         "recomputes each decoder layer in backward instead of keeping its "
+                                         "activations")
     rewards: list[str] = Field(default_factory=list,
                                description="reward functions: built-in names (exact_answer, format, length) or "
                                "module:function with TRL's signature f(prompts, completions, completion_ids, "
@@ -154,6 +179,11 @@ class RunConfig(BaseModel):
         if isinstance(v, str) and v not in ("auto", "on", "off") and not Path(os.path.expanduser(v)).is_file():
             raise ValueError("must be auto, on, off or the path of a Jinja chat template file (no file there)")
         return v
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no(cls, v):  # parallel: YAML reads a bare `no` as false
+        return "no" if v is False else v
 
     @field_validator("dtype")
     @classmethod

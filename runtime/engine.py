@@ -10,10 +10,13 @@ causal LMs and flow policies alike. Where things live:
     data/       data files, prompts and chat templates, built-in tasks, token rows
     scoring/    reward functions, scorer models, embeddings
     io/         checkpoints, metrics, trackers
-    parallel/   DDP through accelerate (parallel/ddp.py)
+    parallel/   DDP (parallel/ddp.py) or FSDP2 (parallel/fsdp2.py), chosen in parallel/wrap.py;
+                mixed precision, activation checkpointing, sharded checkpoints, LoRA settings
 
 Distributed runs: ``accelerate launch --multi_gpu --num_processes N`` (or torchrun); see
 parallel/ddp.py for the normalizers, padding micro-batches and gradient reduction.
+``--set parallel=fsdp2`` (or accelerate's FSDP2 config) shards the training forward with
+``fully_shard`` instead of DDP (parallel/fsdp2.py); FSDP1 and DeepSpeed are refused.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None,
         if isinstance(spec, CompiledAlgorithm):
             merged = {**{k: v for k, v in spec.params.items()}, **merged}
         algo = base.with_params(**merged)
+    from .parallel.settings import resolve  # bad parallel / precision / LoRA settings: before --out is made
+    resolve(cfg, algo)
     from .io.outdir import claim_out  # before anything loads: a bad --out costs nothing
     lock = claim_out(cfg, resume=resume, main=int(os.environ.get("RANK", "0")) == 0, spec=algo.name)
     engine = Engine(algo, cfg, resume=resume)  # the policy family follows the plan (loop/engine.py)

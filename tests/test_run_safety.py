@@ -183,6 +183,10 @@ def test_resume_refuses_changed_settings_unless_set_on_purpose(tmp_path, capsys)
     assert run_from_cli("sft", out=str(out), steps=3, sets=SETS, seed=5, resume=True) == 2
     err = capsys.readouterr().err
     assert "settings differ" in err and "seed: 0 -> 5" in err
+    bf16 = tmp_path / "bf16.yaml"  # a setting of runtime/parallel/ that changes the numbers (RESUME_FIXED)
+    bf16.write_text("mixed_precision: bf16\n")
+    assert run_from_cli("sft", out=str(out), steps=3, sets=SETS, config=str(bf16), resume=True) == 2
+    assert "mixed_precision: 'no' -> 'bf16'" in capsys.readouterr().err
     assert run_from_cli("sft", out=str(out), steps=3, sets=SETS + ["lr=0.002"], resume=True) == 0
     assert "changed setting (--set): lr" in capsys.readouterr().out
 
@@ -282,3 +286,19 @@ def test_a_prompt_longer_than_the_context_is_an_error(tmp_path, capsys):
     data.write_text(json.dumps({"prompt": "1+" * context + "1=", "response": "2"}) + "\n")
     assert run_from_cli("sft", data=str(data), out=str(tmp_path / "run"), steps=1, sets=SETS) == 2
     assert f"in the model's context of {context:,} positions" in capsys.readouterr().err
+
+
+def test_another_process_of_the_launch_accepts_the_main_ones_fresh_lock(tmp_path):
+    """Under torchrun every process checks --out while the main one claims it: a folder that holds
+    only the main process's `.lock` (its mark not written yet) is not someone else's folder."""
+    from types import SimpleNamespace
+
+    from alignspec.runtime.errors import RunError
+    from alignspec.runtime.io.outdir import claim_out
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".lock").write_text("123")
+    assert claim_out(SimpleNamespace(out=str(out)), resume=False, main=False) is None
+    (out / "stranger.txt").write_text("x")
+    with pytest.raises(RunError, match="holds no alignspec run"):
+        claim_out(SimpleNamespace(out=str(out)), resume=False, main=False)

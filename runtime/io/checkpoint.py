@@ -10,6 +10,10 @@ place, the previous one kept as ``OUT/.NAME.old`` until then), so a killed run l
 last good checkpoint whole and ``--resume`` continues from it exactly. ``OUT/checkpoint`` is
 always the latest; with ``save_total_limit`` K > 1 the one it replaces moves to
 ``OUT/checkpoint-<step>`` and the newest K - 1 of those are kept.
+
+Sharded runs (``parallel=fsdp2``) write and read their model and optimizer shards with
+``torch.distributed.checkpoint`` instead, and gather their final model
+(parallel/sharded_checkpoint.py); ``state.json`` and ``process_<rank>.json`` are the same.
 """
 
 from __future__ import annotations
@@ -51,12 +55,15 @@ def _reason(e: BaseException) -> str:
 
 
 # Settings that a resumed run must share with its checkpoint (the others -- steps, out, how
-# often to save, evaluate or log, threads, performance switches -- may change on --resume).
+# often to save, evaluate or log, threads, performance switches such as gradient_checkpointing
+# and reshard_after_forward, which change memory and time but not the result -- may change on
+# --resume). `parallel` decides the checkpoint's format (sharded or not), `mixed_precision` the
+# numbers, the LoRA settings which parameters exist.
 RESUME_FIXED = ("model", "data", "fields", "seed", "batch_size", "max_new_tokens", "lr", "weight_decay",
                 "warmup_steps", "warmup_ratio", "lr_schedule", "min_lr_rate", "lr_scheduler_kwargs", "max_grad_norm",
-                "lora_r", "lora_alpha", "rewards", "reward_weights", "reward_model",
-                "preference_model", "embedding_model", "init_model", "reference_model", "chat_template",
-                "chat_template_kwargs", "dtype",
+                "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter", "qlora",
+                "rewards", "reward_weights", "reward_model", "preference_model", "embedding_model", "init_model",
+                "reference_model", "chat_template", "chat_template_kwargs", "dtype", "parallel", "mixed_precision",
                 "env")  # not tools: [] by default, which a checkpoint written before it lacks
 
 
@@ -115,9 +122,19 @@ class CheckpointMixin:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
 
+    @property
+    def _sharded(self) -> bool:
+        """Whether the model and optimizer are sharded over processes (``parallel=fsdp2``)."""
+        plan = getattr(self, "parallel_plan", None)
+        return plan is not None and plan.fsdp2
+
     def save_checkpoint(self) -> None:
         """``OUT/checkpoint`` (atomic, written by the main process): the subclass's model files,
-        ``optimizer.pt``, ``process_<rank>.json`` for every process and ``state.json``."""
+        ``optimizer.pt``, ``process_<rank>.json`` for every process and ``state.json``; a sharded
+        run's (every process writes its shards) is parallel/sharded_checkpoint.py's."""
+        if self._sharded:
+            from ..parallel import sharded_checkpoint
+            return sharded_checkpoint.save(self)
         self._barrier()
         states = self._gather_objects(self._process_state())  # every process's, in rank order
         if self.main:
@@ -213,6 +230,27 @@ class CheckpointMixin:
                            hint="start afresh (without --resume) or use another --out") from None
         self._check_checkpoint(ck, state)
         self._check_settings(ck, state.get("settings"))
+        if bool(state.get("sharded")) != self._sharded:
+            raise RunError(f"{ck} was written by a{' sharded' if state.get('sharded') else 'n unsharded'} run; "
+                           f"this run is parallel={'fsdp2' if self._sharded else 'ddp'}",
+                           hint="resume with the parallel setting the run was started with")
+        if self._sharded:
+            from ..parallel import sharded_checkpoint
+            sharded_checkpoint.load(self, ck)
+        else:
+            self._load_unsharded(ck)
+        own = ck / f"process_{self.rank}.json"
+        own = own if own.is_file() else ck / "process_0.json"
+        if not own.is_file():
+            raise RunError(f"{ck} has no {own.name} (a checkpoint of an older alignspec stored it pickled, "
+                           "which is never loaded: unpickling a file from a run folder can run code)",
+                           hint="start the run afresh (without --resume) or use another --out")
+        self._set_process_state(json.loads(own.read_text()))
+        self._restore_position(state)
+        return True
+
+    def _load_unsharded(self, ck: Path) -> None:
+        """The model files (``_load_weights``), optimizer and scheduler of an unsharded checkpoint."""
         try:
             self._load_weights(ck)
         except RunError:
@@ -224,22 +262,17 @@ class CheckpointMixin:
         opt = load_tensors(ck / "optimizer.pt")
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        own = ck / f"process_{self.rank}.json"
-        own = own if own.is_file() else ck / "process_0.json"
-        if not own.is_file():
-            raise RunError(f"{ck} has no {own.name} (a checkpoint of an older alignspec stored it pickled, "
-                           "which is never loaded: unpickling a file from a run folder can run code)",
-                           hint="start the run afresh (without --resume) or use another --out")
-        self._set_process_state(json.loads(own.read_text()))
-        self._restore_position(state)
-        return True
 
     def _restore_position(self, state: dict) -> None:
         self.step = int(state["step"])
 
     def save_final(self) -> None:
         """The trained model in ``OUT/model`` (atomic, main process; ``_write_model``) with its
-        card (io/model_card.py)."""
+        card (io/model_card.py); a sharded run's is gathered from every process first
+        (parallel/sharded_checkpoint.py)."""
+        if self._sharded:
+            from ..parallel import sharded_checkpoint
+            return sharded_checkpoint.save_final(self)
         if self.main:
             from .model_card import write_model_card
 

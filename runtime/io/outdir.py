@@ -79,7 +79,9 @@ def claim_out(cfg, *, resume: bool, main: bool = True, spec: str = "") -> OutLoc
                            hint="choose an --out folder outside the model and data folders")
     if out.is_dir() and not (out / MARK).exists() and not getattr(cfg, "overwrite", False):
         try:
-            entries = sorted(p.name for p in out.iterdir())
+            # `.lock` alone: the main process of this very launch, between its lock and its mark
+            # (another process of a multi-process run checks the folder at the same time)
+            entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
         except OSError as e:
             raise RunError(f"cannot read --out {out}: {e.strerror or e}") from None
         if entries:

@@ -5,7 +5,7 @@
     rollout -> score, filter, select      loop/rollout_stage.py (samplers: rollout/)
     -> no-grad forwards (old, ref, value) the policy family's ``no_grad_forwards``
     -> advantage                          ``algo.advantage`` (compiled)
-    -> updates                            loop/update.py (DDP: parallel/ddp.py)
+    -> updates                            loop/update.py (DDP or FSDP2: parallel/wrap.py)
     -> checkpoint and metrics             loop/base.py, io/
 
 reading the compiled step functions (``algo.score`` / ``advantage`` / ``step_loss``) and the
@@ -69,6 +69,9 @@ class Engine(TrainingLoop):
         self.console = console or Console(stderr=False, highlight=False)
         self._samplers = {}
         self.batch_rows = None
+        # parallel, precision, checkpointing and LoRA settings, checked before anything loads
+        from ..parallel.settings import resolve
+        self.parallel_plan = resolve(cfg, algo)
         self.family = family_for(algo)
         self.family.setup(self)
 

@@ -8,7 +8,7 @@ loss is back-propagated; then gradient clipping, the optimizer and the LR schedu
 normalizers ``totals`` (tokens, responses, groups) are those of the whole minibatch over
 every process, so the micro-batch losses add up to the minibatch's loss; DDP's part
 (gradient reduction at the last micro-batch, padding micro-batches, ``world * loss``) is
-parallel/ddp.py's.
+parallel/ddp.py's, the gradient clipping (over every shard under FSDP2) parallel/wrap.py's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..parallel.ddp import backward, global_totals, mean_over_processes, sum_over_processes, sync_context
+from ..parallel.wrap import clip_grad_norm
 
 
 def _per(v, rows: int, groups: int, G: int, ridx, gidx):
@@ -87,7 +88,7 @@ def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[
         t0 = time.perf_counter()
         mb_loss = sum_over_processes(run, mb_loss)
         if run.cfg.max_grad_norm:
-            grad_norms.append(float(run.acc.clip_grad_norm_(pol.grad_params(run), run.cfg.max_grad_norm)))
+            grad_norms.append(clip_grad_norm(run, pol.grad_params(run), run.cfg.max_grad_norm))
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)

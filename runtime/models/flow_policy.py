@@ -97,7 +97,7 @@ class FlowPolicyFamily:
         from ..io.tracking import check_trackers
         check_trackers(list(cfg.log_with))
         from ..parallel.ddp import accelerator
-        run.acc = accelerator(run.out, list(cfg.log_with), cpu=True)
+        run.acc = accelerator(run.out, list(cfg.log_with), cpu=True, plan=run.parallel_plan)
         run.rank, run.world, run.main, run.device = 0, 1, True, torch.device("cpu")
         # model and task
         if run.builtin:

@@ -55,20 +55,20 @@ def _check_model_dir(path) -> Path:
     return p
 
 
-def _load_model(p: Path, dtype, device):
-    try:
+def _load_model(p: Path, dtype, device, extra: dict | None = None):
+    try:  # parallel: `extra` = QLoRA's quantization_config (runtime/parallel/lora.py)
         model = AutoModelForCausalLM.from_pretrained(p, dtype=_resolve_dtype(dtype),
-                                                     local_files_only=True)
+                                                     local_files_only=True, **(extra or {}))
     except RunError:
         raise
     except Exception as e:  # transformers raises many kinds; say which directory failed
         raise RunError(f"could not load a causal LM from {p}: {type(e).__name__}: {e}") from e
-    if device is not None:
+    if device is not None and not extra:  # parallel: a quantized model is placed by from_pretrained
         model = model.to(device)
     return model
 
 
-def load_policy(path, dtype=None, device=None):
+def load_policy(path, dtype=None, device=None, extra: dict | None = None):
     """Load ``(model, tokenizer)`` from a local checkpoint directory.
 
     ``dtype``: None/'auto' keeps the stored dtype, else a torch.dtype or a name such as
@@ -87,7 +87,7 @@ def load_policy(path, dtype=None, device=None):
         if tokenizer.eos_token is None:
             raise RunError(f"the tokenizer in {p} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-    model = _load_model(p, dtype, device)
+    model = _load_model(p, dtype, device, extra)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

@@ -5,8 +5,9 @@ reward-model head for ``rm_score``), LoRA adapters, a value head for a ``critic`
 reference only if ``reference`` is required (with LoRA: the policy with its adapters
 disabled), the data (data/), the scorers (scoring/), the extras (models/lm_extras.py:
 prompt format, self-play iterate, embeddings, tree search), AdamW and the LR schedule, and
-the training forward that ``accelerator.prepare`` wraps (DDP under ``accelerate launch``;
-parallel/ddp.py). The loop then calls the hooks below: rows and tensors, the no-grad
+the training forward, wrapped for several processes by parallel/wrap.py (DDP through
+``accelerator.prepare``, or sharded by FSDP2's ``fully_shard``; activation checkpointing and
+mixed precision: parallel/). The loop then calls the hooks below: rows and tensors, the no-grad
 forwards (old, reference, value), the training forward, and what a checkpoint and the final
 model hold (``checkpoint/``: ``model/`` with the tokenizer, ``trainable.safetensors``, the
 reference / iterate when iterations change them; ``model/``: the LM, LoRA merged, plus
@@ -46,7 +47,8 @@ class TokenPolicy:
         from ..io.tracking import check_trackers
         check_trackers(list(run.cfg.log_with))  # unknown or missing trackers: a RunError before anything is built
         from ..parallel.ddp import accelerator
-        run.acc = accelerator(run.out, list(run.cfg.log_with), cpu=not torch.cuda.is_available())
+        run.acc = accelerator(run.out, list(run.cfg.log_with), cpu=not torch.cuda.is_available(),
+                              plan=run.parallel_plan)
         run.rank, run.world = run.acc.process_index, run.acc.num_processes
         run.main, run.device = run.acc.is_main_process, run.acc.device
         self._apply_builtin_preset(run)
@@ -100,15 +102,17 @@ class TokenPolicy:
         run.ref_cache = ReferenceCache(run)  # offline data, fixed reference (models/fastpath.py)
         from .lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
         setup_extras(run)
+        # the training forward (models/train_forward.py): activation checkpointing, then FSDP2's
+        # shards, before the optimizer sees the parameters (parallel/wrap.py)
+        from ..parallel.wrap import prepare_training, wrap_training
+        run.logprob_temperature = algo.plan.logprob_temperature  # "sampling" resolved by the compiler
+        prepare_training(run, self.forwarder(run, run.model))
         # optimizer / schedule
         params = [p for p in run.model.parameters() if p.requires_grad]
         from .fastpath import adamw
         run.optimizer = adamw(params, lr=run.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
         run._build_scheduler()  # warmup + lr_schedule (loop/base.py)
-        # the training forward, wrapped by accelerate (DDP under `accelerate launch`; models/train_forward.py)
-        run.logprob_temperature = algo.plan.logprob_temperature  # "sampling" resolved by the compiler
-        run.train_forward = self.forwarder(run, run.model)
-        run.wrapped, run.optimizer = run.acc.prepare(run.train_forward, run.optimizer)
+        run.wrapped, run.optimizer = wrap_training(run, run.optimizer)  # DDP, or FSDP2's sharded forward
         run._init_iterations()
         run.cursor = 0
 
@@ -132,18 +136,17 @@ class TokenPolicy:
             run.policy, run.tokenizer = load_reward_model(run.model_dir, dtype=cfg.dtype, device=run.device)
             run.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
         else:
-            run.policy, run.tokenizer = load_policy(run.model_dir, dtype=cfg.dtype, device=run.device)
+            from ..parallel.lora import quantized_load_kwargs  # QLoRA's 4-bit base
+            run.policy, run.tokenizer = load_policy(run.model_dir, dtype=cfg.dtype, device=run.device,
+                                                    extra=quantized_load_kwargs(cfg, run.device))
         run.builds["policy"] += 1
-        run.lora = cfg.lora_r > 0
+        run.lora = cfg.lora_r > 0 or cfg.lora_adapter is not None  # or an existing adapter
         if run.lora:
-            from peft import LoraConfig, get_peft_model
             if algo.plan.reference == "iterate" and "reference" in algo.requires:
                 raise RunError("LoRA with `reference = \"iterate\"` is not supported yet",
                                hint="set lora_r: 0 for this spec")
-            lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
-                              target_modules="all-linear", lora_dropout=0.0,
-                              **({"task_type": "SEQ_CLS"} if run.reward_head else {}))
-            run.policy = get_peft_model(run.policy, lcfg)
+            from ..parallel.lora import add_adapters  # peft.LoraConfig from the run settings
+            run.policy = add_adapters(run.policy, cfg, reward_head=run.reward_head)
         run.model = run.policy
         if "critic" in algo.requires:
             run.model = add_value_head(run.policy)
@@ -302,7 +305,9 @@ class TokenPolicy:
     def evaluate(self, run) -> float | None:
         if run.task is None:
             return None
-        return run.task.eval_score(run.policy, run.tokenizer, run.cfg.eval_size, prompt_format=run.prompt_format)
+        from ..parallel.wrap import gathered
+        with gathered(run):  # whole weights for generation under FSDP2
+            return run.task.eval_score(run.policy, run.tokenizer, run.cfg.eval_size, prompt_format=run.prompt_format)
 
     @staticmethod
     def evaluates(run) -> bool:

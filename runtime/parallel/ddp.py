@@ -16,7 +16,8 @@ prompts. What keeps the update the one of the whole batch (loop/update.py):
 - batch-wide statistics of ``score`` and ``advantage`` are taken over every process's rows
   (``batch_stats_context``).
 
-FSDP and DeepSpeed configurations of accelerate are refused with a RunError (``accelerator``).
+The choice between DDP and FSDP2 is parallel/wrap.py's; accelerate's FSDP1 and DeepSpeed
+configurations are refused (parallel/settings.py, and ``accelerator``).
 """
 
 from __future__ import annotations
@@ -35,19 +36,28 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def accelerator(out, log_with: list, *, cpu: bool):
-    """The run's ``accelerate.Accelerator`` (DDP or one process; gloo on CPU); a RunError for
+def accelerator(out, log_with: list, *, cpu: bool, plan=None):
+    """The run's ``accelerate.Accelerator`` (DDP or one process; gloo on CPU), with the
+    autocast of ``plan``'s mixed precision (parallel/precision.py); under ``parallel=fsdp2``
+    accelerate's FSDP2 launch mode is accepted (parallel/fsdp2.py shards). A RunError for
     distributed modes this runtime does not drive."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    from . import precision, settings
+    plan = plan or settings.ParallelPlan()
     # cpu=True without a GPU: accelerate then picks gloo (MULTI_CPU) under torchrun / launchers
     # buffers (rotary tables) are the same on every process: no broadcast at each forward
     acc = Accelerator(log_with=log_with or None, project_dir=str(out), cpu=cpu,
+                      mixed_precision=precision.accelerator_setting(plan),
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+    accepted = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if plan.fsdp2:  # accelerate's FSDP2 config: parallel/fsdp2.py applies fully_shard itself
+        accepted += (DistributedType.FSDP,)
+    if acc.distributed_type not in accepted:
         raise RunError(f"accelerate's {acc.distributed_type.value} mode is not supported by this runtime yet",
-                       hint="use DDP (the default of `accelerate launch --multi_gpu`); FSDP and DeepSpeed "
-                            "configurations are not wired up")
+                       hint="use DDP (the default of `accelerate launch --multi_gpu`) or FSDP2 "
+                            "(--set parallel=fsdp2, or fsdp_version: 2 in the accelerate config)")
     if acc.num_processes > 1:  # processes that exit with the process group alive can abort (gloo threads)
         import atexit
         atexit.register(_destroy_process_group)
