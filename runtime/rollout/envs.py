@@ -20,22 +20,13 @@ ends a turn, not the episode: the environment answers it).
 
 from __future__ import annotations
 
-import importlib
 
 from ..errors import RunError, RunFailure
+from ..user_code import import_named
 
 
 def resolve_env_class(name: str):
-    mod_name, sep, cls_name = name.partition(":")
-    if not sep or not mod_name or not cls_name:
-        raise RunError(f"env {name!r}: expected module:Class", hint="e.g. env: my_envs:Calculator")
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:
-        raise RunError(f"env {name!r}: could not import module {mod_name!r}: {e}") from e
-    cls = getattr(mod, cls_name, None)
-    if cls is None or not callable(cls):
-        raise RunError(f"env {name!r}: module {mod_name!r} has no class {cls_name!r}")
+    cls = import_named(name, "env", "class", "env: my_envs:Calculator")
     for m in ("reset", "step"):
         if not callable(getattr(cls, m, None)):
             raise RunError(f"env {name!r}: the class has no {m}(...) method",

@@ -31,28 +31,18 @@ keeps the number of calls, errors and timeouts.
 from __future__ import annotations
 
 import ast
-import importlib
 import json
 import re
 import threading
 from collections.abc import Callable
 
 from ..errors import RunError
+from ..user_code import import_named
 
 
 def resolve_tool(name: str) -> Callable:
     """The function ``module:function`` (imported because the configuration names it)."""
-    mod_name, sep, fn_name = name.partition(":")
-    if not sep or not mod_name or not fn_name:
-        raise RunError(f"tool {name!r}: expected module:function", hint="e.g. tools: [my_tools:calculator]")
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:
-        raise RunError(f"tool {name!r}: could not import module {mod_name!r}: {e}") from e
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise RunError(f"tool {name!r}: module {mod_name!r} has no function {fn_name!r}")
-    return fn
+    return import_named(name, "tool", "function", "tools: [my_tools:calculator]")
 
 
 def tool_schema(name: str, fn: Callable) -> dict:

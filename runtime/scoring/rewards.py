@@ -30,12 +30,12 @@ and, as a Bradley-Terry scorer with P(i > j) = sigmoid(s_i - s_j), ``preference(
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 
 from ..errors import RunError
+from ..user_code import import_named
 
 
 def completion_text(c) -> str:
@@ -71,15 +71,7 @@ def resolve_reward(name: str) -> Callable:
     if name in REGISTRY:
         return REGISTRY[name]
     if ":" in name:
-        mod_name, _, fn_name = name.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except Exception as e:
-            raise RunError(f"reward {name!r}: could not import module {mod_name!r}: {e}") from e
-        fn = getattr(mod, fn_name, None)
-        if not callable(fn):
-            raise RunError(f"reward {name!r}: module {mod_name!r} has no function {fn_name!r}")
-        return fn
+        return import_named(name, "reward", "function", "rewards: [my_rewards:correct]")
     raise RunError(f"unknown reward {name!r}",
                    hint=f"use one of {', '.join(sorted(REGISTRY))}, or 'module:function'")
 
