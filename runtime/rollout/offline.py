@@ -6,14 +6,17 @@ from __future__ import annotations
 from .base import Sampler, register
 
 
+def _row(run, rec: dict, field: str) -> dict:
+    """The token row of record ``rec``'s prompt and its completion in ``field``."""
+    return {"p": run.tok_prompt(rec["prompt"]), "c": run.tok_completion(rec[field]), "text": rec[field], "rec": rec}
+
+
 @register("demonstration")
 class Demonstrations(Sampler):
     """One row per record: its ``response``."""
 
     def sample(self, recs, seed):
-        run = self.run
-        return [[{"p": run.tok_prompt(r["prompt"]), "c": run.tok_completion(r["response"]),
-                  "text": r["response"], "rec": r}] for r in recs]
+        return [[_row(self.run, r, "response")] for r in recs]
 
 
 @register("pairs")
@@ -21,11 +24,7 @@ class Pairs(Sampler):
     """Two rows per record (``data pairs``): ``chosen``, then ``rejected``."""
 
     def sample(self, recs, seed):
-        run = self.run
-        return [[{"p": run.tok_prompt(r["prompt"]), "c": run.tok_completion(r["chosen"]),
-                  "text": r["chosen"], "rec": r},
-                 {"p": run.tok_prompt(r["prompt"]), "c": run.tok_completion(r["rejected"]),
-                  "text": r["rejected"], "rec": r}] for r in recs]
+        return [[_row(self.run, r, "chosen"), _row(self.run, r, "rejected")] for r in recs]
 
 
 @register("unpaired")
@@ -33,6 +32,4 @@ class Unpaired(Sampler):
     """One labelled row per record (``data unpaired``, KTO): its ``completion``."""
 
     def sample(self, recs, seed):
-        run = self.run
-        return [[{"p": run.tok_prompt(r["prompt"]), "c": run.tok_completion(r["completion"]),
-                  "text": r["completion"], "rec": r}] for r in recs]
+        return [[_row(self.run, r, "completion")] for r in recs]
