@@ -135,9 +135,9 @@ TAGS = ["tool_call_tags=['call ', '=']", "tool_result_tags=['?', '?']"]  # the c
 def _scripted(monkeypatch, seen):
     """Replace the policy's turns: a prompt with an even first digit answers at once (turn 1);
     the others call boom, then slow, then answer (turn 3). Records each turn's batch size."""
-    def turn(self, lm, contexts, gen, eos, pad):
+    def turn(self, contexts):
         seen.append(len(contexts))
-        tok = self.run.tokenizer
+        tok = self.tok
         out = []
         for c in contexts:
             text = tok.decode(c, skip_special_tokens=True)
@@ -146,9 +146,10 @@ def _scripted(monkeypatch, seen):
                 say = "7"
             else:
                 say = ["call boom(1)=", "call slow(2)="][k]
-            out.append(list(tok(say, add_special_tokens=False)["input_ids"]) + ([tok.eos_token_id] if say == "7" else []))
+            ids = list(tok(say, add_special_tokens=False)["input_ids"]) + ([tok.eos_token_id] if say == "7" else [])
+            out.append((ids, None))
         return out
-    monkeypatch.setattr(episodes.Rollout, "_turn", turn)
+    monkeypatch.setattr(episodes.Turns, "__call__", turn)
 
 
 def test_a_run_with_a_raising_and_a_hanging_tool_completes_and_batches_uneven_episodes(tmp_path, monkeypatch):
