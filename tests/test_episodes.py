@@ -123,9 +123,17 @@ def test_bad_tool_and_env_names_are_clear_errors(tmp_path):
         ToolBox(["no_such_mod:f"])
     with pytest.raises(RunError, match="expected module:function"):
         ToolBox(["add"])
-    eng = quiet(build_engine(_spec(tmp_path), out=str(tmp_path / "o"), steps=1, sets=["batch_size=2"] + QUIET))
+    data = tmp_path / "d.jsonl"  # (on the built-in data, the built-in agentic task brings its own tool)
+    data.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    eng = quiet(build_engine(_spec(tmp_path), out=str(tmp_path / "o"), steps=1, data=str(data),
+                             model=_tiny_model(tmp_path), sets=["batch_size=2", "rewards=[exact_answer]"] + QUIET))
     with pytest.raises(RunError, match="names no environment"):
         eng.train()
+
+
+def _tiny_model(tmp_path) -> str:
+    from alignspec.runtime.models.tiny import build_tiny_model
+    return build_tiny_model(tmp_path / "tiny")
 
 
 # ---------------------------------------------------------------- episodes in a run
@@ -245,3 +253,43 @@ def test_tool_schemas_go_to_the_chat_template():
                           algo=SimpleNamespace(name="t"))
     s = episodes.Rollout(SamplerPlan("rollout", 1, (("n", 1),)), run)
     assert tok.decode(s._prompt_ids("1+2=")) == "tool add\n1+2="
+
+
+# ---------------------------------------------------------------- the built-in agentic task
+def test_the_calculator_is_safe_and_the_final_answer_is_after_the_last_result():
+    from alignspec.runtime.data.tool_task import BuiltinToolTask, answer_of, calc
+    assert calc("123+456+789") == 1368 and calc("2*(3-5)") == -4 and calc(" 7 ") == 7
+    for bad in ("__import__('os')", "2**99999", "1/2", "x+1", "9" * 201, "1+"):
+        with pytest.raises(ValueError):
+            calc(bad)
+    assert answer_of("call calc(1+2+3)=?6?6") == "6" and answer_of(" 6") == "6"
+    task = BuiltinToolTask()
+    assert task.final_answer(["1+2+3="] * 3, ["call calc(1+2+3)=?6?6", "6", "call calc(1+2+3)=?6?5"],
+                             answer=["6", "6", "6"]) == [1.0, 1.0, 0.0]
+    assert not set(task.train_problems) & set(task.eval_problems)
+    demo = task.records("demonstrations")[0]
+    assert [t for t, trained in demo["segments"] if not trained] == [f"?{demo['answer']}?"]  # the observation
+    box = task.toolbox()
+    assert box.observe("call calc(100+200+300)=") == "?600?" and "error" in box.observe("call calc(1+x)=")
+    assert box.counts["errors"] == 1
+
+
+@pytest.mark.usefixtures("alignspec_cache")
+def test_grpo_tools_learns_to_call_the_calculator(tmp_path):
+    """`alignspec run grpo_tools` on the built-in agentic task, shortened: the warm model
+    seldom calls the tool and greedy episodes answer wrongly; GRPO on episodes makes calling
+    the rule. Seed 0 reaches 0.98 by step 25 of the demo (runtime/presets.py); a learner that
+    does not learn stays near 0."""
+    out = tmp_path / "o"
+    eng = quiet(build_engine("grpo_tools", out=str(out), steps=30, seed=0, eval_every=0))
+    assert eng.task.name == "builtin:tool_addition" and eng.cfg.tool_call_tags == ("call ", "=")
+    eng.train()
+    m = read_metrics(out)
+    ev = [r["eval_score"] for r in m if "eval_score" in r]
+    steps = [r for r in m if "loss" in r]
+    assert len(steps) == 30
+    assert ev[0] < 0.3 and ev[-1] > 0.6, ev
+    calls = [r["episodes/tool_calls_mean"] for r in steps]
+    assert sum(calls[:3]) / 3 < 0.3 and sum(calls[-3:]) / 3 > 0.8, calls
+    assert all(1 <= r["episodes/turns_mean"] <= 4 and r["episodes/tool_errors"] >= 0 for r in steps)
+    assert "reward/mean" in steps[-1] and steps[-1]["reward/mean"] > 0.5

@@ -177,7 +177,7 @@ class Rollout(Sampler):
             self.toolbox = ToolBox(list(cfg.tools), timeout=cfg.tool_timeout, max_chars=cfg.tool_max_chars,
                                    call_tags=cfg.tool_call_tags, result_tags=cfg.tool_result_tags)
         elif self.env_cls is None and getattr(run, "task", None) is not None and hasattr(run.task, "toolbox"):
-            self.toolbox = run.task.toolbox(cfg)  # the built-in agentic task's own tools (data/tool_task.py)
+            self.toolbox = run.task.toolbox()  # the built-in agentic task's own tools (data/tool_task.py)
             self.env_name = run.task.name
         if self.env_cls is None and self.toolbox is None:
             raise RunError(f"{run.algo.name} samples episodes with rollout(prompt, env = env, ...), but the run "
