@@ -293,3 +293,58 @@ def test_grpo_tools_learns_to_call_the_calculator(tmp_path):
     assert sum(calls[:3]) / 3 < 0.3 and sum(calls[-3:]) / 3 > 0.8, calls
     assert all(1 <= r["episodes/turns_mean"] <= 4 and r["episodes/tool_errors"] >= 0 for r in steps)
     assert "reward/mean" in steps[-1] and steps[-1]["reward/mean"] > 0.5
+
+
+def _tools_spec(tmp_path, name: str, body: str) -> str:
+    p = tmp_path / f"{name}.align"
+    p.write_text(f"algorithm {name} extends grpo_tools\n\n{body}")
+    return str(p)
+
+
+@pytest.mark.usefixtures("alignspec_cache")
+def test_episodes_record_the_samplers_logprobs_on_the_policys_tokens(tmp_path):
+    """logp_sampler of an episode: the sampler's log-prob of each policy token (here temperature
+    1: the policy's own), 0 on the observation's tokens."""
+    spec = _tools_spec(tmp_path, "tools_tis", "advantage\n  A = (r - group_mean(r)) / (group_std(r) + 1e-4)\n"
+                       "  w = min(exp(logp_old - logp_sampler), 3.0)\n\nloss\n  ratio = exp(logp - logp_old)\n"
+                       "  minimize -mean(mean_tokens(w * clip(ratio, 1 - eps, 1 + eps) * A))\n")
+    eng = quiet(build_engine(spec, out=str(tmp_path / "o"), steps=1, sets=["batch_size=16"] + QUIET))
+    eng.train()  # one step, with the sampler's log-probs in the batch
+    rows = [r for g in eng.sample(eng.records[:4], seed=5) for r in g]
+    assert any(0 in r["m"] for r in rows)  # some episodes called the tool
+    for r in rows:
+        assert len(r["ls"]) == len(r["c"]) == len(r["m"])
+        assert all(lp == 0.0 for lp, m in zip(r["ls"], r["m"]) if not m)
+        assert all(lp < 0.0 for lp, m in zip(r["ls"], r["m"]) if m)
+    b = eng.family.batch_of(eng, rows)
+    assert "logp_sampler" in b
+    fw = eng.family.forward_rows(eng, eng.model, b, slice(0, len(rows)), grad=False)
+    on = b["mask"] != 0
+    torch.testing.assert_close(b["logp_sampler"][on], fw["logp"][on].float(), atol=2e-4, rtol=0)
+
+
+@pytest.mark.usefixtures("alignspec_cache")
+def test_rollout_with_model_reference_samples_from_the_reference(tmp_path):
+    """rollout(..., model = reference): episodes come from the frozen reference, not the policy."""
+    from alignspec.runtime.models.loaders import unwrap_causal_lm
+    from alignspec.runtime.rollout.envs import Episode
+    from alignspec.runtime.rollout.episodes import Turns, play
+    spec = _tools_spec(tmp_path, "tools_ref", "sample\n  responses = rollout(prompt, env = env, n = n, "
+                       "max_turns = max_turns, temperature = 0, model = reference)\n")
+    eng = quiet(build_engine(spec, out=str(tmp_path / "o"), steps=1, sets=["batch_size=8", "params.n=2"] + QUIET))
+    assert eng.reference is not None
+    with torch.no_grad():  # the policy now differs from the reference
+        for p in unwrap_causal_lm(eng.policy).parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    recs = eng.records[:3]
+    rows = [r for g in eng.sample(recs, seed=1) for r in g]
+
+    def greedy(model):
+        box = eng.task.toolbox()
+        out = play(Turns(unwrap_causal_lm(model), eng.tokenizer, temperature=0.0, top_p=1.0,
+                         max_tokens=eng.max_new_tokens, seed=0, stops=box.stops),
+                   [eng.tok_prompt(r["prompt"]) for r in recs for _ in range(2)],
+                   [Episode(None, box, "t") for _ in range(6)], max_turns=4)
+        return [o["c"] for o in out]
+
+    assert [r["c"] for r in rows] == greedy(eng.reference) != greedy(eng.policy)

@@ -1,6 +1,8 @@
-"""``rollout(prompt, env = env, n, max_turns, temperature, top_p, max_tokens)``: multi-turn episodes.
+"""``rollout(prompt, env = env, n, max_turns, temperature, top_p, max_tokens, model)``: multi-turn episodes.
 
-Each prompt gets ``n`` episodes with the run configuration's environment and tools
+Each prompt gets ``n`` episodes, sampled from the policy (``model = reference``: from the
+reference, or with LoRA and no separate reference the policy with its adapters disabled, as
+``generate``), with the run configuration's environment and tools
 (envs.py, tools.py; on the built-in agentic task, its own calculator, data/tool_task.py).
 The episodes of a call run as one batch (``play``): each turn, every unfinished episode
 generates together (``Turns``: ``sampling.sample_groups``, KV-cached within the turn; each
@@ -29,6 +31,8 @@ and a resumed run replays the same episodes from the round's seed.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -202,7 +206,13 @@ class Rollout(Sampler):
     # -- the sampler -----------------------------------------------------------------------------
     def sample(self, recs, seed):
         run = self.run
-        lm = unwrap_causal_lm(run.policy)
+        model, ctx = run.policy, contextlib.nullcontext()
+        if self.option("model") == "reference":  # as generate(...): the reference, or LoRA's base
+            if run.reference is not None:
+                model = run.reference
+            elif getattr(run, "lora", False):
+                ctx = run.policy.disable_adapter()
+        lm = unwrap_causal_lm(model)
         n = int(self.option("n"))
         turns = Turns(lm, run.tokenizer, temperature=float(self.option("temperature")),
                       top_p=float(self.option("top_p")), max_tokens=int(self.option("max_tokens", run.max_new_tokens)),
@@ -219,7 +229,7 @@ class Rollout(Sampler):
                 prompts.append(p)
                 owners.append(rec)
         from ..parallel.wrap import gathered
-        with gathered(run):  # whole weights for generation under FSDP2
+        with ctx, gathered(run):  # whole weights for generation under FSDP2
             rows = play(turns, prompts, eps, max_turns=int(self.option("max_turns")),
                         context=getattr(lm.config, "max_position_embeddings", None))
         for r, rec in zip(rows, owners):
