@@ -11,12 +11,24 @@ def _row(run, rec: dict, field: str) -> dict:
     return {"p": run.tok_prompt(rec["prompt"]), "c": run.tok_completion(rec[field]), "text": rec[field], "rec": rec}
 
 
+def _conversation_row(run, rec: dict) -> dict:
+    """A ``messages`` demonstration (data/formats.py): the conversation through the chat
+    template, ``m`` = 1 only on the trained assistant turns (data/chat_masks.py); the prompt
+    ``p`` is everything before the first trained token (cut to ``max_prompt_length``)."""
+    from ..data.chat_masks import assistant_tokens
+    from ..data.token_rows import fit_prompt
+    ids, mask, k = assistant_tokens(run.prompt_format, rec["messages"], rec.get("train_from", 0))
+    end = len(mask) - mask[::-1].index(1)  # nothing after the last trained token
+    return {"p": fit_prompt(run, ids[:k]), "c": ids[k:end], "m": mask[k:end], "text": rec["response"], "rec": rec}
+
+
 @register("demonstration")
 class Demonstrations(Sampler):
-    """One row per record: its ``response``."""
+    """One row per record: its ``response`` (a ``messages`` record: its assistant turns)."""
 
     def sample(self, recs, seed):
-        return [[_row(self.run, r, "response")] for r in recs]
+        return [[_conversation_row(self.run, r) if "messages" in r and "train_from" in r else _row(self.run, r, "response")]
+                for r in recs]
 
 
 @register("pairs")
