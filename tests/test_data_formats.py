@@ -59,12 +59,21 @@ def test_messages_are_a_demonstration_and_a_prompt():
 
 
 def test_a_row_with_neither_prompt_nor_messages_names_file_and_row(tmp_path):
-    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "c"}])
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}, {"question": "c"}])
     with pytest.raises(RunError) as e:
         load_records(path, None, SFT)
     msg = str(e.value)
-    assert f"{path}: row 1 has no field 'prompt'" in msg and "text" in msg
-    assert "prompt + completion (or response), or messages" in e.value.hint
+    assert f"{path}: row 1 has no field 'prompt'" in msg and "question" in msg
+    assert "prompt + completion (or response), messages, or text" in e.value.hint
+
+
+def test_text_alone_is_language_modeling():
+    rec = to_record({"text": "1+1=2"}, "demonstrations", {}, "f: row 0")
+    assert rec["lm_text"] and rec["response"] == "1+1=2" and rec["prompt"] == ""
+    with pytest.raises(RunError, match="f: row 1 has an empty text"):
+        to_record({"text": " "}, "demonstrations", {}, "f: row 1")
+    with pytest.raises(RunError, match="f: row 2 has no field 'prompt'"):
+        to_record({"text": "1+1=2"}, "prompts", {}, "f: row 2")       # not a prompt
 
 
 def test_implicit_prompt_is_extracted_as_trl_does():

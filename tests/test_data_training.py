@@ -58,6 +58,15 @@ def test_sft_on_prompt_completion(chat, tmp_path):
     assert all(m["loss"] == m["loss"] for m in read_metrics(tmp_path / "o") if "loss" in m)
 
 
+def test_sft_on_text_trains_every_token(chat, tmp_path):
+    data = write_jsonl(tmp_path / "lm.jsonl", [{"text": f"{a}+1={a + 1}"} for a in range(4)])
+    eng = quiet(build_engine("sft", model=chat, data=data, out=str(tmp_path / "o"), steps=2, sets=QUIET))
+    tok = eng.tokenizer
+    (row,), = eng.sample([eng.records[0]], 0)
+    assert row["p"] == [tok.bos_token_id] and tok.decode(row["c"]) == "0+1=1<eos>" and "m" not in row
+    assert eng.train()["steps"] == 2
+
+
 def _conversations(n=4):
     return [{"messages": [{"role": "system", "content": "add"}, _u(f"{a}+1="), _a(str(a + 1)),
                           _u("and two more"), _a(str(a + 3))]} for a in range(n)]

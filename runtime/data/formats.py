@@ -11,9 +11,10 @@ prompts          ``prompt``; or ``messages`` (the conversation up to its last   
                  assistant turn is the prompt)
 demonstrations   ``prompt`` + ``response`` or ``completion`` (TRL's               ``prompt``, ``response``
                  prompt-completion); ``messages`` (language modeling, loss on     (+ ``messages``,
-                 every assistant turn); a conversational completion (assistant    ``train_from``)
-                 messages) with a conversational prompt is rendered like
-                 ``messages``, loss on the completion's turns
+                 every assistant turn); a conversational completion (assistant    ``train_from``; or
+                 messages) with a conversational prompt is rendered like          ``lm_text``)
+                 ``messages``, loss on the completion's turns; ``text`` alone
+                 (standard language modeling: every token but the first trained)
 pairs            ``prompt`` + ``chosen`` + ``rejected`` (explicit prompt); or     ``prompt``, ``chosen``,
                  ``chosen`` + ``rejected`` only (implicit prompt: the shared      ``rejected``
                  message prefix, or for text the longest common prefix, as TRL's
@@ -98,6 +99,12 @@ def to_record(row: dict, kind: str, fields: dict | None, where: str) -> dict:
     hint = f"map a field with fields={{'<ours>': '<their field>'}} (our fields for {kind}: {', '.join(req)})"
     if kind in ("prompts", "demonstrations") and "messages" in has and "prompt" not in has:
         return _from_messages(rec, kind, where)
+    if kind == "demonstrations" and "prompt" not in has and "response" not in has and "completion" not in has \
+            and isinstance(rec.get("text"), str):   # TRL's standard language modeling: every token trained
+        if not rec["text"].strip():
+            raise RunError(f"{where} has an empty text")
+        rec["prompt"], rec["response"], rec["lm_text"] = "", rec["text"], True
+        return rec
     if kind == "demonstrations" and "response" not in has and "completion" in has:
         rec["response"] = rec["completion"]          # TRL's prompt-completion
         has.add("response")
@@ -108,7 +115,7 @@ def to_record(row: dict, kind: str, fields: dict | None, where: str) -> dict:
         if name not in has:
             src = fields.get(name, name)
             if kind == "demonstrations" and name == "prompt":
-                hint = "SFT rows are prompt + completion (or response), or messages"
+                hint = "SFT rows are prompt + completion (or response), messages, or text"
             raise _missing(row, name, src, where, hint)
     for name in ("prompt", *COMPLETIONS):
         if name in req and not isinstance(rec[name], (str, list, tuple)):

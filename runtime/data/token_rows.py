@@ -63,7 +63,7 @@ def count_long_prompts(run) -> None:
     limit = getattr(run.cfg, "max_prompt_length", None)
     if not limit or not isinstance(run.records, list):
         return
-    n = sum(len(run.prompt_format.ids(r["prompt"])) > limit for r in run.records)
+    n = sum(len(run.prompt_format.ids(r["prompt"])) > limit for r in run.records if not r.get("lm_text"))
     run.say(f"prompts: {n} of {len(run.records)} longer than max_prompt_length {limit} tokens"
             + ("; they are truncated from the left" if n else ""))
 

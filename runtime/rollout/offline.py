@@ -22,13 +22,30 @@ def _conversation_row(run, rec: dict) -> dict:
     return {"p": fit_prompt(run, ids[:k]), "c": ids[k:end], "m": mask[k:end], "text": rec["response"], "rec": rec}
 
 
+def _text_row(run, rec: dict) -> dict:
+    """A language-modeling demonstration (``text`` alone, data/formats.py): the text with the
+    tokenizer's special tokens, then EOS; every token after the first is trained."""
+    ids = list(run.tokenizer(rec["response"])["input_ids"])
+    if run.tokenizer.eos_token_id is not None:
+        ids.append(run.tokenizer.eos_token_id)
+    return {"p": ids[:1], "c": ids[1:], "text": rec["response"], "rec": rec}
+
+
+def _demonstration_row(run, rec: dict) -> dict:
+    if rec.get("lm_text"):
+        return _text_row(run, rec)
+    if "messages" in rec and "train_from" in rec:
+        return _conversation_row(run, rec)
+    return _row(run, rec, "response")
+
+
 @register("demonstration")
 class Demonstrations(Sampler):
-    """One row per record: its ``response`` (a ``messages`` record: its assistant turns)."""
+    """One row per record: its ``response`` (a ``messages`` record: its assistant turns; a
+    ``text`` record: all of it)."""
 
     def sample(self, recs, seed):
-        return [[_conversation_row(self.run, r) if "messages" in r and "train_from" in r else _row(self.run, r, "response")]
-                for r in recs]
+        return [[_demonstration_row(self.run, r)] for r in recs]
 
 
 @register("pairs")
