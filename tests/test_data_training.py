@@ -156,6 +156,13 @@ def test_max_prompt_length_truncates_from_the_left(chat, tmp_path, capsys):
     eng.train()
     recs = [m for m in read_metrics(tmp_path / "o") if "loss" in m]
     assert recs and recs[-1]["data/truncated_prompts"] == 1
+    # sampled prompts (GRPO's generate) are cut the same way
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"]} for r in rows])
+    grpo = quiet(build_engine("grpo", model=chat, data=data, out=str(tmp_path / "g"), steps=1,
+                              sets=QUIET + ["max_prompt_length=24", "rewards=[length]", "max_new_tokens=2"]))
+    grpo._start_iteration(0, replace=False)
+    group = grpo.sample([grpo.records[0]], 0)[0]
+    assert group and all(grpo.tokenizer.decode(r["p"]) == full[-24:] for r in group)
 
 
 def test_hub_dataset_name_trains_offline(chat, tmp_path, monkeypatch):

@@ -41,29 +41,13 @@ def _perm(run, epoch: int) -> list[int]:
     return run._perm_cache
 
 
-def fit_prompt(run, ids: list[int]) -> list[int]:
-    """``ids`` cut from the left to ``max_prompt_length`` tokens when that is set (as TRL
-    does); each cut prompt is counted in ``run.truncated_prompts`` (logged as
-    ``data/truncated_prompts``), and the first one is said."""
-    limit = getattr(run.cfg, "max_prompt_length", None)
-    if not limit or len(ids) <= limit:
-        return ids
-    seen = run.__dict__.setdefault("_truncated", set())
-    if not seen:
-        run.say(f"[yellow]a prompt of {len(ids)} tokens is longer than max_prompt_length {limit}: truncated from "
-                "the left (the distinct prompts cut so far are the metric data/truncated_prompts)[/yellow]")
-    seen.add(hash(tuple(ids)))
-    run.truncated_prompts = len(seen)
-    return ids[len(ids) - limit:]
-
-
 def count_long_prompts(run) -> None:
     """Before training, with ``max_prompt_length`` and data in memory: say how many prompts
     will be truncated (tokenizing each prompt once)."""
     limit = getattr(run.cfg, "max_prompt_length", None)
     if not limit or not isinstance(run.records, list):
         return
-    n = sum(len(run.prompt_format.ids(r["prompt"])) > limit for r in run.records if not r.get("lm_text"))
+    n = sum(len(run.prompt_format.ids(r["prompt"], fit=False)) > limit for r in run.records if not r.get("lm_text"))
     run.say(f"prompts: {n} of {len(run.records)} longer than max_prompt_length {limit} tokens"
             + ("; they are truncated from the left" if n else ""))
 

@@ -194,7 +194,7 @@ class TokenPolicy:
         """A prompt (string or list of messages) as the policy's token ids: through the chat
         template when the run uses one (``run.prompt_format``, data/prompts.py). A prompt
         that leaves no room for ``max_new_tokens`` in the model's context is a RunError."""
-        ids = token_rows.fit_prompt(run, run.prompt_format.ids(prompt))  # max_prompt_length
+        ids = run.prompt_format.ids(prompt)  # cut to max_prompt_length when set (data/prompts.py)
         context = getattr(unwrap_causal_lm(run.policy).config, "max_position_embeddings", None)
         if context and len(ids) + run.max_new_tokens > context:
             text = prompt if isinstance(prompt, str) else str(prompt)
@@ -243,8 +243,8 @@ class TokenPolicy:
 
     def rollout_info(self, run, rows: list[dict], info: dict) -> None:
         info["texts"] = [r["text"] for r in rows]
-        if getattr(run, "truncated_prompts", 0):
-            info["truncated_prompts"] = run.truncated_prompts
+        if run.prompt_format.truncated:  # max_prompt_length
+            info["truncated_prompts"] = len(run.prompt_format.truncated)
 
     # -- forwards --------------------------------------------------------------------------------
     def forward_rows(self, run, model, batch, sl, *, grad, entropy=False, value=False) -> dict:

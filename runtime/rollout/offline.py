@@ -16,10 +16,9 @@ def _conversation_row(run, rec: dict) -> dict:
     template, ``m`` = 1 only on the trained assistant turns (data/chat_masks.py); the prompt
     ``p`` is everything before the first trained token (cut to ``max_prompt_length``)."""
     from ..data.chat_masks import assistant_tokens
-    from ..data.token_rows import fit_prompt
     ids, mask, k = assistant_tokens(run.prompt_format, rec["messages"], rec.get("train_from", 0))
     end = len(mask) - mask[::-1].index(1)  # nothing after the last trained token
-    return {"p": fit_prompt(run, ids[:k]), "c": ids[k:end], "m": mask[k:end], "text": rec["response"], "rec": rec}
+    return {"p": run.prompt_format.fit(ids[:k]), "c": ids[k:end], "m": mask[k:end], "text": rec["response"], "rec": rec}
 
 
 def _text_row(run, rec: dict) -> dict:
