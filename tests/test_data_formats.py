@@ -185,7 +185,7 @@ def test_hub_dataset_name_with_config_and_split_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf / "datasets")
     recs = load_records("someone/tiny-sft", None, SFT, config="small")
     assert [r["prompt"] for r in recs] == [r["prompt"] for r in ROWS]
-    assert len(load_records("someone/tiny-sft", None, SFT, config="small", split="test")) == 2
+    assert len(load_records("someone/tiny-sft", None, config="small", split="test", kind="demonstrations")) == 2
     with pytest.raises(RunError, match=r"could not load hub data set someone/not-there, split train "
                                        r"\(HF_HUB_OFFLINE=1 and it is not in the cache\)"):
         load_records("someone/not-there", None, SFT)

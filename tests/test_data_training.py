@@ -176,3 +176,14 @@ def test_hub_dataset_name_trains_offline(chat, tmp_path, monkeypatch):
                         sets=QUIET + ["data_config=plus"]) == 0
     assert run_from_cli("sft", model=chat, data="someone/tiny-sft", out=str(tmp_path / "s"), steps=1,
                         sets=QUIET + ["data_config=plus", "streaming=true"]) == 0
+
+
+def test_without_max_prompt_length_an_over_long_prompt_stays_an_error(chat, tmp_path):
+    """TRL cuts only when max_prompt_length is set; unset, a prompt that leaves no room for
+    max_new_tokens in the model's context (256 positions here) is still a RunError."""
+    long = "one two three " * 20                                   # 280 characters: past the context
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": long + "1+1=", "completion": "2"}])
+    rc = run_from_cli("sft", model=chat, data=data, out=str(tmp_path / "a"), steps=1, sets=QUIET)
+    assert rc == 2
+    assert run_from_cli("sft", model=chat, data=data, out=str(tmp_path / "b"), steps=1,
+                        sets=QUIET + ["max_prompt_length=64"]) == 0

@@ -44,7 +44,8 @@ def iter_records(source, fields: dict[str, str] | None = None, required=("prompt
 
 
 def load_records(source: str | os.PathLike, fields: dict[str, str] | None = None,
-                 required=("prompt",), *, config: str | None = None, split: str = "train") -> list[dict]:
+                 required=("prompt",), *, config: str | None = None, split: str = "train",
+                 kind: str | None = None) -> list[dict]:
     """Every record of ``source``, as a list.
 
     ``fields`` maps our names to the user's (``{"prompt": "question"}``: our ``prompt`` is
@@ -54,8 +55,11 @@ def load_records(source: str | os.PathLike, fields: dict[str, str] | None = None
     ``rejected``; unpaired: ``prompt``, ``completion``, ``label``) chooses how TRL's formats
     are read (prompt-completion, ``messages``, implicit prompts: formats.py), and any other
     name must be present and not None. ``config`` and ``split`` choose a hub data set's
-    configuration and a folder's or data set's split.
+    configuration and a folder's or data set's split. ``kind`` (prompts, demonstrations,
+    pairs, unpaired) may be given instead of ``required``: its fields are required.
     """
+    if kind is not None:
+        required = REQUIRED[kind]
     parts = open_parts(source, config, split)
     records = list(iter_records(source, fields, required, parts=parts))
     if not records:

@@ -171,5 +171,6 @@ def _hub_part(name: str, config: str | None, split: str, streaming: bool) -> Par
         hint = ("download it once online (datasets.load_dataset), or give a local file or folder"
                 if offline else "check the name, config and split")
         cached = " (HF_HUB_OFFLINE=1 and it is not in the cache)" if offline else ""
-        raise RunError(f"could not load {label}{cached}: {why[:400]}", hint=hint) from None
+        raise RunError(f"could not load {label}{cached}: {why[:400]} (and there is no file or folder "
+                       f"{os.path.abspath(name)})", hint=hint) from None
     return Part(label, lambda: iter(ds))
