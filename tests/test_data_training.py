@@ -187,3 +187,11 @@ def test_without_max_prompt_length_an_over_long_prompt_stays_an_error(chat, tmp_
     assert rc == 2
     assert run_from_cli("sft", model=chat, data=data, out=str(tmp_path / "b"), steps=1,
                         sets=QUIET + ["max_prompt_length=64"]) == 0
+
+
+def test_streaming_refuses_what_reads_the_whole_data(chat, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 2)
+    rc = run_from_cli("dpo", model=chat, data=data, out=str(tmp_path / "o"), steps=1,
+                      sets=QUIET + ["streaming=true", "precompute_reference=true"])
+    assert rc == 2
+    assert "streaming: true cannot be used with precompute_reference" in capsys.readouterr().err
