@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -118,6 +117,23 @@ def test_assistant_mask_of_a_multi_turn_conversation_by_hand():
     fmt_slow = PromptFormat.__new__(PromptFormat)
     fmt_slow.tokenizer, fmt_slow.kwargs, fmt_slow.source, fmt_slow.templated = slow, {}, "x", True
     assert assistant_tokens(fmt_slow, msgs)[1] == mask
+
+
+def test_assistant_mask_with_chatml_special_tokens_by_hand():
+    """A ChatML template (Qwen's layout, default system turn) with <|im_start|> / <|im_end|> as
+    special tokens: the assistant's text and its <|im_end|> and newline are trained."""
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nyou help<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ids, mask, k = assistant_tokens(PromptFormat(tok, "auto"), [_u("hi"), _a("ok"), _u("go"), _a("no")])
+    # system turn 0..17, "<|im_start|>user\nhi<|im_end|>\n" 18..27, "<|im_start|>assistant\n" 28..38,
+    # "ok<|im_end|>\n" 39..42, user turn 43..52, "<|im_start|>assistant\n" 53..63, "no<|im_end|>\n" 64..67
+    assert len(ids) == 68 and [i for i, m in enumerate(mask) if m] == [39, 40, 41, 42, 64, 65, 66, 67]
+    assert "".join(tok.decode([t]) for t, m in zip(ids, mask) if m) == "ok<|im_end|>\nno<|im_end|>\n"
+    assert k == 39
 
 
 def test_messages_without_a_chat_template_are_a_clear_error():
