@@ -19,28 +19,39 @@ from .formats import REQUIRED, kind_of, to_record
 from .sources import open_parts
 
 
+def raw_rows(parts) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` of every row of ``parts`` in order, ``where`` naming its file and row."""
+    for part in parts:
+        for i, row in enumerate(part.rows()):
+            yield f"{part.label}: row {i}", row
+
+
+def to_checked_record(row: dict, where: str, fields: dict, required) -> dict:
+    """Our record of one row (formats.py), with every name in ``required`` present."""
+    kind = kind_of(required)
+    rec = to_record(dict(row), kind, fields, where)
+    for name in required:  # other fields a caller needs (e.g. a reward's answer)
+        if name in REQUIRED[kind]:
+            continue
+        src = fields.get(name, name)
+        if row.get(src) is None:
+            present = sorted(k for k, v in row.items() if v is not None)
+            via = f" (our '{name}')" if src != name else ""
+            raise RunError(f"{where} has no field '{src}'{via} (missing or null); the row has fields: "
+                           f"{', '.join(present) or '(none)'}",
+                           hint=f"map a field with fields={{'{name}': '<their field>'}}")
+    if kind == "unpaired":
+        check_label(rec, where)
+    return rec
+
+
 def iter_records(source, fields: dict[str, str] | None = None, required=("prompt",), *,
                  config: str | None = None, split: str = "train", streaming: bool = False,
                  parts=None) -> Iterator[dict]:
     """Our records of ``source``, one at a time (see ``load_records``)."""
-    kind = kind_of(required)
-    extra = [n for n in required if n not in REQUIRED[kind]]
     fields = dict(fields or {})
-    for part in parts if parts is not None else open_parts(source, config, split, streaming):
-        for i, row in enumerate(part.rows()):
-            where = f"{part.label}: row {i}"
-            rec = to_record(dict(row), kind, fields, where)
-            for name in extra:  # other fields a caller needs (e.g. a reward's answer)
-                src = fields.get(name, name)
-                if row.get(src) is None:
-                    present = sorted(k for k, v in row.items() if v is not None)
-                    via = f" (our '{name}')" if src != name else ""
-                    raise RunError(f"{where} has no field '{src}'{via} (missing or null); the row has fields: "
-                                   f"{', '.join(present) or '(none)'}",
-                                   hint=f"map a field with fields={{'{name}': '<their field>'}}")
-            if kind == "unpaired":
-                check_label(rec, where)
-            yield rec
+    for where, row in raw_rows(parts if parts is not None else open_parts(source, config, split, streaming)):
+        yield to_checked_record(row, where, fields, required)
 
 
 def load_records(source: str | os.PathLike, fields: dict[str, str] | None = None,

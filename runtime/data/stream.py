@@ -11,8 +11,8 @@ apart in training.
 
 When the source runs out, the next epoch starts over with its own shuffle. The position
 ``{"epoch", "offset"}`` (rows taken in this epoch) is saved in the checkpoint's state; on
-``--resume`` the stream reopens that epoch and reads past ``offset`` rows (reading, not
-tokenizing them), so a resumed run trains on exactly the rows it would have, shuffle
+``--resume`` the stream reopens that epoch and reads past ``offset`` rows (reading them, not
+turning them into records or tokens: the shuffle buffer holds raw rows), so a resumed run trains on exactly the rows it would have, shuffle
 included.
 """
 
@@ -23,7 +23,7 @@ from typing import Iterator
 
 from ..errors import RunError
 from ..loop.base import _mix
-from .records import iter_records
+from .records import raw_rows, to_checked_record
 from .sources import open_parts
 
 
@@ -39,21 +39,23 @@ class RecordStream:
         if not self.head(1):
             raise RunError(f"{source} has no rows", hint="a data file holds one row per line (jsonl) or per record")
 
-    def _records(self) -> Iterator[dict]:
-        return iter_records(self.source, self.fields, self.required, parts=self.parts)
+    def _record(self, item: tuple[str, dict]) -> dict:
+        where, row = item
+        return to_checked_record(row, where, self.fields, self.required)
 
-    def _epoch_iter(self, epoch: int) -> Iterator[dict]:
+    def _epoch_iter(self, epoch: int) -> Iterator[tuple[str, dict]]:
+        """The epoch's raw rows ``(where, row)``, through the seeded shuffle buffer."""
         if self.buffer <= 1:
-            yield from self._records()
+            yield from raw_rows(self.parts)
             return
         g = random.Random(_mix(self.seed, epoch, 11))
-        buf: list[dict] = []
-        for rec in self._records():
+        buf: list = []
+        for item in raw_rows(self.parts):
             if len(buf) < self.buffer:
-                buf.append(rec)
+                buf.append(item)
                 continue
             j = g.randrange(len(buf))
-            out, buf[j] = buf[j], rec
+            out, buf[j] = buf[j], item
             yield out
         g.shuffle(buf)
         yield from buf
@@ -61,8 +63,8 @@ class RecordStream:
     def head(self, n: int) -> list[dict]:
         """The first ``n`` records in file order (the stream's position is unchanged)."""
         out = []
-        for rec in self._records():
-            out.append(rec)
+        for item in raw_rows(self.parts):
+            out.append(self._record(item))
             if len(out) >= n:
                 break
         return out
@@ -73,13 +75,13 @@ class RecordStream:
         while len(out) < n:
             if self._it is None:
                 self._it = self._epoch_iter(self.epoch)
-            rec = next(self._it, None)
-            if rec is None:
+            item = next(self._it, None)
+            if item is None:
                 if self.offset == 0:
                     raise RunError(f"{self.source} has no rows")
                 self.epoch, self.offset, self._it = self.epoch + 1, 0, None
                 continue
-            out.append(rec)
+            out.append(self._record(item))
             self.offset += 1
         return out
 
