@@ -38,7 +38,7 @@ class RunConfig(BaseModel):
     data_config: str | None = Field(None, description="the configuration (subset) of a hub data set named by "
                                     "data, as datasets.load_dataset(name, config)")
     data_split: str = Field("train", description="the split read from a hub data set, a hub-style folder "
-                            "(train.jsonl, data/train-*.parquet) or a save_to_disk DatasetDict")
+                            "(train.jsonl, data/train-*.parquet) or a save_to_disk DatasetDict (a file or a glob is read whole)")
     streaming: bool = Field(False, description="read the data as training goes instead of loading it whole "
                             "(jsonl by line, parquet by record batch, hub data sets with datasets' streaming); "
                             "shuffled through shuffle_buffer; --resume stays exact")
