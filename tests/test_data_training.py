@@ -195,3 +195,14 @@ def test_streaming_refuses_what_reads_the_whole_data(chat, tmp_path, capsys):
                       sets=QUIET + ["streaming=true", "precompute_reference=true"])
     assert rc == 2
     assert "streaming: true cannot be used with precompute_reference" in capsys.readouterr().err
+
+
+def test_messages_on_the_built_in_char_tokenizer_are_a_clear_error(tmp_path, capsys):
+    """The built-in model's char tokenizer has no chat template: a messages row cannot be
+    rendered, and the run says so before training (naming the file and the row)."""
+    data = write_jsonl(tmp_path / "msgs.jsonl", _conversations(2))
+    rc = run_from_cli("sft", data=data, out=str(tmp_path / "o"), steps=1, sets=QUIET)
+    assert rc == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{data}: row 0's prompt is a list of messages, but the tokenizer in" in err
+    assert "has no chat template" in err
