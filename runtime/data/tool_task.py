@@ -31,6 +31,12 @@ problems and 50 held-out ones, disjoint. The task provides
   demonstrations of which only one in ten calls it and the others answer at once. The warm
   model can use the tool but seldom does (greedy episodes answer from memory, and wrongly:
   held-out accuracy starts near 0); GRPO on episodes has to find that calling pays.
+
+Why this warm-up (seed 0, greedy held-out accuracy during the first phase): copying the
+result into the answer appears abruptly, 0.00 at step 550, 0.84 at 600, 1.00 at 650 (lr 6e-3
+and 1e-2 are no faster). A warm-up stopped before that leaves GRPO almost no correct episodes
+to learn from; one after it starts at 1.0. So the first phase runs past it, and the second
+makes calling the tool rare: the warm model calls it in about 4% of sampled episodes.
 """
 
 from __future__ import annotations
