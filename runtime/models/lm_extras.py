@@ -50,7 +50,7 @@ def setup_extras(engine) -> None:
     if "embedding" in algo.inputs:
         from ..scoring.embedding import Embeddings
         engine.embedder = Embeddings(engine.policy, getattr(cfg, "embedding_model", None), device=engine.device,
-                                     chunk_size=cfg.chunk_size)
+                                     chunk_size=cfg.chunk_size, trust_remote_code=cfg.trust_remote_code)
         engine.say(f"embedding: {engine.embedder.source}")
     engine.tree_sampler = None
     if "tree_search" in algo.requires:

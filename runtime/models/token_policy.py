@@ -128,25 +128,33 @@ class TokenPolicy:
                     f"cached at {run.model_dir}")
         else:
             run.model_dir = cfg.model
+        setting = "model"
         if cfg.init_model:  # a pipeline stage starts from an earlier stage's model
-            run.model_dir = cfg.init_model
+            run.model_dir, setting = cfg.init_model, "init_model"
             run.say(f"init: weights from {cfg.init_model}")
+        # a hub id -> its snapshot in the cache; a PEFT adapter folder -> its base, adapter trained further
+        from .adapter_model import resolve_policy_source
+        run.model_dir, run.model_adapter = resolve_policy_source(run, run.model_dir, setting)
+        trust = cfg.trust_remote_code
         if run.reward_head:
             from .reward_head import load_reward_model
-            run.policy, run.tokenizer = load_reward_model(run.model_dir, dtype=cfg.dtype, device=run.device)
+            run.policy, run.tokenizer = load_reward_model(run.model_dir, dtype=cfg.dtype, device=run.device,
+                                                          trust_remote_code=trust)
             run.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
         else:
             from ..parallel.lora import quantized_load_kwargs  # QLoRA's 4-bit base
             run.policy, run.tokenizer = load_policy(run.model_dir, dtype=cfg.dtype, device=run.device,
-                                                    extra=quantized_load_kwargs(cfg, run.device))
+                                                    extra=quantized_load_kwargs(cfg, run.device),
+                                                    trust_remote_code=trust, setting=setting)
         run.builds["policy"] += 1
-        run.lora = cfg.lora_r > 0 or cfg.lora_adapter is not None  # or an existing adapter
+        # LoRA: fresh adapters, or an existing adapter (lora_adapter, or --model as an adapter folder)
+        run.lora = cfg.lora_r > 0 or cfg.lora_adapter is not None or run.model_adapter is not None
         if run.lora:
             if algo.plan.reference == "iterate" and "reference" in algo.requires:
                 raise RunError("LoRA with `reference = \"iterate\"` is not supported yet",
                                hint="set lora_r: 0 for this spec")
             from ..parallel.lora import add_adapters  # peft.LoraConfig from the run settings
-            run.policy = add_adapters(run.policy, cfg, reward_head=run.reward_head)
+            run.policy = add_adapters(run.policy, cfg, reward_head=run.reward_head, adapter=run.model_adapter)
         run.model = run.policy
         if "critic" in algo.requires:
             run.model = add_value_head(run.policy)
@@ -154,7 +162,9 @@ class TokenPolicy:
         run.model.train()
         run.reference = None
         if ("reference" in algo.requires or cfg.force_reference) and not run.lora:
-            run.reference = load_frozen_copy(cfg.reference_model or run.model_dir, dtype=cfg.dtype, device=run.device)
+            run.reference = load_frozen_copy(cfg.reference_model or run.model_dir, dtype=cfg.dtype, device=run.device,
+                                             trust_remote_code=cfg.trust_remote_code,
+                                             setting="reference_model" if cfg.reference_model else "model")
             if cfg.reference_model:
                 run.say(f"reference: {cfg.reference_model}")
             run.builds["reference"] += 1
