@@ -18,10 +18,20 @@ COMPLETIONS = ("response", "chosen", "rejected", "completion")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _read(path: Path):
-    """The rows of ``path`` as a ``datasets.Dataset``."""
+def _read(path: Path, split: str | None = None):
+    """The rows of ``path`` as a ``datasets.Dataset`` (``split``: that split of a saved DatasetDict)."""
     import datasets
 
+    if split is not None:  # eval_data naming a split of the training data (loop/evaluation.py)
+        try:
+            ds = datasets.load_from_disk(str(path)) if path.is_dir() else None
+        except Exception:  # not a saved data set: no splits
+            ds = None
+        if not isinstance(ds, datasets.DatasetDict) or split not in ds:
+            have = f"its splits are {sorted(ds)}" if isinstance(ds, datasets.DatasetDict) else "it has no splits"
+            raise RunError(f"{path} has no split {split!r}: {have}",
+                           hint="give eval_data as a split of the data set, a file, or a hub data set name")
+        return ds[split]
     if path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))
@@ -123,7 +133,7 @@ def _completion_text(value, where: str) -> str:
 
 
 def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
-                 required: list[str] = ("prompt",)) -> list[dict]:
+                 required: list[str] = ("prompt",), split: str | None = None) -> list[dict]:
     """Read ``path`` and return one dict per row with our field names.
 
     ``fields`` maps our names to the user's (``{"prompt": "question"}``: our ``prompt`` is
@@ -138,7 +148,9 @@ def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
     if not p.exists():
         raise RunError(f"data file not found: {p}")
     fields = dict(fields or {})
-    ds = _read(p)
+    ds = _read(p, split)
+    if split is not None:
+        p = Path(f"{p}[{split}]")  # named in the row errors below
     if len(ds) == 0:
         raise RunError(f"{p} has no rows", hint="a data file holds one row per line (jsonl) or per record")
     records = []

@@ -93,6 +93,10 @@ def _reward_model_eval(engine) -> None:
         engine.say(f"eval: pairwise accuracy on {len(pairs)} held-out pairs (held-out problems' answer vs "
                    f"wrong sums within 2)")
         return
+    if getattr(engine, "eval_records", None) is not None:  # eval_data / eval_fraction (loop/evaluation.py)
+        engine.task = PairwiseEval(engine.eval_records, None)
+        engine.say(f"eval: pairwise accuracy on {len(engine.eval_records)} held-out pairs")
+        return
     engine.records, held = split_heldout(engine.records, engine.cfg.seed)
     if held:
         engine.task = PairwiseEval(held, None)

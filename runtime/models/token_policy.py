@@ -102,6 +102,10 @@ class TokenPolicy:
         run.ref_cache = ReferenceCache(run)  # offline data, fixed reference (models/fastpath.py)
         from .lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
         setup_extras(run)
+        run.user_eval = None
+        if run.eval_records is not None and not run.reward_head:  # reward models: lm_extras.py
+            from ..loop.evaluation import UserEval
+            run.user_eval = UserEval(run, run.eval_records)
         # the training forward (models/train_forward.py): activation checkpointing, then FSDP2's
         # shards, before the optimizer sees the parameters (parallel/wrap.py)
         from ..parallel.wrap import prepare_training, wrap_training
@@ -173,7 +177,10 @@ class TokenPolicy:
         need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
                 "pairs": ["prompt", "chosen", "rejected"],
                 "unpaired": ["prompt", "completion", "label"]}[run.kind]
+        run.eval_records = None
         if run.builtin:
+            from ..loop.evaluation import held_out
+            held_out(run, [], need)  # eval_data / eval_fraction without --data: a RunError
             recs = run.task.records(run.kind)
             run.say(f"data: built-in task {run.task.name} ({len(recs)} {run.kind} from "
                     f"{len(run.task.train_problems)} training problems; {len(run.task.eval_problems)} held-out)")
@@ -183,6 +190,8 @@ class TokenPolicy:
         if run.kind == "unpaired":
             check_labels(recs, run.cfg.data)
         run.say(f"data: {run.cfg.data} ({len(recs)} rows, {run.kind})")
+        from ..loop.evaluation import held_out  # eval_data / eval_fraction (loop/evaluation.py)
+        recs, run.eval_records = held_out(run, recs, need)
         return recs
 
     def forwarder(self, run, model) -> TrainForward:
@@ -313,15 +322,15 @@ class TokenPolicy:
         return {**(search or {}), **(episodes or {})} or None
 
     def evaluate(self, run) -> float | None:
-        if run.task is None:
-            return None
+        if run.task is None:  # the user's held-out data (loop/evaluation.py), or nothing
+            return run.user_eval(run) if getattr(run, "user_eval", None) is not None else None
         from ..parallel.wrap import gathered
         with gathered(run):  # whole weights for generation under FSDP2
             return run.task.eval_score(run.policy, run.tokenizer, run.cfg.eval_size, prompt_format=run.prompt_format)
 
     @staticmethod
     def evaluates(run) -> bool:
-        return run.task is not None
+        return run.task is not None or getattr(run, "user_eval", None) is not None
 
     @staticmethod
     def policy_state(run) -> dict:
