@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("alignspec_cache", "restore_torch_threads")
 SETS = ["batch_size=4", "max_new_tokens=4", "lr=1e-3", "lr_schedule=constant"]
 
 REWARDS = '''
-def digits(completions, answer, **kwargs):
-    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+def chars(completions, answer, **kwargs):
+    return [float(len(c)) + sum(ord(ch) % 5 for ch in c) / 10 for c in completions]
 
 def exact(completions, answer, **kwargs):
     return [float(c.strip() == str(a)) for c, a in zip(completions, answer)]
@@ -54,11 +54,11 @@ def test_grpo_with_eval_fraction_logs_the_mean_reward_at_start_and_end(tmp_path,
     data = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i}+{i}=", "answer": str(2 * i), "id": i} for i in range(8)])
     out = tmp_path / "run"
     eng = build_engine("grpo", model=model_dir, data=str(data), out=str(out), steps=2, sets=SETS + [
-        "eval_fraction=0.25", "rewards=[eval_rewards_a:digits, eval_rewards_a:exact]", "reward_weights=[1, 2]",
+        "eval_fraction=0.25", "rewards=[eval_rewards_a:chars, eval_rewards_a:exact]", "reward_weights=[1, 2]",
         "params.n=2"])
     ids_train, ids_eval = {r["id"] for r in eng.records}, {r["id"] for r in eng.eval_records}
     assert len(ids_eval) == 2 and not ids_train & ids_eval and ids_train | ids_eval == set(range(8))
-    # the step-0 score by hand: greedy completions of the held-out prompts, scored 1 * digits + 2 * exact
+    # the step-0 score by hand: greedy completions of the held-out prompts, scored 1 * chars + 2 * exact
     gen = eng.policy.generate
     texts = []
     for r in eng.eval_records:
@@ -68,17 +68,18 @@ def test_grpo_with_eval_fraction_logs_the_mean_reward_at_start_and_end(tmp_path,
         texts.append(eng.tokenizer.decode(o[0, ids.shape[1]:], skip_special_tokens=True))
     import eval_rewards_a as R
     answers = [r["answer"] for r in eng.eval_records]
-    by_hand = [d + 2 * e for d, e in zip(R.digits(texts, answers), R.exact(texts, answers))]
+    by_hand = [d + 2 * e for d, e in zip(R.chars(texts, answers), R.exact(texts, answers))]
     eng.train()
     evals = _evals(out)
     assert [m["step"] for m in evals] == [0, 2]
+    assert sum(by_hand) > 0  # (a score of 0 would not tell much)
     assert evals[0]["eval_score"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-6)
     for m in evals:
         assert m["eval_score"] == pytest.approx(m["eval/reward/mean"])
-        assert {"eval/reward/std", "eval/length/mean", "eval/rewards/digits/mean", "eval/rewards/exact/mean"} <= set(m)
+        assert {"eval/reward/std", "eval/length/mean", "eval/rewards/chars/mean", "eval/rewards/exact/mean"} <= set(m)
     # the training steps' reward metrics stay the training rows' own
     steps = [m for m in _metrics(out) if "loss" in m]
-    assert len(steps) == 2 and all("eval/reward/mean" not in m and "rewards/digits/mean" in m for m in steps)
+    assert len(steps) == 2 and all("eval/reward/mean" not in m and "rewards/chars/mean" in m for m in steps)
 
 
 def _pairs(n, start=0):
@@ -159,3 +160,32 @@ def test_eval_fraction_needs_user_data(tmp_path, capsys):
     rc = run_from_cli("sft", out=str(tmp_path / "o"), steps=1, sets=["eval_fraction=0.1"])
     err = capsys.readouterr().err
     assert rc == 2 and "eval_fraction evaluates on your data (--data)" in err, err
+
+
+def test_resume_keeps_the_held_out_rows_and_refuses_another_eval_fraction(tmp_path, model_dir, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"{i}*3=", "response": str(3 * i)} for i in range(10)])
+    out = tmp_path / "run"
+    sets = SETS + ["eval_fraction=0.2"]
+    build_engine("sft", model=model_dir, data=str(data), out=str(out), steps=2, sets=sets).train()
+    eng = build_engine("sft", model=model_dir, data=str(data), out=str(out), steps=4, sets=sets, resume=True)
+    first = build_engine("sft", model=model_dir, data=str(data), out=str(tmp_path / "fresh"), steps=1, sets=sets)
+    assert eng.eval_records == first.eval_records  # the same rows held out, run after run
+    first.out_lock.release()
+    eng.train()
+    assert [m["step"] for m in _evals(out)] == [0, 2, 4]
+    rc = run_from_cli("sft", model=model_dir, data=str(data), out=str(out), steps=6, resume=True,
+                      config=str(_yaml(tmp_path, {"eval_fraction": 0.3, **_sets_dict(SETS)})))
+    err = capsys.readouterr().err
+    assert rc != 0 and "eval_fraction" in err, err
+
+
+def _sets_dict(sets):
+    import yaml
+    return {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)}
+
+
+def _yaml(tmp_path, d):
+    import yaml
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
