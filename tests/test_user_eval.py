@@ -189,3 +189,69 @@ def _yaml(tmp_path, d):
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(d))
     return p
+
+
+@pytest.mark.parametrize("spec", ["ipo", "simpo", "orpo", "cpo", "kto", "spin", "aot", "reward_model", "rloo"])
+def test_every_kind_of_spec_evaluates_on_held_out_rows(tmp_path, model_dir, monkeypatch, spec):
+    import alignspec
+    kind = alignspec.compile(spec).plan.data
+    rows = {"pairs": _pairs(8),
+            "demonstrations": [{"prompt": f"{i}*2=", "response": str(2 * i)} for i in range(8)],
+            "unpaired": [{"prompt": f"{i}+1=", "completion": str(i + 1 if i % 2 else i), "label": bool(i % 2)}
+                         for i in range(8)],
+            "prompts": [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(8)]}[kind]
+    data = _jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "eval_rewards_b.py").write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extra = ["rewards=[eval_rewards_b:chars]"] if kind == "prompts" else []
+    out = tmp_path / "run"
+    build_engine(spec, model=model_dir, data=str(data), out=str(out), steps=2,
+                 sets=SETS + ["eval_fraction=0.5"] + extra).train()
+    evals = _evals(out)
+    assert [m["step"] for m in evals] == [0, 2]
+    assert all(math.isfinite(m["eval_score"]) for m in evals)
+    if kind == "pairs" and spec != "reward_model":
+        assert all(m["eval_score"] == m["eval/accuracy"] and math.isfinite(m["eval/loss"]) for m in evals)
+    elif kind in ("demonstrations", "unpaired"):
+        assert all(m["eval_score"] == m["eval/loss"] for m in evals)
+        assert evals[0]["eval/loss"] != evals[1]["eval/loss"]
+
+
+AGENT = '''
+class Answer:
+    def reset(self, row):
+        self.answer = str(row["answer"])
+        return None
+
+    def step(self, text):
+        return None, float(len(text)), True
+'''
+EPISODES = """\
+algorithm episodes_eval
+params
+  n: int = 2
+sample
+  responses = rollout(prompt, env = env, n = n, max_turns = 2)
+score
+  r = env_reward(response)
+advantage
+  A = r - group_mean(r)
+loss
+  minimize -token_mean_all(exp(logp - stopgrad(logp)) * A)
+"""
+
+
+def test_episodes_evaluate_with_the_environments_reward(tmp_path, model_dir, monkeypatch):
+    (tmp_path / "eval_agent_c.py").write_text(AGENT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = tmp_path / "episodes_eval.align"
+    spec.write_text(EPISODES)
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(8)])
+    out = tmp_path / "run"
+    eng = build_engine(str(spec), model=model_dir, data=str(data), out=str(out), steps=2,
+                       sets=SETS + ["eval_fraction=0.25", "env=eval_agent_c:Answer"])
+    eng.train()
+    evals = _evals(out)
+    assert [m["step"] for m in evals] == [0, 2]
+    # the environment's reward is the length of the text, so the score is positive when anything was said
+    assert all(m["eval_score"] == m["eval/env_reward/mean"] for m in evals) and evals[0]["eval_score"] > 0
