@@ -112,11 +112,9 @@ class RunConfig(BaseModel):
     reward_model: str | None = Field(None, description="sequence-classifier directory (or hub id) for "
                                         "reward_model(response)")
     preference_model: str | None = Field(None, description="sequence-classifier directory (or hub id) for "
-                                         "preference(response) "
-                                         "(Bradley-Terry)")
-    embedding_model: str | None = Field(None, description="model (directory or hub id) whose mean hidden state embeds a "
-                                        "response "
-                                        "(None: the policy's own)")
+                                         "preference(response) (Bradley-Terry)")
+    embedding_model: str | None = Field(None, description="model (directory or hub id) whose mean hidden state "
+                                        "embeds a response (None: the policy's own)")
     init_model: str | None = Field(None, description="start from these weights (a pipeline stage's input); the "
                                    "run's model (--model or the built-in) still sets the defaults")
     reference_model: str | None = Field(None, description="the frozen reference, a directory or hub id "

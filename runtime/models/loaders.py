@@ -4,7 +4,8 @@ Everything goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` on a local 
 a hub id is first resolved to its snapshot in the user's cache (``hub.resolve_model``) -- so
 built-in tiny models (``tiny.build_tiny_model``) and users' checkpoints load the same way.
 Every ``from_pretrained`` gets ``trust_remote_code`` explicitly (the run setting, default
-false; ``hub.remote_code_check`` says which setting to change), never an interactive prompt. ``add_value_head`` wraps a policy with a scalar value head
+false; ``hub.remote_code_check`` says which setting to change), never an interactive prompt.
+``add_value_head`` wraps a policy with a scalar value head
 for algorithms that need a critic sharing the policy body.
 """
 
@@ -207,7 +208,8 @@ def load_frozen_local(path, auto_cls, what: str, hint: str, device=None, trust_r
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
         model = auto_cls.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise remote_code_error(e, p, setting) or RunError(f"could not load a {what} from {p}: {type(e).__name__}: {e}") from e
+        raise remote_code_error(e, p, setting) or RunError(
+            f"could not load a {what} from {p}: {type(e).__name__}: {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)

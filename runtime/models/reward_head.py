@@ -57,9 +57,8 @@ def load_reward_model(path, dtype=None, device=None, trust_remote_code: bool = F
             p, num_labels=1, dtype=_resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise remote_code_error(e, p, "model") or RunError(
-            f"could not build a sequence classifier (reward model) from {p}: "
-                       f"{type(e).__name__}: {e}",
-                       hint="the model's architecture needs an AutoModelForSequenceClassification class") from e
+            f"could not build a sequence classifier (reward model) from {p}: {type(e).__name__}: {e}",
+            hint="the model's architecture needs an AutoModelForSequenceClassification class") from e
     finally:
         hf_logging.set_verbosity(level)
     if getattr(model.config, "pad_token_id", None) is None:
