@@ -196,6 +196,9 @@ def test_a_peft_adapter_with_lora_r_or_lora_adapter_is_refused(tmp_path, hf_home
     with pytest.raises(RunError, match="brings its own rank"):
         build_engine("sft", model=str(adapter), data=str(_demos(tmp_path)), out=str(tmp_path / "o"), steps=1,
                      sets=SETS + ["lora_r=8"])
+    with pytest.raises(RunError, match="reference_model .* holds a PEFT adapter, not a full model"):
+        build_engine("dpo", model=base, data=str(_pairs(tmp_path)), out=str(tmp_path / "o2"), steps=1,
+                     sets=SETS + [f"reference_model={adapter}"])
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = None
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))

@@ -4,8 +4,8 @@
 
 - a local directory or a hub id of a full model (hub ids resolved to their snapshot in the
   user's cache, hub.py): ``(that directory, None)``;
-- a PEFT adapter folder (``adapter_config.json`` without a ``config.json``), local or on the
-  hub: its ``base_model_name_or_path`` (itself a local directory or a hub id) and the adapter
+- a PEFT adapter folder (``adapter_config.json`` and no full model: hub.is_adapter_dir), local
+  or on the hub: its ``base_model_name_or_path`` (itself a local directory or a hub id) and the adapter
   folder, which ``parallel/lora.add_adapters`` loads trainable on that base -- the same path
   as the ``lora_adapter`` setting, so the adapter keeps its own rank, alpha and targets, and
   with a spec that reads ``logp_ref`` the reference is the base (adapters disabled), as

@@ -156,9 +156,16 @@ def _builtin_tokenizer(cls) -> bool:
     return hasattr(transformers, cls) or hasattr(transformers, cls.removesuffix("Fast"))
 
 
+_FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
 def is_adapter_dir(p: Path) -> bool:
-    """A PEFT adapter folder (adapter_config.json, no config.json of a full model)."""
-    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+    """A PEFT adapter folder: adapter_config.json and no full model (no config.json, or no
+    full weights beside it, as adapter repositories that copy the base's config have)."""
+    if not (p / "adapter_config.json").is_file():
+        return False
+    return not (p / "config.json").is_file() or not any((p / f).is_file() for f in _FULL_WEIGHTS)
 
 
 def adapter_base(p: Path) -> str:

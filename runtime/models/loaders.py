@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import RunError
-from .hub import remote_code_check, resolve_model
+from .hub import is_adapter_dir, remote_code_check, resolve_model
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -47,11 +47,10 @@ def _check_model_dir(path, setting: str = "model", trust_remote_code: bool = Fal
     if not p.is_dir():
         raise RunError(f"model path is not a directory: {p}",
                        hint="give the directory that holds config.json and the weights")
+    if is_adapter_dir(p):  # (--model as an adapter is resolved before: models/adapter_model.py)
+        raise RunError(f"{setting} {p} holds a PEFT adapter, not a full model",
+                       hint="merge it into its base first (peft's merge_and_unload, then save_pretrained)")
     if not (p / "config.json").is_file():
-        if (p / "adapter_config.json").is_file():
-            raise RunError(f"{setting} {p} holds a PEFT adapter, not a full model",
-                           hint="give it as --model (its base is loaded and the adapter trained further), "
-                                "or merge it first")
         raise RunError(f"no model in {p}: config.json is missing",
                        hint="save the model with model.save_pretrained(dir)")
     if not any((p / f).is_file() for f in _WEIGHT_FILES):
