@@ -6,9 +6,10 @@ training rows and the held-out rows:
 
 - ``eval_fraction: f`` holds out ``round(f * n)`` rows, drawn with a generator seeded by
   ``seed``, and removes them from training;
-- ``eval_data``: a file or a hub data set name (read by data/records.py like ``data``), or the
-  name of a split of the training data set (``test``, ``validation``: a bare word that is not a
-  path) when the data is a data set with splits.
+- ``eval_data``: a bare word that is not a path (``test``, ``validation``) names that split of
+  the training data set (a hub data set with ``data_config``, a hub-style or ``save_to_disk``
+  folder); anything else is a source read like ``data`` by data/records.py (a file, a glob, a
+  folder, an ``owner/name`` hub data set), its ``train`` split.
 
 :class:`UserEval` is the run's evaluation on those rows (``eval_score`` is the headline; the
 other numbers go to ``metrics.jsonl`` as ``eval/...``):
@@ -59,6 +60,9 @@ def held_out(run, records: list[dict], need: list[str]) -> tuple[list[dict], lis
         raise RunError(f"{which} evaluates on your data (--data); the built-in task has its own held-out "
                        "problems", hint=f"give --data, or drop {which}")
     if cfg.eval_fraction is not None:
+        if records is None:
+            raise RunError("eval_fraction holds rows out of a data set loaded whole, and streaming is on",
+                           hint="with streaming: true give the held-out rows as eval_data (a split or a file)")
         n, f = len(records), cfg.eval_fraction
         k = int(round(f * n))
         if k < 1:
@@ -74,20 +78,17 @@ def held_out(run, records: list[dict], need: list[str]) -> tuple[list[dict], lis
     rows = load_eval_records(cfg, need)
     if not rows:
         raise RunError(f"eval_data {cfg.eval_data}: the eval set is empty")
-    if run.kind == "unpaired":
-        from ..data.records import check_labels
-        check_labels(rows, cfg.eval_data)
     run.say(f"eval: {len(rows)} rows from {cfg.eval_data}")
     return records, rows
 
 
 def load_eval_records(cfg, need: list[str]) -> list[dict]:
-    """The rows ``eval_data`` names (see the module docstring)."""
+    """The rows ``eval_data`` names (see the module docstring), checked as the training data's."""
     from ..data.records import load_records
     ev = cfg.eval_data
     if not Path(ev).expanduser().exists() and _SPLIT.match(ev):  # a split of the training data set
-        return load_records(cfg.data, cfg.fields, required=need, split=ev)
-    return load_records(ev, cfg.fields, required=need)
+        return load_records(cfg.data, cfg.fields, need, config=getattr(cfg, "data_config", None), split=ev)
+    return load_records(ev, cfg.fields, need)
 
 
 class UserEval:
