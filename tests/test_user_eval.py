@@ -255,3 +255,21 @@ def test_episodes_evaluate_with_the_environments_reward(tmp_path, model_dir, mon
     assert [m["step"] for m in evals] == [0, 2]
     # the environment's reward is the length of the text, so the score is positive when anything was said
     assert all(m["eval_score"] == m["eval/env_reward/mean"] for m in evals) and evals[0]["eval_score"] > 0
+
+
+def test_a_hub_data_set_and_its_test_split_as_eval_data(tmp_path, model_dir, monkeypatch):
+    """`--data owner/name --set eval_data=test`: the hub data set's test split, offline from the cache."""
+    import datasets
+    from data_fixtures import cache_hub_dataset
+    hf = tmp_path / "hf"
+    train = [{"prompt": f"{i}*2=", "completion": str(2 * i)} for i in range(6)]
+    test = [{"prompt": f"{i}*2=", "completion": str(2 * i)} for i in range(20, 23)]
+    cache_hub_dataset(hf, "someone/tiny-eval", {"train": train, "test": test}, config="default")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf / "datasets")
+    out = tmp_path / "run"
+    eng = build_engine("sft", model=model_dir, data="someone/tiny-eval", out=str(out), steps=1,
+                       sets=SETS + ["data_config=default", "eval_data=test"])
+    assert [r["prompt"] for r in eng.eval_records] == [r["prompt"] for r in test] and len(eng.records) == 6
+    eng.train()
+    assert [m["step"] for m in _evals(out)] == [0, 1]
