@@ -6,7 +6,8 @@ runs ``alignspec run NAME --out OUT/NAME`` (no --model / --data: the built-in ta
 and presets) for each seed algorithm and prints a table: the headline metric at the start
 and at the end, the wall time of the whole process (imports and model loading included)
 and the optimizer steps. The headline metric is ``eval_score``: held-out greedy accuracy
-(the arithmetic task; for mcts the step task's full-solution accuracy; for flow_grpo the
+(the arithmetic task; for mcts the step task's full-solution accuracy; for grpo_tools the
+agentic task's, greedy episodes with the calculator tool; for flow_grpo the
 flow task's mean reward of deterministic ODE samples), for reward_model the pairwise accuracy on held-out pairs, and for the
 rlhf pipeline the last stage's (start = the first stage's start, steps = all stages').
 A run that fails shows its exit code and last error line in the table. The table and the
@@ -27,9 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ["sft", "reward_model", "ppo", "rlhf", "dpo", "grpo", "dapo", "flow_grpo", "spin", "sppo", "rspo",
-         "ampo", "mcts", "kto", "orpo", "cpo", "aot", "reinforce_pp", "grpo_tis"]
+         "ampo", "mcts", "kto", "orpo", "cpo", "aot", "reinforce_pp", "grpo_tis", "grpo_tools"]
 METRIC = {"reward_model": "held-out pairwise acc.", "mcts": "step-task accuracy", "rlhf": "last stage's accuracy",
-          "flow_grpo": "mean reward of ODE samples"}
+          "flow_grpo": "mean reward of ODE samples", "grpo_tools": "agentic-task accuracy (greedy episodes)"}
 
 
 def _cli() -> list[str]:

@@ -20,7 +20,8 @@ SAMPLER_OPTIONS: dict[str, dict[str, object]] = {
     "tree_search": {"simulations": 16, "branching": 3, "depth": 4, "c_puct": 1.5, "temperature": 1.0},
     "flow_sde": {"n": 1, "steps": 10, "noise": 0.7},
     # env = env: the run configuration's environment (env: module:Class, or tools: [...]); max_tokens per turn
-    "rollout": {"env": "env", "n": 1, "max_turns": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": None},
+    "rollout": {"env": "env", "n": 1, "max_turns": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": None,
+                "model": "policy"},
     "demonstration": {},
     "pairs": {},
     "unpaired": {},

@@ -144,8 +144,10 @@ FUNCTIONS: dict[str, Fn] = {f.name: f for f in [
     Fn("tree_search", "sampler", ("prompt",), kwargs=("simulations", "branching", "depth", "c_puct",
                                                       "temperature")),
     Fn("flow_sde", "sampler", ("prompt",), kwargs=("n", "steps", "noise")),
-    Fn("rollout", "sampler", ("prompt",), kwargs=("env", "n", "max_turns", "temperature", "top_p", "max_tokens"),
-       doc="n multi-turn episodes per prompt with the run configuration's environment (env) or tools"),
+    Fn("rollout", "sampler", ("prompt",), kwargs=("env", "n", "max_turns", "temperature", "top_p", "max_tokens",
+                                                  "model"),
+       doc="n multi-turn episodes per prompt with the run configuration's environment (env) or tools; "
+           "model = reference samples them with the reference policy"),
     # selectors
     Fn("argmax", "selector", ("x",)), Fn("argmin", "selector", ("x",)),
     Fn("top_k", "selector", ("x", "k")), Fn("bottom_k", "selector", ("x", "k")),

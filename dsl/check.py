@@ -435,7 +435,8 @@ class _Checker:
             if n in UNPAIRED_ONLY and (self.res.data is None or self.res.data.kind != "unpaired"):
                 raise error(f"{n!r} exists only for unpaired labelled data (`data unpaired`)", e.span, "unknown-name")
             if n == "logp_sampler" and not self._generates():
-                raise error("'logp_sampler' is recorded by generate(...); this spec samples nothing", e.span,
+                raise error("'logp_sampler' is recorded by generate(...) and rollout(...); this spec samples "
+                            "with neither", e.span,
                             "unknown-name", "use logp_old, or add: sample\n  responses = generate(prompt, n = ...)")
             if n not in self.input_nodes:
                 self.input_nodes[n] = self._node("input", [], e.span, quantity=n, level=q.level, phase=q.phase,
@@ -740,7 +741,7 @@ class _Checker:
     def _generates(self) -> bool:
         sample = self.res.sections.get("sample")
         return sample is not None and len(sample.body) == 1 and isinstance(sample.body[0], A.Assign) \
-            and isinstance(sample.body[0].value, A.Call) and sample.body[0].value.func == "generate"
+            and isinstance(sample.body[0].value, A.Call) and sample.body[0].value.func in ("generate", "rollout")
 
     def _sample_requires(self, e: A.Call) -> set[str]:
         req = set()

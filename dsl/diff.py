@@ -54,7 +54,7 @@ SAMPLER_DEFAULTS = {
                  "top_k": A.Number(0, "0"), "min_p": A.Number(0.0, "0.0"),
                  "repetition_penalty": A.Number(1.0, "1.0"), "model": A.Name("policy")},
     "rollout": {"env": A.Name("env"), "n": A.Number(1, "1"), "max_turns": A.Number(4, "4"),
-                "temperature": A.Number(1.0, "1.0"), "top_p": A.Number(1.0, "1.0")},
+                "temperature": A.Number(1.0, "1.0"), "top_p": A.Number(1.0, "1.0"), "model": A.Name("policy")},
 }
 _PAIR_SIMILARITY = 0.3  # two terms of a sum that share this much of their subtrees are one term changed
 

@@ -50,6 +50,12 @@ Self-play, active selection, the reward model and tree search (seed 0 unless sai
   negatives down collapses the answers (0.0).
 - ``mcts`` {lr 3e-4} (the step task, greedy full-solution accuracy, start 0.18): -> 0.72
   (lr 1e-3: 0.57, less steady).
+- ``grpo_tools`` {50 steps, linear decay} (the agentic task: sums of three 3-digit numbers
+  with a calculator, data/tool_task.py; greedy episodes on 50 held-out problems): the warm
+  model calls the tool in ~4% of sampled episodes and never in greedy ones (eval 0.00);
+  GRPO makes calling the rule within ~10 steps (100 steps, eval every 10: 0.98 from step
+  10 on for seeds 0, 1, 2; the generic 300 steps: 0.98 at 25, 0.92 at 300). 50 steps are
+  enough and keep the demo near a minute.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ PRESETS: dict[str, dict] = {
     "aot": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
     "reinforce_pp": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
     "grpo_tis": {"lr_schedule": "linear"},
+    # episodes (the agentic task, data/tool_task.py): learns within ~10 steps (see the notes)
+    "grpo_tools": {"steps": 50, "lr_schedule": "linear"},
 }
 
 

@@ -123,9 +123,17 @@ def test_bad_tool_and_env_names_are_clear_errors(tmp_path):
         ToolBox(["no_such_mod:f"])
     with pytest.raises(RunError, match="expected module:function"):
         ToolBox(["add"])
-    eng = quiet(build_engine(_spec(tmp_path), out=str(tmp_path / "o"), steps=1, sets=["batch_size=2"] + QUIET))
+    data = tmp_path / "d.jsonl"  # (on the built-in data, the built-in agentic task brings its own tool)
+    data.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    eng = quiet(build_engine(_spec(tmp_path), out=str(tmp_path / "o"), steps=1, data=str(data),
+                             model=_tiny_model(tmp_path), sets=["batch_size=2", "rewards=[exact_answer]"] + QUIET))
     with pytest.raises(RunError, match="names no environment"):
         eng.train()
+
+
+def _tiny_model(tmp_path) -> str:
+    from alignspec.runtime.models.tiny import build_tiny_model
+    return build_tiny_model(tmp_path / "tiny")
 
 
 # ---------------------------------------------------------------- episodes in a run
@@ -135,9 +143,9 @@ TAGS = ["tool_call_tags=['call ', '=']", "tool_result_tags=['?', '?']"]  # the c
 def _scripted(monkeypatch, seen):
     """Replace the policy's turns: a prompt with an even first digit answers at once (turn 1);
     the others call boom, then slow, then answer (turn 3). Records each turn's batch size."""
-    def turn(self, lm, contexts, gen, eos, pad):
+    def turn(self, contexts):
         seen.append(len(contexts))
-        tok = self.run.tokenizer
+        tok = self.tok
         out = []
         for c in contexts:
             text = tok.decode(c, skip_special_tokens=True)
@@ -146,9 +154,10 @@ def _scripted(monkeypatch, seen):
                 say = "7"
             else:
                 say = ["call boom(1)=", "call slow(2)="][k]
-            out.append(list(tok(say, add_special_tokens=False)["input_ids"]) + ([tok.eos_token_id] if say == "7" else []))
+            ids = list(tok(say, add_special_tokens=False)["input_ids"]) + ([tok.eos_token_id] if say == "7" else [])
+            out.append((ids, None))
         return out
-    monkeypatch.setattr(episodes.Rollout, "_turn", turn)
+    monkeypatch.setattr(episodes.Turns, "__call__", turn)
 
 
 def test_a_run_with_a_raising_and_a_hanging_tool_completes_and_batches_uneven_episodes(tmp_path, monkeypatch):
@@ -244,3 +253,98 @@ def test_tool_schemas_go_to_the_chat_template():
                           algo=SimpleNamespace(name="t"))
     s = episodes.Rollout(SamplerPlan("rollout", 1, (("n", 1),)), run)
     assert tok.decode(s._prompt_ids("1+2=")) == "tool add\n1+2="
+
+
+# ---------------------------------------------------------------- the built-in agentic task
+def test_the_calculator_is_safe_and_the_final_answer_is_after_the_last_result():
+    from alignspec.runtime.data.tool_task import BuiltinToolTask, answer_of, calc
+    assert calc("123+456+789") == 1368 and calc("2*(3-5)") == -4 and calc(" 7 ") == 7
+    for bad in ("__import__('os')", "2**99999", "1/2", "x+1", "9" * 201, "1+"):
+        with pytest.raises(ValueError):
+            calc(bad)
+    assert answer_of("call calc(1+2+3)=?6?6") == "6" and answer_of(" 6") == "6"
+    task = BuiltinToolTask()
+    assert task.final_answer(["1+2+3="] * 3, ["call calc(1+2+3)=?6?6", "6", "call calc(1+2+3)=?6?5"],
+                             answer=["6", "6", "6"]) == [1.0, 1.0, 0.0]
+    assert not set(task.train_problems) & set(task.eval_problems)
+    demo = task.records("demonstrations")[0]
+    assert [t for t, trained in demo["segments"] if not trained] == [f"?{demo['answer']}?"]  # the observation
+    box = task.toolbox()
+    assert box.observe("call calc(100+200+300)=") == "?600?" and "error" in box.observe("call calc(1+x)=")
+    assert box.counts["errors"] == 1
+
+
+@pytest.mark.usefixtures("alignspec_cache")
+def test_grpo_tools_learns_to_call_the_calculator(tmp_path):
+    """`alignspec run grpo_tools` on the built-in agentic task, shortened: the warm model
+    seldom calls the tool and greedy episodes answer wrongly; GRPO on episodes makes calling
+    the rule. Seed 0 reaches 0.98 by step 25 of the demo (runtime/presets.py); a learner that
+    does not learn stays near 0."""
+    out = tmp_path / "o"
+    eng = quiet(build_engine("grpo_tools", out=str(out), steps=30, seed=0, eval_every=0))
+    assert eng.task.name == "builtin:tool_addition" and eng.cfg.tool_call_tags == ("call ", "=")
+    eng.train()
+    m = read_metrics(out)
+    ev = [r["eval_score"] for r in m if "eval_score" in r]
+    steps = [r for r in m if "loss" in r]
+    assert len(steps) == 30
+    assert ev[0] < 0.3 and ev[-1] > 0.6, ev
+    calls = [r["episodes/tool_calls_mean"] for r in steps]
+    assert sum(calls[:3]) / 3 < 0.3 and sum(calls[-3:]) / 3 > 0.8, calls
+    assert all(1 <= r["episodes/turns_mean"] <= 4 and r["episodes/tool_errors"] >= 0 for r in steps)
+    assert "reward/mean" in steps[-1] and steps[-1]["reward/mean"] > 0.5
+
+
+def _tools_spec(tmp_path, name: str, body: str) -> str:
+    p = tmp_path / f"{name}.align"
+    p.write_text(f"algorithm {name} extends grpo_tools\n\n{body}")
+    return str(p)
+
+
+@pytest.mark.usefixtures("alignspec_cache")
+def test_episodes_record_the_samplers_logprobs_on_the_policys_tokens(tmp_path):
+    """logp_sampler of an episode: the sampler's log-prob of each policy token (here temperature
+    1: the policy's own), 0 on the observation's tokens."""
+    spec = _tools_spec(tmp_path, "tools_tis", "advantage\n  A = (r - group_mean(r)) / (group_std(r) + 1e-4)\n"
+                       "  w = min(exp(logp_old - logp_sampler), 3.0)\n\nloss\n  ratio = exp(logp - logp_old)\n"
+                       "  minimize -mean(mean_tokens(w * clip(ratio, 1 - eps, 1 + eps) * A))\n")
+    eng = quiet(build_engine(spec, out=str(tmp_path / "o"), steps=1, sets=["batch_size=16"] + QUIET))
+    eng.train()  # one step, with the sampler's log-probs in the batch
+    rows = [r for g in eng.sample(eng.records[:4], seed=5) for r in g]
+    assert any(0 in r["m"] for r in rows)  # some episodes called the tool
+    for r in rows:
+        assert len(r["ls"]) == len(r["c"]) == len(r["m"])
+        assert all(lp == 0.0 for lp, m in zip(r["ls"], r["m"]) if not m)
+        assert all(lp < 0.0 for lp, m in zip(r["ls"], r["m"]) if m)
+    b = eng.family.batch_of(eng, rows)
+    assert "logp_sampler" in b
+    fw = eng.family.forward_rows(eng, eng.model, b, slice(0, len(rows)), grad=False)
+    on = b["mask"] != 0
+    torch.testing.assert_close(b["logp_sampler"][on], fw["logp"][on].float(), atol=2e-4, rtol=0)
+
+
+@pytest.mark.usefixtures("alignspec_cache")
+def test_rollout_with_model_reference_samples_from_the_reference(tmp_path):
+    """rollout(..., model = reference): episodes come from the frozen reference, not the policy."""
+    from alignspec.runtime.models.loaders import unwrap_causal_lm
+    from alignspec.runtime.rollout.envs import Episode
+    from alignspec.runtime.rollout.episodes import Turns, play
+    spec = _tools_spec(tmp_path, "tools_ref", "sample\n  responses = rollout(prompt, env = env, n = n, "
+                       "max_turns = max_turns, temperature = 0, model = reference)\n")
+    eng = quiet(build_engine(spec, out=str(tmp_path / "o"), steps=1, sets=["batch_size=8", "params.n=2"] + QUIET))
+    assert eng.reference is not None
+    with torch.no_grad():  # the policy now differs from the reference
+        for p in unwrap_causal_lm(eng.policy).parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    recs = eng.records[:3]
+    rows = [r for g in eng.sample(recs, seed=1) for r in g]
+
+    def greedy(model):
+        box = eng.task.toolbox()
+        out = play(Turns(unwrap_causal_lm(model), eng.tokenizer, temperature=0.0, top_p=1.0,
+                         max_tokens=eng.max_new_tokens, seed=0, stops=box.stops),
+                   [eng.tok_prompt(r["prompt"]) for r in recs for _ in range(2)],
+                   [Episode(None, box, "t") for _ in range(6)], max_turns=4)
+        return [o["c"] for o in out]
+
+    assert [r["c"] for r in rows] == greedy(eng.reference) != greedy(eng.policy)

@@ -639,8 +639,31 @@ def ref_grpo_tis(b, p):
     return -total / B
 
 
+def episode_batch(seed=0):
+    """Episodes (grpo_tools' rollout): each row's action mask has a hole inside it -- an
+    observation between two of the policy's turns, mask 0, finite garbage in every per-token
+    value there -- besides the right padding; `length` counts the actions only."""
+    b = make_batch(3, 8, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 2000)
+    mask = b["mask"].clone()
+    for i in range(mask.shape[0]):
+        n = int(mask[i].sum())
+        if n < 3:  # the single-token row and short rows stay one turn
+            continue
+        start = int(torch.randint(1, n - 1, (1,), generator=gen))
+        stop = start + int(torch.randint(1, n - start, (1,), generator=gen))
+        mask[i, start:stop] = 0.0
+    hole = (mask == 0) & (b["mask"] != 0)
+    assert int(hole.sum()) > 10  # the holes are there
+    for k in ("logp", "logp_old", "logp_ref", "logp_sampler"):
+        b[k] = torch.where(hole, 5.0 * torch.randn(b[k].shape, generator=gen, dtype=DT64), b[k])
+    b["mask"], b["length"] = mask, mask.sum(-1)
+    return b
+
+
 # ----------------------------------------------------------------------------- cases
 DEFAULTS = {
+    "grpo_tools": dict(n=8, eps=0.2, beta=0.04, max_turns=4),
     "kto": dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.0),
     "orpo": dict(beta=0.1),
     "cpo": dict(beta=0.1, cpo_alpha=1.0),
@@ -775,6 +798,10 @@ CASES = {
     "reinforce_pp-beta": ("reinforce_pp", {"beta": 0.5}, lambda: make_batch(10, 1, seed=32), ref_reinforce_pp,
                           ["logp"]),
     "grpo_tis": ("grpo_tis", {"tis_cap": 1.1}, lambda: make_batch(3, 8, seed=33), ref_grpo_tis, ["logp"]),
+    # episodes: GRPO's Eq. 3 over the policy's tokens only (ref_grpo's loops run over the action mask)
+    "grpo_tools": ("grpo_tools", {}, lambda: episode_batch(34), lambda b, p: ref_grpo(b, p, False), ["logp"]),
+    "grpo_tools-offpolicy": (offpolicy("grpo_tools"), {"beta": 0.1}, lambda: episode_batch(35),
+                             lambda b, p: ref_grpo(b, p, True), ["logp"]),
 }
 # Cases that fail because of a compiler bug (see the module docstring and the tests at the end).
 KNOWN_BUGS: dict[str, str] = {}  # case id → reason, for a compiler bug found and not yet fixed

@@ -166,7 +166,7 @@ def test_rollout_episodes_options_resolved(tmp_path):
     p = a.plan
     assert p.sampler.kind == "rollout" and p.sampler.rows == 6 and p.group_size == 6
     assert dict(p.sampler.options) == {"env": "env", "n": 6, "max_turns": 3, "temperature": 0.9, "top_p": 1.0,
-                                       "max_tokens": None}
+                                       "max_tokens": None, "model": "policy"}
     assert p.generates and not p.offline and not p.refill
     assert {"generation", "env"} <= a.requires and a.inputs["env_reward"] == "response"
     # the plan literal in the generated module holds the resolved options

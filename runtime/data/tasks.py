@@ -158,8 +158,22 @@ def _warmup(path: Path, settings: dict) -> None:
     sft_warmup(path, ArithmeticTask().records("demonstrations"), w["steps"], w["batch"], w["lr"], w["seed"])
 
 
+def _sequence(tok, row: dict) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response + EOS and their labels (-100: not trained). A row with
+    ``segments`` (``[(text, trained), ...]``, an episode's turns and observations) in place of
+    ``response`` trains only on the segments marked trained, and on the final EOS."""
+    ids = list(tok(row["prompt"])["input_ids"])
+    lab = [-100] * len(ids)
+    for text, trained in row.get("segments") or [(row["response"], True)]:
+        part = list(tok(text, add_special_tokens=False)["input_ids"])
+        ids += part
+        lab += part if trained else [-100] * len(part)
+    return ids + [tok.eos_token_id], lab + [tok.eos_token_id]
+
+
 def sft_warmup(path: Path, rows: list[dict], steps: int, batch: int, lr: float, seed: int) -> None:
-    """Plain cross-entropy on response + EOS for ``steps`` random batches; saved in place."""
+    """Plain cross-entropy on response + EOS (see ``_sequence``) for ``steps`` random batches;
+    saved in place."""
     from ..models.loaders import load_policy
     model, tok = load_policy(path)
     rng = random.Random(seed)
@@ -168,19 +182,15 @@ def sft_warmup(path: Path, rows: list[dict], steps: int, batch: int, lr: float, 
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         model.train()
         for _ in range(steps):
-            seqs = []
-            for r in rng.sample(rows, batch):
-                p = tok(r["prompt"])["input_ids"]
-                c = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                seqs.append((p + c, len(p)))
+            seqs = [_sequence(tok, r) for r in rng.sample(rows, batch)]
             L = max(len(s) for s, _ in seqs)
             ids = torch.full((len(seqs), L), tok.pad_token_id, dtype=torch.long)
             att = torch.zeros((len(seqs), L), dtype=torch.long)
             lab = torch.full((len(seqs), L), -100, dtype=torch.long)
-            for i, (s, pl) in enumerate(seqs):
+            for i, (s, sl) in enumerate(seqs):
                 ids[i, :len(s)] = torch.tensor(s)
                 att[i, :len(s)] = 1
-                lab[i, pl:len(s)] = torch.tensor(s[pl:])
+                lab[i, :len(s)] = torch.tensor(sl)
             loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
             opt.zero_grad()
             loss.backward()

@@ -70,6 +70,19 @@ class TokenPolicy:
         run.cfg = cfg
         run.say(describe(run.algo.name, fields, params))
 
+    def _apply_task_defaults(self, run) -> None:
+        """The settings a built-in task needs (its ``run_defaults``, e.g. the agentic task's tool
+        markers), where the user set none; then the task takes the run's settings."""
+        from ..presets import _user_set
+        fields = {k: v for k, v in getattr(run.task, "run_defaults", {}).items() if not _user_set(run.cfg, k)}
+        if fields:
+            cfg = run.cfg.model_copy(deep=True)
+            for k, v in fields.items():
+                setattr(cfg, k, v)
+            run.cfg = cfg
+            run.say(f"built-in task {run.task.name}: " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
+        run.task.configure(run.cfg)
+
     def _build(self, run) -> None:
         from accelerate.utils import set_seed
         algo, cfg = run.algo, run.cfg
@@ -83,6 +96,11 @@ class TokenPolicy:
             if "tree_search" in algo.requires:  # the step-structured task (data/step_task.py)
                 from ..data.step_task import BuiltinStepTask
                 run.task = BuiltinStepTask()
+            elif "env" in algo.requires and not cfg.env and not cfg.tools:  # episodes: data/tool_task.py
+                from ..data.tool_task import BuiltinToolTask
+                run.task = BuiltinToolTask()
+                self._apply_task_defaults(run)
+                cfg = run.cfg
         # effective settings
         run.steps = cfg.steps or (300 if run.builtin else 100)
         run.batch_size = cfg.batch_size or (16 if run.builtin else 8)

@@ -45,12 +45,12 @@ class Episode:
         self.reward = 0.0
         self.turns = 0
         self.tool_calls = 0
+        self.first = None  # the first observation (reset's), appended to the prompt
 
     def reset(self, row: dict) -> str | None:
-        if self.env is None:
-            return None
-        obs = self._user("reset", row)
-        return self._text(obs, "reset")
+        if self.env is not None:
+            self.first = self._text(self._user("reset", row), "reset")
+        return self.first
 
     def step(self, text: str) -> tuple[str | None, bool]:
         """(observation, done) after the policy's turn ``text``; rewards accumulate."""

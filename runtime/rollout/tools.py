@@ -80,11 +80,13 @@ class ToolBox:
     """The configured tools, their schemas, the call parser and the guarded caller."""
 
     def __init__(self, names: list[str], *, timeout: float = 5.0, max_chars: int = 400,
-                 call_tags=("<call>", "</call>"), result_tags=("<result>", "</result>")):
+                 call_tags=("<call>", "</call>"), result_tags=("<result>", "</result>"),
+                 builtin: list[Callable] = ()):
+        """``names``: ``module:function`` strings of the run configuration; ``builtin``: our own
+        functions (a built-in task's tools, e.g. data/tool_task.py's calculator), not imported."""
         self.fns = {}
         self.schemas = []
-        for n in names:
-            fn = resolve_tool(n)
+        for n, fn in [(n, resolve_tool(n)) for n in names] + [(f.__name__, f) for f in builtin]:
             self.fns[fn.__name__] = fn
             self.schemas.append(tool_schema(n, fn))
         self.timeout, self.max_chars = float(timeout), int(max_chars)

@@ -16,11 +16,15 @@ def bind_scorers(run) -> dict:
     cfg, out = run.cfg, {}
     for name in [n for n in EXTERNALS if n in run.algo.inputs]:
         if name == "reward":
-            names = cfg.rewards or (["exact_answer"] if run.builtin else [])
+            builtin = {}
+            task_reward = getattr(run.task, "reward_name", None) if run.builtin else None
+            if not cfg.rewards and task_reward:  # a built-in task's own reward (data/tool_task.py)
+                builtin = {task_reward: getattr(run.task, task_reward)}
+            names = cfg.rewards or ([task_reward or "exact_answer"] if run.builtin else [])
             if not names:
                 raise RunError(f"{run.algo.name} scores with reward(response), but no reward is configured",
                                hint="set rewards: [exact_answer, format, length] or 'module:function'")
-            out[name] = RewardFunctions(names, cfg.reward_weights, tokenizer=run.tokenizer)
+            out[name] = RewardFunctions(names, cfg.reward_weights, tokenizer=run.tokenizer, builtin=builtin)
             weights = out[name].weights
             run.say("reward: " + " + ".join(n if w == 1 else f"{w:g} * {n}" for n, w in zip(names, weights)))
             continue

@@ -56,9 +56,11 @@ class RewardFunctions:
     """The weighted sum of several reward functions, with each one's mean and std kept for the
     step's metrics (``pop_metrics``)."""
 
-    def __init__(self, names: list[str], weights: list[float] | None = None, tokenizer=None):
+    def __init__(self, names: list[str], weights: list[float] | None = None, tokenizer=None,
+                 builtin: dict | None = None):
         self.names = list(names)
-        self.fns = [resolve_reward(n) for n in names]
+        builtin = builtin or {}  # a built-in task's own rewards by name (not looked up, not imported)
+        self.fns = [builtin[n] if n in builtin else resolve_reward(n) for n in names]
         if weights is not None and len(weights) and len(weights) != len(self.names):
             raise RunError(f"reward_weights has {len(weights)} values for {len(self.names)} rewards "
                            f"({', '.join(self.names)})", hint="give one weight per reward, in the same order")
