@@ -170,15 +170,9 @@ class PromptFormat:
             tok.padding_side = old
 
     def _encode_ids(self, rows: list[list[int]]) -> dict:
-        import torch
+        from .token_rows import left_pad
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        P = max(1, max(len(r) for r in rows))
-        ids = torch.full((len(rows), P), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), P), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, P - len(r):] = torch.tensor(r)
-                mask[i, P - len(r):] = 1
+        ids, mask = left_pad(rows, pad)
         return {"input_ids": ids, "attention_mask": mask}
 
     def check_records(self, records: list[dict], data) -> None:

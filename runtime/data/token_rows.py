@@ -14,6 +14,18 @@ import torch
 from ..loop.base import _mix
 
 
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[len(seqs), L]`` ids and attention mask, each sequence right-aligned (left padding)."""
+    L = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, L - len(s):] = torch.tensor(s)
+            att[i, L - len(s):] = 1
+    return ids.to(device), att.to(device)
+
+
 def next_records(run) -> list[dict]:
     """This process's slice of the next global batch of records (epoch-wise seeded shuffles)."""
     B = run.batch_size

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
+from ..data.token_rows import left_pad  # noqa: F401  (also imported from here)
 
 SCORE_EOS_FLAG = "alignspec_score_eos"
 TEMPLATE_FLAG = "alignspec_chat_template"
@@ -114,17 +115,6 @@ def encode(tokenizer, prompt, response: str, eos: bool = True, prompt_format=Non
     if eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, L - len(s):] = torch.tensor(s)
-            att[i, L - len(s):] = 1
-    return ids.to(device), att.to(device)
 
 
 @torch.no_grad()
