@@ -190,7 +190,7 @@ def linear_logprobs(hidden, weight, bias, targets, *, chunk_size=1024, scale=1.0
     return logp, (ent if with_entropy else None)
 
 
-HEAD_LOGPROBS = "chunked_logprobs"  # the output layer's method under FSDP2 (parallel/fsdp2.py)
+HEAD_LOGPROBS = "chunked_logprobs"  # the output layer's own log-probs under FSDP2 (parallel/fsdp2.py)
 
 
 def linear_head_logprobs(head: nn.Linear, hidden, targets, **kw):
@@ -340,8 +340,7 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(head, nn.Linear) and softcap is None:
-        # under FSDP2 the output layer is its own unit whose registered forward method this is
-        # (parallel/fsdp2.py): its weight is gathered for these tiles only
+        # under FSDP2 the output layer's shards compute them (parallel/vocab_parallel.py)
         fn = getattr(head, HEAD_LOGPROBS, None) or (lambda *a, **k: linear_head_logprobs(head, *a, **k))
         logp_rows, ent_rows = fn(rows, targets, chunk_size=chunk_size, scale=scale / temperature,
                                  with_entropy=with_entropy)

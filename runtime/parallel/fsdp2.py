@@ -6,7 +6,7 @@ model -- the policy, with its value head when there is a critic -- with PyTorch'
 
 1. activation checkpointing first, when on (parallel/activation_checkpointing.py, applied by wrap.py);
 2. ``fully_shard`` on each decoder layer (the classes in the model's ``_no_split_modules``),
-   then on the input embedding (and on the output layer, see below) when they do not share
+   then on the input embedding and on the output layer (see below) when they do not share
    their weight, then on the ``TrainForward`` as the root: the root unit holds what is left
    (final norm, value head, the output layer or a tied embedding / output layer). Each
    process keeps ``1 / world`` of every parameter (a ``DTensor`` sharded on dim 0); a
@@ -16,19 +16,17 @@ model -- the policy, with its value head when there is a critic -- with PyTorch'
    is done, so AdamW creates sharded moments;
 3. mixed precision through FSDP2's ``MixedPrecisionPolicy`` (runtime/parallel/precision.py).
 
-The output layer (vocabulary x hidden, the largest unit) is its own unit when activation
-checkpointing is on, and in the frozen reference; otherwise it belongs to the root. Measured
-with bench/scale.py (2 processes, gloo): in the root it stays gathered from the start of the
-forward to the end of the backward, with its whole gradient held until the end (the root
-reduces last), which is where the peak is under activation checkpointing (the input
-embedding's gradient is reduced there too): its own unit cuts that peak by about a tenth.
-Without checkpointing the peak is at the start of the backward, under every layer's
-activations, and reducing the output layer's gradient right there (its whole gradient, the
-reduce-scatter's input copy and output) costs more than keeping it in the root. The engine's
-log-prob path does not call the output layer's ``forward`` but reads its weight in tiles
-(models/logprobs.py); as a unit, that tiled computation is registered as a forward method of
-the sharded output layer (``register_fsdp_forward_method``), so FSDP2 gathers the weight
-around it and reduce-scatters its gradient when the backward reaches the hidden states. The
+The output layer (vocabulary x hidden, the largest unit; more than half of a small model's
+parameters) is its own unit but is never gathered for training: the engine's log-prob path
+does not call its ``forward``, it reads its weight in tiles (models/logprobs.py), and for a
+bias-free linear output layer that computation is given the layer's shards
+(parallel/vocab_parallel.py: each process computes the logits of its slice of the
+vocabulary for every process's rows, and keeps its slice's gradient). Gathered, in the root,
+it would stay whole from the start of the forward to the end of the backward with its whole
+gradient held until the end (the root reduces last); as an ordinary unit, its whole gradient
+would be reduced at the start of the backward, under every layer's activations: both were
+measured with bench/scale.py, and both raise the per-process peak by about a tenth of DDP's.
+An output layer with a bias or soft-capped logits stays in the root. The
 root is the ``TrainForward`` rather than the causal LM for the same reason: the root's hooks
 gather what is left before anything in its forward reads it. A no-grad forward at setup
 initializes FSDP2's root state, so that generation (which calls the LM itself, not the root)
@@ -56,8 +54,9 @@ from torch import nn
 
 from ..errors import RunError
 from ..models.loaders import unwrap_causal_lm
-from ..models.logprobs import HEAD_LOGPROBS, chunked_linear_head, linear_head_logprobs
+from ..models.logprobs import HEAD_LOGPROBS, chunked_linear_head
 from . import precision
+from .vocab_parallel import sharded_logprobs
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
@@ -73,7 +72,7 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 def shard_forward(forward: nn.Module, lm: nn.Module, plan, device, pad_id) -> nn.Module:
     """Shard the training forward ``forward`` of ``lm`` (see the module docstring). Call before
     the optimizer is built: sharding replaces the parameters by their shards."""
-    shard(forward, lm, plan, device, head_unit=plan.gradient_checkpointing)
+    shard(forward, lm, plan, device)
     _init_root(forward, pad_id, device)
     return forward
 
@@ -82,7 +81,7 @@ def shard_frozen(forward: nn.Module, lm: nn.Module, plan, device, pad_id) -> nn.
     """Shard the no-grad forward ``forward`` of the frozen model ``lm`` (the reference): the
     same units as the policy's, computed in the model's own dtype (no mixed precision, as
     frozen models run without FSDP2). Counts its forwards for :func:`pad_frozen_forwards`."""
-    shard(forward, lm, plan, device, mixed_precision=False, head_unit=True)
+    shard(forward, lm, plan, device, mixed_precision=False)
     _init_root(forward, pad_id, device)
     forward.forward_calls = 0
 
@@ -112,14 +111,13 @@ def pad_frozen_forwards(forward: nn.Module, pad_id, device) -> None:
     forward.forward_calls = 0
 
 
-def shard(root: nn.Module, lm: nn.Module, plan, device, mixed_precision: bool = True,
-          head_unit: bool = False) -> nn.Module:
-    """``fully_shard`` the decoder layers of ``lm``, its input embedding and, with ``head_unit``,
-    its output layer (unless they share their weight), then ``root`` (a module that contains
-    ``lm``); returns ``root``. ``mixed_precision=False``: compute in the parameters' dtype
-    whatever the plan."""
+def shard(root: nn.Module, lm: nn.Module, plan, device, mixed_precision: bool = True) -> nn.Module:
+    """``fully_shard`` the decoder layers of ``lm``, its input embedding and its output layer
+    (unless they share their weight; the output layer only when its log-probs can be computed
+    from its shards), then ``root`` (a module that contains ``lm``); returns ``root``.
+    ``mixed_precision=False``: compute in the parameters' dtype whatever the plan."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (plan.world,))
     kw = {"mesh": mesh, "reshard_after_forward": plan.reshard_after_forward}
     mp = precision.fsdp_policy(plan) if mixed_precision else None
@@ -131,13 +129,19 @@ def shard(root: nn.Module, lm: nn.Module, plan, device, mixed_precision: bool = 
     tied = emb is not None and head is not None and head.weight is emb.weight
     if emb is not None and not tied:
         fully_shard(emb, **kw)
-    head = None if tied or not head_unit else chunked_linear_head(lm)
-    if head is not None:  # its own unit, gathered around the tiled log-probs (module docstring)
+    head = None if tied else chunked_linear_head(lm)
+    if head is not None and head.bias is None:  # its shards compute the log-probs (module docstring)
         fully_shard(head, **kw)
-        setattr(head, HEAD_LOGPROBS, functools.partial(linear_head_logprobs, head))
-        register_fsdp_forward_method(head, HEAD_LOGPROBS)
+        setattr(head, HEAD_LOGPROBS, functools.partial(sharded_logprobs, head))
     root_mp = precision.fsdp_policy(plan, root=True) if mixed_precision else None
     fully_shard(root, **{**kw, **({"mp_policy": root_mp} if root_mp is not None else {})})
+    if device.type == "cpu":
+        # No backward prefetch on CPUs: gloo's gathers block (there are no streams to overlap
+        # them with compute), so gathering the next unit early only holds it longer, at the
+        # peak (the start of the backward). "Prefetch yourself" (a no-op) replaces FSDP2's
+        # default of prefetching the previous unit.
+        for m in _fsdp_modules(root):
+            m.set_modules_to_backward_prefetch([m])
     return root
 
 
