@@ -4,8 +4,9 @@
   (1e-5), with activation checkpointing off (``--set parallel=fsdp2``, launched as 2 nodes x
   1 process on 127.0.0.1, the multi-node launch of the README) and on (launched by
   ``accelerate launch --config_file`` with accelerate's own FSDP2 config, fsdp_version 2);
-- grpo (generation, sequence-mean loss, a KL term to the reference) and dapo (token-mean
-  over the whole update, dynamic sampling): 2 FSDP2 processes reach the
+- grpo (generation, sequence-mean loss, a KL term to the reference), dapo (token-mean
+  over the whole update, dynamic sampling) and ampo (embeddings of responses from the
+  policy's hidden states): 2 FSDP2 processes reach the
   weights of 2 DDP processes (samples are drawn per process, so a 1-process run samples other
   completions; DDP = 1 process is tests/test_distributed.py's), with activation checkpointing off and on;
 - a 2-process FSDP2 grpo run killed with SIGKILL in the middle of step 3 and resumed from its
@@ -113,7 +114,7 @@ class Runs:
 
     def args(self, name: str, spec: str, sets: list[str], steps: int = 2, **kw) -> dict:
         a = {"spec": spec, "out": str(self.root / name), "steps": steps, "sets": SETS + sets, **kw}
-        if spec not in ("grpo", "dapo"):  # grpo, dapo: the built-in task and model
+        if spec not in ("grpo", "dapo", "ampo"):  # these: the built-in task and model
             a.update(model=self.model, data=str(self.data))
         if spec == "dpo":
             # Adam's first steps move each weight by about lr * sign(gradient), so a gradient element
@@ -241,6 +242,17 @@ def test_dapo_token_mean_fsdp2_matches_ddp(runs):
     assert _info(ddp, 0)["wrapped"] == "DistributedDataParallel"
     steps = [r for r in read_metrics(fsdp) if "loss" in r]
     assert len(steps) == 2 and all(r["grad_norm"] > 0 for r in steps), steps  # groups kept, an update made
+    _assert_same_weights(ddp, fsdp)
+
+
+def test_ampo_embeddings_fsdp2_matches_ddp(runs):
+    """ampo selects its rejected responses with coreset(r, embedding(response), k): the policy's
+    own hidden states, computed under FSDP2 with the policy gathered. 2 FSDP2 processes reach
+    the weights of 2 DDP processes."""
+    sets = ["n=4", "k=2"]
+    ddp = runs.launch("ampo_ddp", 2, runs.args("ampo_ddp", "ampo", sets))
+    fsdp = runs.launch("ampo_fsdp2", 2, runs.args("ampo_fsdp2", "ampo", sets + ["parallel=fsdp2"]))
+    _assert_sharded(fsdp, reference=False)
     _assert_same_weights(ddp, fsdp)
 
 

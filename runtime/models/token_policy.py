@@ -16,6 +16,8 @@ reference / iterate when iterations change them; ``model/``: the LM, LoRA merged
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -220,7 +222,11 @@ class TokenPolicy:
             batch["env_reward"] = torch.tensor([float(r.get("env_reward", 0.0)) for r in rows],
                                                dtype=torch.float32, device=run.device)
         if getattr(run, "embedder", None) is not None:  # embedding(response), scoring/embedding.py
-            batch["embedding"] = run.embedder(batch, texts)
+            from ..parallel.wrap import gathered
+            # the policy's own hidden states: under FSDP2 its whole weights for the duration (every
+            # process scores in the same refill rounds, loop/rollout_stage.py)
+            with gathered(run) if run.embedder.text is None else contextlib.nullcontext():
+                batch["embedding"] = run.embedder(batch, texts)
 
     @staticmethod
     def select_rows(rows: list[dict], idx: list[int]) -> list[dict]:
