@@ -46,13 +46,13 @@ def _gather_rows(x: torch.Tensor, n_max: int, world: int, group) -> torch.Tensor
     pad = x.new_zeros((n_max, *x.shape[1:]))
     pad[:x.shape[0]] = x
     out = x.new_empty((world * n_max, *x.shape[1:]))
-    dist.all_gather_into_tensor(out, pad.contiguous(), group=group)
+    dist.all_gather_single(out, pad.contiguous(), group=group)
     return out
 
 
 def _row_counts(n: int, device, world: int, group) -> list[int]:
     counts = torch.empty(world, dtype=torch.long, device=device)
-    dist.all_gather_into_tensor(counts, torch.tensor([n], dtype=torch.long, device=device), group=group)
+    dist.all_gather_single(counts, torch.tensor([n], dtype=torch.long, device=device), group=group)
     return [int(c) for c in counts]
 
 
@@ -152,7 +152,7 @@ class VocabParallelLogProb(torch.autograd.Function):
                 grad_w[v0:v1] += gz.T @ h.to(acc)
         grad_w /= world  # FSDP2 averages gradients over processes
         mine = torch.empty((n_max, grad_h.shape[1]), dtype=acc, device=grad_h.device)
-        dist.reduce_scatter_tensor(mine, grad_h, group=group)
+        dist.reduce_scatter_single(mine, grad_h, group=group)
         return mine[:n].to(hdtype), grad_w.to(w.dtype), None, None, None, None, None, None
 
 
