@@ -31,9 +31,23 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: str | None = Field(None, description="local model directory (None: built-in tiny model)")
-    data: str | None = Field(None, description="data file (None: built-in arithmetic task)")
+    data: str | None = Field(None, description="data: a file (.jsonl, .json, .parquet, .csv), a glob, a folder "
+                             "(hub layout or save_to_disk) or a hub data set name (None: built-in arithmetic task)")
     fields: dict[str, str] = Field(default_factory=dict,
                                    description="our field name -> the data set's field name")
+    data_config: str | None = Field(None, description="the configuration (subset) of a hub data set named by "
+                                    "data, as datasets.load_dataset(name, config)")
+    data_split: str = Field("train", description="the split read from a hub data set, a hub-style folder "
+                            "(train.jsonl, data/train-*.parquet) or a save_to_disk DatasetDict (a file or a glob is read whole)")
+    streaming: bool = Field(False, description="read the data as training goes instead of loading it whole "
+                            "(jsonl by line, parquet by record batch, hub data sets with datasets' streaming); "
+                            "shuffled through shuffle_buffer; --resume stays exact")
+    shuffle_buffer: int = Field(1000, ge=0, description="streaming: rows held in the seeded shuffle buffer "
+                                "(0: file order)")
+    max_prompt_length: int | None = Field(None, ge=1, description="prompts longer than this many tokens are "
+                                          "truncated from the left (the run says how many); None: no "
+                                          "truncation (a prompt that leaves no room for max_new_tokens is an "
+                                          "error)")
     out: str = Field("runs/run", description="output folder: metrics.jsonl, checkpoints, the final model/")
     overwrite: bool = Field(False, description="write into a non-empty --out that holds no alignspec run "
                             "(only the run's own files are written; nothing there is deleted)")

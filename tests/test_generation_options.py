@@ -109,6 +109,22 @@ def test_stop_strings_end_completions_alike_on_both_paths(tiny):
     assert tok.decode(ids[0][m[0].bool()].tolist()) == "abca"
 
 
+def test_stop_strings_end_sampling_early(tiny):
+    """Sampling stops drawing a row's tokens once its text holds a stop string: when every row
+    stops early the returned width is short of max_new_tokens, on both paths, and the texts
+    are those of a run without early stopping cut by stop_at."""
+    model, tok = load_policy(tiny)
+    free = generate_groups(model, tok, PROMPTS, 2, max_new_tokens=40, temperature=0)
+    stops = sorted({t[:2] for t in free.texts if len(t) >= 2})
+    assert stops and all(len(t) >= 2 for t in free.texts)
+    for fast in (True, False):
+        r = generate_groups(model, tok, PROMPTS, 2, max_new_tokens=40, temperature=0, stop=stops, fast=fast)
+        assert r.completion_ids.shape[1] < 40
+        want = stop_at(free.completion_ids, free.completion_mask, tok, stops)
+        assert r.texts == [tok.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+                           for row, m in zip(free.completion_ids, want)]
+
+
 def test_spec_options_reach_the_sampler(tiny, tmp_path, monkeypatch):
     from alignspec.runtime.rollout import generation
     seen = {}

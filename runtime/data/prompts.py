@@ -71,7 +71,10 @@ class PromptFormat:
     directory) names the tokenizer in error messages.
     """
 
-    def __init__(self, tokenizer, mode: str = "auto", source=None, kwargs: dict | None = None):
+    def __init__(self, tokenizer, mode: str = "auto", source=None, kwargs: dict | None = None,
+                 max_length: int | None = None, say=None):
+        self.max_length, self.say = max_length, say  # max_prompt_length (see ``fit``)
+        self.truncated: set = set()                   # the distinct prompts cut so far (hashes)
         if mode not in MODES:
             mode = self._template_file(tokenizer, mode)
         self.tokenizer = tokenizer
@@ -135,12 +138,28 @@ class PromptFormat:
             out = out[0]
         return out
 
-    def ids(self, prompt) -> list[int]:
-        """Token ids of ``prompt`` as the policy sees it."""
-        return list(self.tokenizer(self.text(prompt), add_special_tokens=self.add_special_tokens)["input_ids"])
+    def fit(self, ids: list[int]) -> list[int]:
+        """``ids`` cut from the left to ``max_length`` tokens when that is set (the run's
+        ``max_prompt_length``, as TRL cuts prompts); each distinct cut prompt is counted in
+        ``truncated``, and the first one is said."""
+        if not self.max_length or len(ids) <= self.max_length:
+            return ids
+        if not self.truncated and self.say is not None:
+            self.say(f"[yellow]a prompt of {len(ids)} tokens is longer than max_prompt_length {self.max_length}: "
+                     "truncated from the left (the distinct prompts cut so far are the metric "
+                     "data/truncated_prompts)[/yellow]")
+        self.truncated.add(hash(tuple(ids)))
+        return ids[len(ids) - self.max_length:]
+
+    def ids(self, prompt, fit: bool = True) -> list[int]:
+        """Token ids of ``prompt`` as the policy sees it (cut to ``max_length`` unless ``fit`` is false)."""
+        ids = list(self.tokenizer(self.text(prompt), add_special_tokens=self.add_special_tokens)["input_ids"])
+        return self.fit(ids) if fit else ids
 
     def encode(self, prompts):
         """Left-padded ``BatchEncoding`` (``input_ids``, ``attention_mask``; torch tensors)."""
+        if self.max_length:
+            return self._encode_ids([self.ids(p) for p in prompts])
         tok = self.tokenizer
         old = tok.padding_side
         tok.padding_side = "left"
@@ -149,6 +168,18 @@ class PromptFormat:
                        add_special_tokens=self.add_special_tokens)
         finally:
             tok.padding_side = old
+
+    def _encode_ids(self, rows: list[list[int]]) -> dict:
+        import torch
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        P = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), P), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), P), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, P - len(r):] = torch.tensor(r)
+                mask[i, P - len(r):] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def check_records(self, records: list[dict], data) -> None:
         """Fail before training when a row's prompt is conversational but there is no

@@ -1,187 +1,111 @@
-"""Loading user data sets (jsonl, json, parquet, csv, or a ``save_to_disk`` directory).
+"""Reading a run's data into records: the one entry point for "a data source -> rows".
 
-``load_records`` reads through the ``datasets`` library, renames the user's fields to ours
-and checks that every row has the required fields, raising ``RunError`` messages that name
-the file and the (0-based) row.
+``load_records(source, fields, required, config=..., split=...)`` reads every row of
+``source`` (a file, a glob, a folder, a saved data set or a hub data set name:
+runtime/data/sources.py), turns each row of any TRL format into our record for the data kind
+that ``required`` names (runtime/data/formats.py) and checks it, raising ``RunError``
+messages that name the file and the (0-based) row. ``open_records(cfg, kind)`` is what a run
+uses: the list of ``load_records``, or with ``streaming: true`` a ``RecordStream``
+(runtime/data/stream.py) that reads the rows as training goes.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
+from typing import Iterator
 
 from ..errors import RunError
-from .prompts import check_messages, is_conversation
-
-COMPLETIONS = ("response", "chosen", "rejected", "completion")
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+from .formats import REQUIRED, kind_of, to_record
+from .sources import open_parts
 
 
-def _read(path: Path):
-    """The rows of ``path`` as a ``datasets.Dataset``."""
-    import datasets
-
-    if path.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:
-            raise RunError(f"could not read data directory {path}: {type(e).__name__}: {e}",
-                           hint="a data directory must be written by Dataset.save_to_disk") from e
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" in ds:
-                ds = ds["train"]
-            elif len(ds) == 1:
-                ds = next(iter(ds.values()))
-            else:
-                raise RunError(f"{path} holds several splits {sorted(ds)} and none is 'train'",
-                               hint="save a single split, or one named 'train'")
-        return ds
-    if path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path)
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise RunError(f"unknown data format for {path} (suffix {path.suffix!r})",
-                       hint="use .jsonl, .json, .parquet, .csv or a Dataset.save_to_disk directory")
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:
-        where = _bad_json_line(path) if builder == "json" else None
-        raise RunError(f"could not read {path} as {path.suffix[1:]}: "
-                       f"{where or _root_cause(e)}") from e
+def raw_rows(parts) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` of every row of ``parts`` in order, ``where`` naming its file and row."""
+    for part in parts:
+        for i, row in enumerate(part.rows()):
+            yield f"{part.label}: row {i}", row
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file, read line by line (a huge line costs its own size, not
-    an Arrow block's worth of buffers), with errors that name the line and the row."""
-    rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RunError(f"{path}: row {len(rows)} (line {n}): byte 0x{raw[e.start]:02x} at column "
-                               f"{e.start + 1} is not UTF-8", hint="save the data file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise RunError(f"could not read {path}: row {len(rows)} (line {n}) is not valid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise RunError(f"{path}: row {len(rows)} (line {n}) is a JSON {type(row).__name__}, not an object "
-                               "of fields", hint='each line holds one row, e.g. {"prompt": "..."}')
-            rows.append(row)
-    return rows
+def to_checked_record(row: dict, where: str, fields: dict, required) -> dict:
+    """Our record of one row (formats.py), with every name in ``required`` present."""
+    kind = kind_of(required)
+    rec = to_record(dict(row), kind, fields, where)
+    for name in required:  # other fields a caller needs (e.g. a reward's answer)
+        if name in REQUIRED[kind]:
+            continue
+        src = fields.get(name, name)
+        if row.get(src) is None:
+            present = sorted(k for k, v in row.items() if v is not None)
+            via = f" (our '{name}')" if src != name else ""
+            raise RunError(f"{where} has no field '{src}'{via} (missing or null); the row has fields: "
+                           f"{', '.join(present) or '(none)'}",
+                           hint=f"map a field with fields={{'{name}': '<their field>'}}")
+    if kind == "unpaired":
+        check_label(rec, where)
+    return rec
 
 
-def _root_cause(e: BaseException) -> str:
-    """The innermost exception's message (``datasets`` wraps parser errors)."""
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__
-    return f"{type(e).__name__}: {e}"
+def iter_records(source, fields: dict[str, str] | None = None, required=("prompt",), *,
+                 config: str | None = None, split: str = "train", streaming: bool = False,
+                 parts=None) -> Iterator[dict]:
+    """Our records of ``source``, one at a time (see ``load_records``)."""
+    fields = dict(fields or {})
+    for where, row in raw_rows(parts if parts is not None else open_parts(source, config, split, streaming)):
+        yield to_checked_record(row, where, fields, required)
 
 
-def _bad_json_line(path: Path) -> str | None:
-    """For a .jsonl file: 'row i (line n): <json error>' for the first unparsable line."""
-    if path.suffix.lower() != ".jsonl":
-        return None
-    row = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    json.loads(line)
-                except ValueError as e:
-                    return f"row {row} (line {n}) is not valid JSON: {e}"
-                row += 1
-    except (OSError, UnicodeDecodeError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _is_empty(value) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    if isinstance(value, (list, tuple, dict)):
-        return len(value) == 0
-    return False
-
-
-def _completion_text(value, where: str) -> str:
-    """A conversational completion (TRL's format: one assistant message) as its text."""
-    msgs = check_messages(value, where)
-    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
-        roles = ", ".join(m["role"] for m in msgs)
-        raise RunError(f"{where} is a list of {len(msgs)} message(s) ({roles}); a completion is text or "
-                       "one assistant message", hint="put the conversation so far in the prompt")
-    return msgs[0]["content"]
-
-
-def load_records(path: str | os.PathLike, fields: dict[str, str] | None = None,
-                 required: list[str] = ("prompt",)) -> list[dict]:
-    """Read ``path`` and return one dict per row with our field names.
+def load_records(source: str | os.PathLike, fields: dict[str, str] | None = None,
+                 required=("prompt",), *, config: str | None = None, split: str = "train",
+                 kind: str | None = None) -> list[dict]:
+    """Every record of ``source``, as a list.
 
     ``fields`` maps our names to the user's (``{"prompt": "question"}``: our ``prompt`` is
     their ``question``); unmapped names are taken as they are, and the row's other fields are
-    kept. Every name in ``required`` must be present and not None in every row, and a
-    required ``prompt`` must not be empty. A prompt may be a string or a list of
-    ``{"role", "content"}`` messages (TRL's conversational format; runtime/data/prompts.py); a
-    completion (``response``, ``chosen``, ``rejected``) a string or a list of one assistant
-    message, which becomes its text.
+    kept. ``required`` names the fields every record must have: the data kind's (prompts:
+    ``prompt``; demonstrations: ``prompt``, ``response``; pairs: ``prompt``, ``chosen``,
+    ``rejected``; unpaired: ``prompt``, ``completion``, ``label``) chooses how TRL's formats
+    are read (prompt-completion, ``messages``, implicit prompts: formats.py), and any other
+    name must be present and not None. ``config`` and ``split`` choose a hub data set's
+    configuration and a folder's or data set's split. ``kind`` (prompts, demonstrations,
+    pairs, unpaired) may be given instead of ``required``: its fields are required.
     """
-    p = Path(os.path.expanduser(str(path)))
-    if not p.exists():
-        raise RunError(f"data file not found: {p}")
-    fields = dict(fields or {})
-    ds = _read(p)
-    if len(ds) == 0:
-        raise RunError(f"{p} has no rows", hint="a data file holds one row per line (jsonl) or per record")
-    records = []
-    for i, row in enumerate(ds):
-        rec = dict(row)
-        for ours, theirs in fields.items():
-            if theirs in row:
-                rec[ours] = row[theirs]
-        for name in required:
-            src = fields.get(name, name)
-            via = f" (our '{name}')" if src != name else ""
-            if row.get(src) is None:  # columnar formats fill a missing key with null
-                present = sorted(k for k, v in row.items() if v is not None)
-                raise RunError(
-                    f"{p}: row {i} has no field '{src}'{via} (missing or null); the row has fields: "
-                    f"{', '.join(present) or '(none)'}",
-                    hint=f"map a field with fields={{'{name}': '<their field>'}}")
-        for name in ("prompt", *COMPLETIONS):
-            if name not in required:
-                continue
-            value = rec[name]
-            if not isinstance(value, (str, list, tuple)):
-                raise RunError(f"{p}: row {i}'s {name} is a {type(value).__name__} ({str(value)[:40]!r}), not text",
-                               hint=f"{name} must be a string, or a list of {{'role', 'content'}} messages")
-        if "prompt" in required and _is_empty(rec["prompt"]):
-            raise RunError(f"{p}: row {i} has an empty prompt")
-        if is_conversation(rec.get("prompt")):
-            rec["prompt"] = check_messages(rec["prompt"], f"{p}: row {i}'s prompt")
-        for name in COMPLETIONS:
-            if name in required and is_conversation(rec[name]):
-                rec[name] = _completion_text(rec[name], f"{p}: row {i}'s {name}")
-        records.append(rec)
+    if kind is not None:
+        required = REQUIRED[kind]
+    parts = open_parts(source, config, split)
+    records = list(iter_records(source, fields, required, parts=parts))
+    if not records:
+        where = parts[0].label if len(parts) == 1 else str(source)
+        raise RunError(f"{where} has no rows", hint="a data file holds one row per line (jsonl) or per record")
     return records
 
 
+def check_label(rec: dict, where) -> None:
+    """``data unpaired``: a row's ``label`` is a bool (or 0/1): desirable or not."""
+    v = rec["label"]
+    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+        rec["label"] = bool(v)
+        return
+    raise RunError(f"{where}'s label is {v!r}; unpaired data needs true/false (desirable or not)")
+
+
 def check_labels(records: list[dict], path) -> None:
-    """``data unpaired``: every row's ``label`` is a bool (or 0/1): desirable or not."""
+    """``data unpaired``: every row's ``label`` is a bool (or 0/1), and both kinds occur."""
     for i, rec in enumerate(records):
-        v = rec["label"]
-        if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
-            rec["label"] = bool(v)
-            continue
-        raise RunError(f"{path}: row {i}'s label is {v!r}; unpaired data needs true/false (desirable or not)")
+        check_label(rec, f"{path}: row {i}")  # (iter_records checked them already; kept for other callers)
     if len({r["label"] for r in records}) < 2:
         raise RunError(f"{path}: every row has label {records[0]['label']}; unpaired data needs desirable "
                        "and undesirable completions")
+
+
+def open_records(cfg, kind: str):
+    """The run's records: ``load_records``'s list, or a ``RecordStream`` with ``streaming: true``."""
+    split = getattr(cfg, "data_split", "train")
+    config = getattr(cfg, "data_config", None)
+    if getattr(cfg, "streaming", False):
+        from .stream import RecordStream
+        return RecordStream(cfg.data, cfg.fields, REQUIRED[kind], config=config, split=split, seed=cfg.seed,
+                            buffer=cfg.shuffle_buffer)
+    recs = load_records(cfg.data, cfg.fields, REQUIRED[kind], config=config, split=split)
+    if kind == "unpaired":
+        check_labels(recs, cfg.data)
+    return recs

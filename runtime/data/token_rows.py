@@ -16,7 +16,13 @@ from ..loop.base import _mix
 
 def next_records(run) -> list[dict]:
     """This process's slice of the next global batch of records (epoch-wise seeded shuffles)."""
-    n, B = len(run.records), run.batch_size
+    B = run.batch_size
+    if hasattr(run.records, "take"):  # streamed (data/stream.py): every process reads the same global batch
+        rows = run.records.take(B)
+        run.cursor += B
+        lo = run.rank * run.local_batch
+        return rows[lo:lo + run.local_batch]
+    n = len(run.records)
     rows = []
     for j in range(run.cursor, run.cursor + B):
         epoch, pos = divmod(j, n)
@@ -33,6 +39,17 @@ def _perm(run, epoch: int) -> list[int]:
         g.shuffle(perm)
         run._perm_epoch, run._perm_cache = epoch, perm
     return run._perm_cache
+
+
+def count_long_prompts(run) -> None:
+    """Before training, with ``max_prompt_length`` and data in memory: say how many prompts
+    will be truncated (tokenizing each prompt once)."""
+    limit = getattr(run.cfg, "max_prompt_length", None)
+    if not limit or not isinstance(run.records, list):
+        return
+    n = sum(len(run.prompt_format.ids(r["prompt"], fit=False)) > limit for r in run.records if not r.get("lm_text"))
+    run.say(f"prompts: {n} of {len(run.records)} longer than max_prompt_length {limit} tokens"
+            + ("; they are truncated from the left" if n else ""))
 
 
 def tok_completion(tokenizer, text: str) -> list[int]:

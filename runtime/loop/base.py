@@ -198,6 +198,8 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
             res["refill/rounds"] = info["refill_rounds"]
         if info.get("dropped_groups"):
             res["filter/dropped_groups"] = info["dropped_groups"]
+        if info.get("truncated_prompts"):  # max_prompt_length: prompts cut so far (data/token_rows.py)
+            res["data/truncated_prompts"] = info["truncated_prompts"]
         if info.get("refill_cap_hit"):
             res["refill/cap_hit"] = 1
         res.update(times)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
+from ..errors import RunError
 from ..parallel.ddp import batch_stats_context, gather_objects
 from ..rollout.base import build_sampler
 from .base import PHASES, TrainingLoop
@@ -176,6 +177,10 @@ class Engine(TrainingLoop):
     def _restore_position(self, state: dict) -> None:
         self.step = int(state["step"])
         self.cursor = int(state.get("cursor", 0))
+        if hasattr(getattr(self, "records", None), "seek"):  # streamed data (data/stream.py)
+            if "stream" not in state:
+                raise RunError("the checkpoint was written without streaming; resume it with streaming: false")
+            self.records.seek(state["stream"])
 
     def _process_state(self) -> dict:
         """Generators, and what the family adds (the tree-search sampler's pending pairs)."""

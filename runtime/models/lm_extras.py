@@ -24,8 +24,12 @@ def setup_extras(engine) -> None:
     algo, cfg = engine.algo, engine.cfg
     from ..data.prompts import PromptFormat
     engine.prompt_format = PromptFormat(engine.tokenizer, getattr(cfg, "chat_template", "auto"),
-                                        source=engine.model_dir, kwargs=getattr(cfg, "chat_template_kwargs", None))
-    engine.prompt_format.check_records(engine.records, cfg.data or "the built-in task")
+                                        source=engine.model_dir, kwargs=getattr(cfg, "chat_template_kwargs", None),
+                                        max_length=getattr(cfg, "max_prompt_length", None), say=engine.say)
+    recs = engine.records if isinstance(engine.records, list) else engine.records.head(64)  # streamed: its head
+    engine.prompt_format.check_records(recs, cfg.data or "the built-in task")
+    from ..data.token_rows import count_long_prompts  # max_prompt_length
+    count_long_prompts(engine)
     if engine.prompt_format.templated:
         which = (cfg.chat_template if cfg.chat_template not in ("auto", "on")
                  else f"the tokenizer in {engine.model_dir}")

@@ -170,11 +170,18 @@ class TokenPolicy:
             run.say(f"data: built-in task {run.task.name} ({len(recs)} {run.kind} from "
                     f"{len(run.task.train_problems)} training problems; {len(run.task.eval_problems)} held-out)")
             return recs
-        from ..data.records import check_labels, load_records
-        recs = load_records(run.cfg.data, run.cfg.fields, required=need)
-        if run.kind == "unpaired":
-            check_labels(recs, run.cfg.data)
-        run.say(f"data: {run.cfg.data} ({len(recs)} rows, {run.kind})")
+        from ..data.records import open_records
+        recs = open_records(run.cfg, run.kind)
+        if isinstance(recs, list):
+            run.say(f"data: {run.cfg.data} ({len(recs)} rows, {run.kind})")
+            return recs
+        if run.reward_head or run.cfg.precompute_reference:
+            raise RunError("streaming: true cannot be used with " +
+                           ("a reward-model spec (it holds out pairs for its eval)" if run.reward_head
+                            else "precompute_reference (it reads the whole data set before step 1)"),
+                           hint="set streaming: false")
+        run.say(f"data: {run.cfg.data} streamed ({run.kind}; shuffle buffer of {run.cfg.shuffle_buffer} rows, "
+                f"{len(recs.parts)} part{'s' if len(recs.parts) != 1 else ''})")
         return recs
 
     def forwarder(self, run, model) -> TrainForward:
@@ -189,7 +196,7 @@ class TokenPolicy:
         """A prompt (string or list of messages) as the policy's token ids: through the chat
         template when the run uses one (``run.prompt_format``, data/prompts.py). A prompt
         that leaves no room for ``max_new_tokens`` in the model's context is a RunError."""
-        ids = run.prompt_format.ids(prompt)
+        ids = run.prompt_format.ids(prompt)  # cut to max_prompt_length when set (data/prompts.py)
         context = getattr(unwrap_causal_lm(run.policy).config, "max_position_embeddings", None)
         if context and len(ids) + run.max_new_tokens > context:
             text = prompt if isinstance(prompt, str) else str(prompt)
@@ -242,6 +249,8 @@ class TokenPolicy:
 
     def rollout_info(self, run, rows: list[dict], info: dict) -> None:
         info["texts"] = [r["text"] for r in rows]
+        if run.prompt_format.truncated:  # max_prompt_length
+            info["truncated_prompts"] = len(run.prompt_format.truncated)
 
     # -- forwards --------------------------------------------------------------------------------
     def forward_rows(self, run, model, batch, sl, *, grad, entropy=False, value=False) -> dict:
@@ -348,8 +357,11 @@ class TokenPolicy:
 
     @staticmethod
     def checkpoint_state(run) -> dict:
-        return {"step": run.step, "cursor": run.cursor, "spec": run.algo.name, "world": run.world,
-                "seed": run.cfg.seed}
+        state = {"step": run.step, "cursor": run.cursor, "spec": run.algo.name, "world": run.world,
+                 "seed": run.cfg.seed}
+        if hasattr(run.records, "position"):  # streamed data (data/stream.py): where the stream is
+            state["stream"] = run.records.position()
+        return state
 
     @staticmethod
     def check_checkpoint(run, ck: Path, state: dict) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sampling
+from .stops import StopWatcher, stop_at  # noqa: F401  (stop_at: the definition of where a completion ends)
 from ..models.loaders import unwrap_causal_lm
 
 
@@ -56,27 +57,6 @@ def completion_mask_from_ids(ids: torch.Tensor, eos_id: int | Sequence[int]) -> 
     return (eos_before == 0).long()
 
 
-def stop_at(ids: torch.Tensor, mask: torch.Tensor, tokenizer, stop: Sequence[str]) -> torch.Tensor:
-    """``mask`` cut after the token that completes the first of the ``stop`` strings in each row's
-    decoded text (the token is kept, as ``generate``'s StopStringCriteria stops after it)."""
-    mask = mask.clone()
-    for i, (row, m) in enumerate(zip(ids.cpu(), mask.cpu())):
-        toks = row[m.bool()].tolist()
-        text = tokenizer.decode(toks, skip_special_tokens=True)
-        ends = [text.find(s) + len(s) for s in stop if s and s in text]
-        if not ends:
-            continue
-        end, lo, hi = min(ends), 1, len(toks)  # the fewest tokens whose text reaches `end`
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(tokenizer.decode(toks[:mid], skip_special_tokens=True)) >= end:
-                hi = mid
-            else:
-                lo = mid + 1
-        mask[i, lo:] = 0
-    return mask
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = getattr(model.generation_config, "eos_token_id", None)
     if ids is None:
@@ -96,7 +76,9 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
     ``do_sample``. Sampling is temperature / top-k (0: off) / top-p / min-p (0: off), with
     ``repetition_penalty`` (1: off; also when greedy), as ``generate``'s processors compute them.
     A completion ends at its first EOS or at the token that completes one of the ``stop``
-    strings (kept in the text, as ``generate(stop_strings=...)``; ``stop_at``), on both paths. ``generator_seed`` makes
+    strings (kept in the text, as ``generate(stop_strings=...)``; ``stop_at``), on both paths; both
+    stop drawing a row's tokens as soon as its text holds one (the fast path through
+    ``stops.StopWatcher``, ``generate`` through its own ``stop_strings``). ``generator_seed`` makes
     the draw reproducible without touching the global RNG state. The model is put in eval
     mode for the call and restored afterwards.
 
@@ -150,9 +132,12 @@ def generate_groups(model, tokenizer, prompts: list, n: int, *, max_new_tokens: 
                 lm, enc["input_ids"].to(device), enc["attention_mask"].to(device), n,
                 max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id, temperature=float(temperature),
                 top_p=float(top_p), greedy=not (do_sample and temperature > 0), generator=gen, logprobs=steps,
-                top_k=int(top_k), min_p=float(min_p), repetition_penalty=float(repetition_penalty))
+                top_k=int(top_k), min_p=float(min_p), repetition_penalty=float(repetition_penalty),
+                stop=StopWatcher(tokenizer, stop) if stop else None)
             lp = torch.stack(steps, 1) if sampler_logprobs else None
         else:
+            if stop:  # generate's StopStringCriteria ends a row at the token completing a string
+                kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
             if sampler_logprobs:  # the processed scores: logits after temperature / top-p
                 kwargs.update(output_scores=True, return_dict_in_generate=True)
             with torch.random.fork_rng(devices=devices, enabled=generator_seed is not None):

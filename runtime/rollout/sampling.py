@@ -126,7 +126,7 @@ def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: in
                   eos_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                   greedy: bool = False, generator: torch.Generator | None = None,
                   logprobs: list | None = None, top_k: int = 0, min_p: float = 0.0,
-                  repetition_penalty: float = 1.0) -> torch.Tensor:
+                  repetition_penalty: float = 1.0, stop=None) -> torch.Tensor:
     """``[U * n, T]`` completion ids (``T <= max_new_tokens``) for ``U`` distinct left-padded prompts
     ``prompt_ids``/``prompt_mask`` ``[U, P]``; rows ``i*n .. i*n+n-1`` belong to prompt ``i``.
 
@@ -135,7 +135,10 @@ def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: in
     decoding the model's own ``log_softmax(logits)``, after the repetition penalty).
 
     With ``top_k``, ``min_p`` or ``repetition_penalty`` the scores go through ``process_logits``
-    (``generate``'s processors); without, the lean path below (the same distribution)."""
+    (``generate``'s processors); without, the lean path below (the same distribution).
+
+    ``stop`` (a ``stops.StopWatcher``): a row also finishes at the token that completes one of
+    its strings; the caller cuts the mask there (``stops.stop_at``)."""
     U, P = prompt_ids.shape
     ck = cache_kwarg(lm)
     device = prompt_ids.device
@@ -195,10 +198,12 @@ def sample_groups(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, n: in
                 logprobs.append(lp - torch.log(cdf[:, -1]) if top_p < 1.0 else lp)
         nxt = nxt.masked_fill(done, pad_id)
         toks.append(nxt)
+        if stop is not None:
+            done = done | stop.hits(toks, ~done)
         if eos is not None:
             done = done | torch.isin(nxt, eos)
-            if bool(done.all()):
-                break
+        if (eos is not None or stop is not None) and bool(done.all()):
+            break
         if t + 1 == max_new_tokens:
             break
         att = torch.cat([att, ones], 1)
