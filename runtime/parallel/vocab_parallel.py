@@ -62,7 +62,8 @@ class VocabParallelLogProb(torch.autograd.Function):
     ``lo .. lo + V_local``); see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, w, targets, lo, scale, with_entropy, chunk_size, group):
+    def forward(ctx, hidden, w, targets, lo, scale, with_entropy, chunk_size, mesh):
+        group = mesh.get_group()  # (the mesh names its group; ctx keeps no process group alive)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         n = hidden.shape[0]
         counts = _row_counts(n, hidden.device, world, group)
@@ -109,14 +110,15 @@ class VocabParallelLogProb(torch.autograd.Function):
         logp = (ZT - log_z)[mine]
         ent = (log_z - mean_z)[mine] if with_entropy else logp.new_empty(0)
         ctx.save_for_backward(h_all, t_all, w, log_z, mean_z)
-        ctx.meta = (lo, scale, with_entropy, chunk_size, group, n, n_max, world, rank, hidden.dtype)
+        ctx.meta = (lo, scale, with_entropy, chunk_size, mesh, n, n_max, world, rank, hidden.dtype)
         return logp, ent
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_ent):
         h_all, t_all, w, log_z, mean_z = ctx.saved_tensors
-        lo, scale, with_entropy, chunk_size, group, n, n_max, world, rank, hdtype = ctx.meta
+        lo, scale, with_entropy, chunk_size, mesh, n, n_max, world, rank, hdtype = ctx.meta
+        group = mesh.get_group()
         acc = log_z.dtype
         g_lp = _gather_rows(g_logp.to(acc).contiguous(), n_max, world, group)
         g_en = _gather_rows(g_ent.to(acc).contiguous(), n_max, world, group) if with_entropy else None
@@ -169,7 +171,6 @@ def sharded_logprobs(head, hidden, targets, *, chunk_size=1024, scale=1.0, with_
                                     with_entropy=with_entropy)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
-    group = weight.device_mesh.get_group()
     logp, ent = VocabParallelLogProb.apply(hidden, weight.to_local(), targets, int(offset[0]), float(scale),
-                                           bool(with_entropy), int(chunk_size), group)
+                                           bool(with_entropy), int(chunk_size), weight.device_mesh)
     return logp, (ent if with_entropy else None)
