@@ -16,11 +16,17 @@ Exit codes: 0 ok, 1 a difference / not canonical / a failed run, 2 bad input.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+# transformers' scheduler module imports peft, which imports bitsandbytes when installed; on a
+# CPU without AVX512-BF16 kernels bitsandbytes then logs a warning about its 4-bit kernels at
+# every start, even in runs that use no 4-bit layer. qlora's own check says what it needs.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative post-training algorithms: check, format, diff, compile and run spec files.")

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from ..sets import SetError, parse_set
 from .errors import RunError
@@ -30,7 +31,12 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model: str | None = Field(None, description="local model directory (None: built-in tiny model)")
+    model: str | None = Field(None, description="local model directory or hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct, "
+                              "from the Hugging Face cache; downloaded when online), or a PEFT adapter directory "
+                              "(its base is loaded and the adapter trained further); None: built-in tiny model")
+    trust_remote_code: bool = Field(False, description="allow models whose config names custom code (auto_map) to "
+                                    "run that code (passed to every from_pretrained); false refuses them with an "
+                                    "error, never a prompt")
     data: str | None = Field(None, description="data: a file (.jsonl, .json, .parquet, .csv), a glob, a folder "
                              "(hub layout or save_to_disk) or a hub data set name (None: built-in arithmetic task)")
     fields: dict[str, str] = Field(default_factory=dict,
@@ -76,7 +82,14 @@ class RunConfig(BaseModel):
     save_total_limit: int | None = Field(1, ge=1, description="checkpoints kept: OUT/checkpoint (the latest) and "
                                          "the K-1 before it as OUT/checkpoint-<step> (None: all)")
     eval_every: int | None = Field(None, ge=0, description="0: only at start and end; None: 25 on the built-in task")
-    eval_size: int | None = Field(None, ge=1, description="None: every held-out problem")
+    eval_size: int | None = Field(None, ge=1, description="None: every held-out problem (or row of eval_data / "
+                                  "eval_fraction)")
+    eval_data: str | None = Field(None, description="held-out data of the same kind as data: a file, a hub data set "
+                                  "name, or the name of a split of the training data set (e.g. test)")
+    eval_fraction: float | None = Field(None, allow_inf_nan=False, description="hold out this fraction of the "
+                                        "training data for evaluation (seeded by seed; those rows are not trained on)")
+    eval_temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="sampling temperature of the "
+                                    "evaluation on held-out prompts (0: greedy)")
     lora_r: int = Field(0, ge=0, description="LoRA rank (peft.LoraConfig r); 0: full fine-tuning")
     lora_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="LoRA alpha (peft.LoraConfig lora_alpha); None: 2 * lora_r")
     # parallel: the settings of runtime/parallel/ (checked by runtime/parallel/settings.py before anything loads)
@@ -110,14 +123,16 @@ class RunConfig(BaseModel):
                                "**columns), sync or async, returning a float or None per completion")
     reward_weights: list[float] | None = Field(None, description="one weight per reward, in order (None: all 1); "
                                                "the reward is the weighted sum, skipping None")
-    reward_model: str | None = Field(None, description="sequence-classifier directory for reward_model(response)")
-    preference_model: str | None = Field(None, description="sequence-classifier directory for preference(response) "
-                                         "(Bradley-Terry)")
-    embedding_model: str | None = Field(None, description="local model whose mean hidden state embeds a response "
-                                        "(None: the policy's own)")
+    reward_model: str | None = Field(None, description="sequence-classifier directory (or hub id) for "
+                                        "reward_model(response)")
+    preference_model: str | None = Field(None, description="sequence-classifier directory (or hub id) for "
+                                         "preference(response) (Bradley-Terry)")
+    embedding_model: str | None = Field(None, description="model (directory or hub id) whose mean hidden state "
+                                        "embeds a response (None: the policy's own)")
     init_model: str | None = Field(None, description="start from these weights (a pipeline stage's input); the "
                                    "run's model (--model or the built-in) still sets the defaults")
-    reference_model: str | None = Field(None, description="the frozen reference (None: the starting model)")
+    reference_model: str | None = Field(None, description="the frozen reference, a directory or hub id "
+                                         "(None: the starting model)")
     chat_template: str = Field(
         "auto", description="prompts through a chat template (runtime/data/prompts.py): auto = the tokenizer's "
         "when it has one (the built-in char tokenizer has none), on = require one, off = raw text, or the path "
@@ -198,6 +213,20 @@ class RunConfig(BaseModel):
     @classmethod
     def _no(cls, v):  # parallel: YAML reads a bare `no` as false
         return "no" if v is False else v
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _fraction(cls, v):
+        if v is not None and not 0 < v < 1:
+            raise ValueError("must be a fraction strictly between 0 and 1 (e.g. 0.1 holds out 10% of the rows)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_eval_source(self):
+        if self.eval_data is not None and self.eval_fraction is not None:
+            raise ValueError("eval_data and eval_fraction are both set: evaluate either on eval_data or on a "
+                             "held-out fraction of the training data, not both")
+        return self
 
     @field_validator("dtype")
     @classmethod

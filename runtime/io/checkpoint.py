@@ -58,13 +58,13 @@ def _reason(e: BaseException) -> str:
 # often to save, evaluate or log, threads, performance switches such as gradient_checkpointing
 # and reshard_after_forward, which change memory and time but not the result -- may change on
 # --resume). `parallel` decides the checkpoint's format (sharded or not), `mixed_precision` the
-# numbers, the LoRA settings which parameters exist.
+# numbers, the LoRA settings which parameters exist, eval_fraction which rows are trained on.
 RESUME_FIXED = ("model", "data", "fields", "seed", "batch_size", "max_new_tokens", "lr", "weight_decay",
                 "warmup_steps", "warmup_ratio", "lr_schedule", "min_lr_rate", "lr_scheduler_kwargs", "max_grad_norm",
                 "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_adapter", "qlora",
                 "rewards", "reward_weights", "reward_model", "preference_model", "embedding_model", "init_model",
                 "reference_model", "chat_template", "chat_template_kwargs", "dtype", "parallel", "mixed_precision",
-                "env")  # not tools: [] by default, which a checkpoint written before it lacks
+                "env", "eval_fraction")  # not tools: [] by default, which a checkpoint written before it lacks
 
 
 def load_tensors(path: Path):

@@ -215,9 +215,11 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
 
     # -- the run -----------------------------------------------------------------------------
     def _eval_and_log(self) -> float | None:
-        """Evaluate now and log ``{"step", "eval_score"}``; the score."""
+        """Evaluate now and log ``{"step", "eval_score"}`` and the evaluation's other numbers
+        (``eval/...``, left in ``eval_metrics``); the score."""
         score = self.evaluate()
-        self._log({"step": self.step, "eval_score": score})
+        extra, self.eval_metrics = getattr(self, "eval_metrics", None) or {}, None
+        self._log({"step": self.step, "eval_score": score, **extra})
         return score
 
     def train(self) -> dict:

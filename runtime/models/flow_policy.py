@@ -70,6 +70,9 @@ class FlowPolicyFamily:
         if cfg.data is not None:
             raise RunError("flow policies train on the built-in task's class prompts; a data file is not supported",
                            hint="omit --data")
+        if cfg.eval_data is not None or cfg.eval_fraction is not None:
+            raise RunError("flow policies evaluate on the built-in task; eval_data / eval_fraction are not supported",
+                           hint="drop eval_data / eval_fraction")
         if cfg.lora_r > 0:
             raise RunError("LoRA is not supported for flow policies", hint="set lora_r: 0")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

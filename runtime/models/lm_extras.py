@@ -54,7 +54,7 @@ def setup_extras(engine) -> None:
     if "embedding" in algo.inputs:
         from ..scoring.embedding import Embeddings
         engine.embedder = Embeddings(engine.policy, getattr(cfg, "embedding_model", None), device=engine.device,
-                                     chunk_size=cfg.chunk_size)
+                                     chunk_size=cfg.chunk_size, trust_remote_code=cfg.trust_remote_code)
         engine.say(f"embedding: {engine.embedder.source}")
     engine.tree_sampler = None
     if "tree_search" in algo.requires:
@@ -96,6 +96,10 @@ def _reward_model_eval(engine) -> None:
         engine.task = PairwiseEval(pairs, engine.task)
         engine.say(f"eval: pairwise accuracy on {len(pairs)} held-out pairs (held-out problems' answer vs "
                    f"wrong sums within 2)")
+        return
+    if getattr(engine, "eval_records", None) is not None:  # eval_data / eval_fraction (loop/evaluation.py)
+        engine.task = PairwiseEval(engine.eval_records, None)
+        engine.say(f"eval: pairwise accuracy on {len(engine.eval_records)} held-out pairs")
         return
     engine.records, held = split_heldout(engine.records, engine.cfg.seed)
     if held:

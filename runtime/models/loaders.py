@@ -1,14 +1,16 @@
-"""Loading policies and reference models from local checkpoint directories.
+"""Loading policies and reference models from checkpoint directories or hub ids.
 
-Everything goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` on a local directory
-(never a hub download), so built-in tiny models (``tiny.build_tiny_model``) and users'
-checkpoints load the same way. ``add_value_head`` wraps a policy with a scalar value head
+Everything goes through ``AutoModelForCausalLM`` / ``AutoTokenizer`` on a local directory --
+a hub id is first resolved to its snapshot in the user's cache (``hub.resolve_model``) -- so
+built-in tiny models (``tiny.build_tiny_model``) and users' checkpoints load the same way.
+Every ``from_pretrained`` gets ``trust_remote_code`` explicitly (the run setting, default
+false; ``hub.remote_code_check`` says which setting to change), never an interactive prompt.
+``add_value_head`` wraps a policy with a scalar value head
 for algorithms that need a critic sharing the policy body.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import RunError
+from .hub import is_adapter_dir, remote_code_check, resolve_model
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -35,59 +38,64 @@ def _resolve_dtype(dtype):
     raise RunError(f"unknown dtype {dtype!r}", hint=f"use one of {sorted(set(_DTYPES))} or 'auto'")
 
 
-def _check_model_dir(path) -> Path:
-    p = Path(os.path.expanduser(str(path)))
+def _check_model_dir(path, setting: str = "model", trust_remote_code: bool = False) -> Path:
+    p = resolve_model(path, setting)
     if not p.exists():
         raise RunError(f"model directory not found: {p}",
-                       hint="give a local directory written by save_pretrained (no hub downloads)")
+                       hint="give a local directory written by save_pretrained, or a hub id such as "
+                            "Qwen/Qwen2.5-0.5B-Instruct")
     if not p.is_dir():
         raise RunError(f"model path is not a directory: {p}",
                        hint="give the directory that holds config.json and the weights")
+    if is_adapter_dir(p):  # (--model as an adapter is resolved before: models/adapter_model.py)
+        raise RunError(f"{setting} {p} holds a PEFT adapter, not a full model",
+                       hint="merge it into its base first (peft's merge_and_unload, then save_pretrained)")
     if not (p / "config.json").is_file():
-        if (p / "adapter_config.json").is_file():
-            raise RunError(f"{p} holds a PEFT adapter, not a full model",
-                           hint="load the base model and apply the adapter, or merge it first")
         raise RunError(f"no model in {p}: config.json is missing",
                        hint="save the model with model.save_pretrained(dir)")
     if not any((p / f).is_file() for f in _WEIGHT_FILES):
         raise RunError(f"no model weights in {p} (looked for {', '.join(_WEIGHT_FILES)})",
                        hint="save the model with model.save_pretrained(dir)")
+    remote_code_check(p, trust_remote_code, setting)
     return p
 
 
-def _load_model(p: Path, dtype, device, extra: dict | None = None):
+def remote_code_error(e: Exception, p: Path, setting: str) -> RunError | None:
+    """transformers' refusal of custom code as a RunError naming the setting (else None)."""
+    if "trust_remote_code" in str(e):
+        return RunError(f"{setting} {p} needs its own code to load, and trust_remote_code is false",
+                        hint="read that code, then set trust_remote_code: true")
+    return None
+
+
+def _load_model(p: Path, dtype, device, extra: dict | None = None, trust_remote_code: bool = False,
+                setting: str = "model"):
     try:  # parallel: `extra` = QLoRA's quantization_config (runtime/parallel/lora.py)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=_resolve_dtype(dtype),
-                                                     local_files_only=True, **(extra or {}))
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=_resolve_dtype(dtype), local_files_only=True,
+                                                     trust_remote_code=trust_remote_code, **(extra or {}))
     except RunError:
         raise
     except Exception as e:  # transformers raises many kinds; say which directory failed
-        raise RunError(f"could not load a causal LM from {p}: {type(e).__name__}: {e}") from e
+        raise remote_code_error(e, p, setting) or RunError(
+            f"could not load a causal LM from {p}: {type(e).__name__}: {e}") from e
     if device is not None and not extra:  # parallel: a quantized model is placed by from_pretrained
         model = model.to(device)
     return model
 
 
-def load_policy(path, dtype=None, device=None, extra: dict | None = None):
-    """Load ``(model, tokenizer)`` from a local checkpoint directory.
+def load_policy(path, dtype=None, device=None, extra: dict | None = None, trust_remote_code: bool = False,
+                setting: str = "model"):
+    """Load ``(model, tokenizer)`` from a checkpoint directory or a hub id (``setting`` names it
+    in errors).
 
     ``dtype``: None/'auto' keeps the stored dtype, else a torch.dtype or a name such as
     'bfloat16'. The tokenizer gets ``padding_side='left'`` and, if it has none, the EOS
     token as pad token; the model's config and generation config get the same pad id.
     Raises ``RunError`` when the directory is missing or holds no model/tokenizer.
     """
-    p = _check_model_dir(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except Exception as e:
-        raise RunError(f"could not load a tokenizer from {p}: {type(e).__name__}: {e}",
-                       hint="save the tokenizer next to the model with tokenizer.save_pretrained(dir)") from e
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise RunError(f"the tokenizer in {p} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    model = _load_model(p, dtype, device, extra)
+    p = _check_model_dir(path, setting, trust_remote_code)
+    tokenizer = load_tokenizer(p, trust_remote_code, setting)
+    model = _load_model(p, dtype, device, extra, trust_remote_code, setting)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
@@ -95,9 +103,26 @@ def load_policy(path, dtype=None, device=None, extra: dict | None = None):
     return model, tokenizer
 
 
-def load_frozen_copy(path, dtype=None, device=None):
+def load_tokenizer(p: Path, trust_remote_code: bool = False, setting: str = "model"):
+    """The tokenizer in ``p`` with left padding and a pad token (EOS when it has none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise remote_code_error(e, p, setting) or RunError(
+            f"could not load a tokenizer from {p}: {type(e).__name__}: {e}",
+            hint="save the tokenizer next to the model with tokenizer.save_pretrained(dir)") from e
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RunError(f"the tokenizer in {p} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_frozen_copy(path, dtype=None, device=None, trust_remote_code: bool = False, setting: str = "model"):
     """Load a model for reference use: eval mode, every parameter ``requires_grad=False``."""
-    model = _load_model(_check_model_dir(path), dtype, device)
+    model = _load_model(_check_model_dir(path, setting, trust_remote_code), dtype, device,
+                        trust_remote_code=trust_remote_code, setting=setting)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -167,19 +192,23 @@ def add_value_head(model: nn.Module) -> PolicyWithValueHead:
     return PolicyWithValueHead(model)
 
 
-def load_frozen_local(path, auto_cls, what: str, hint: str, device=None):
-    """(tokenizer, model, resolved path) of a frozen helper model (scorer, embedder) in a local dir.
+def load_frozen_local(path, auto_cls, what: str, hint: str, device=None, trust_remote_code: bool = False,
+                      setting: str = "model"):
+    """(tokenizer, model, resolved path) of a frozen helper model (scorer, embedder) in a local
+    dir or a hub id (``setting`` names it in errors).
 
     The model is in eval mode without gradients; a missing pad token falls back to EOS.
     """
-    p = Path(path).expanduser()
+    p = resolve_model(path, setting)
     if not (p / "config.json").is_file():
-        raise RunError(f"no {what} in {p}: config.json is missing", hint=hint)
+        raise RunError(f"no {what} in {p} ({setting}): config.json is missing", hint=hint)
+    remote_code_check(p, trust_remote_code, setting)
     try:
-        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-        model = auto_cls.from_pretrained(p, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = auto_cls.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise RunError(f"could not load a {what} from {p}: {type(e).__name__}: {e}") from e
+        raise remote_code_error(e, p, setting) or RunError(
+            f"could not load a {what} from {p}: {type(e).__name__}: {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)

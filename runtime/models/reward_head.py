@@ -38,7 +38,7 @@ TEMPLATE_FLAG = "alignspec_chat_template"
 HELDOUT_FRACTION = 0.1
 
 
-def load_reward_model(path, dtype=None, device=None):
+def load_reward_model(path, dtype=None, device=None, trust_remote_code: bool = False):
     """``(AutoModelForSequenceClassification with num_labels=1, tokenizer)`` from ``path``.
 
     ``path`` holds a causal LM (the head is then newly initialised, from the current torch
@@ -47,28 +47,18 @@ def load_reward_model(path, dtype=None, device=None):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from .loaders import _check_model_dir, _resolve_dtype
-    p = _check_model_dir(path)
-    # the tokenizer (pad token, left padding) exactly as for a policy
-    try:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except Exception as e:
-        raise RunError(f"could not load a tokenizer from {p}: {type(e).__name__}: {e}") from e
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise RunError(f"the tokenizer in {p} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    from .loaders import _check_model_dir, _resolve_dtype, load_tokenizer, remote_code_error
+    p = _check_model_dir(path, "model", trust_remote_code)
+    tokenizer = load_tokenizer(p, trust_remote_code)  # pad token, left padding: exactly as for a policy
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights were newly initialised: score.weight" is expected
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            p, num_labels=1, dtype=_resolve_dtype(dtype), local_files_only=True)
+            p, num_labels=1, dtype=_resolve_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise RunError(f"could not build a sequence classifier (reward model) from {p}: "
-                       f"{type(e).__name__}: {e}",
-                       hint="the model's architecture needs an AutoModelForSequenceClassification class") from e
+        raise remote_code_error(e, p, "model") or RunError(
+            f"could not build a sequence classifier (reward model) from {p}: {type(e).__name__}: {e}",
+            hint="the model's architecture needs an AutoModelForSequenceClassification class") from e
     finally:
         hf_logging.set_verbosity(level)
     if getattr(model.config, "pad_token_id", None) is None:

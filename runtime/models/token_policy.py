@@ -104,6 +104,10 @@ class TokenPolicy:
         run.ref_cache = ReferenceCache(run)  # offline data, fixed reference (models/fastpath.py)
         from .lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
         setup_extras(run)
+        run.user_eval = None
+        if run.eval_records is not None and not run.reward_head:  # reward models: lm_extras.py
+            from ..loop.evaluation import UserEval
+            run.user_eval = UserEval(run, run.eval_records)
         # the training forward (models/train_forward.py): activation checkpointing, then FSDP2's
         # shards, before the optimizer sees the parameters (parallel/wrap.py)
         from ..parallel.wrap import prepare_training, wrap_training
@@ -130,25 +134,33 @@ class TokenPolicy:
                     f"cached at {run.model_dir}")
         else:
             run.model_dir = cfg.model
+        setting = "model"
         if cfg.init_model:  # a pipeline stage starts from an earlier stage's model
-            run.model_dir = cfg.init_model
+            run.model_dir, setting = cfg.init_model, "init_model"
             run.say(f"init: weights from {cfg.init_model}")
+        # a hub id -> its snapshot in the cache; a PEFT adapter folder -> its base, adapter trained further
+        from .adapter_model import resolve_policy_source
+        run.model_dir, run.model_adapter = resolve_policy_source(run, run.model_dir, setting)
+        trust = cfg.trust_remote_code
         if run.reward_head:
             from .reward_head import load_reward_model
-            run.policy, run.tokenizer = load_reward_model(run.model_dir, dtype=cfg.dtype, device=run.device)
+            run.policy, run.tokenizer = load_reward_model(run.model_dir, dtype=cfg.dtype, device=run.device,
+                                                          trust_remote_code=trust)
             run.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
         else:
             from ..parallel.lora import quantized_load_kwargs  # QLoRA's 4-bit base
             run.policy, run.tokenizer = load_policy(run.model_dir, dtype=cfg.dtype, device=run.device,
-                                                    extra=quantized_load_kwargs(cfg, run.device))
+                                                    extra=quantized_load_kwargs(cfg, run.device),
+                                                    trust_remote_code=trust, setting=setting)
         run.builds["policy"] += 1
-        run.lora = cfg.lora_r > 0 or cfg.lora_adapter is not None  # or an existing adapter
+        # LoRA: fresh adapters, or an existing adapter (lora_adapter, or --model as an adapter folder)
+        run.lora = cfg.lora_r > 0 or cfg.lora_adapter is not None or run.model_adapter is not None
         if run.lora:
             if algo.plan.reference == "iterate" and "reference" in algo.requires:
                 raise RunError("LoRA with `reference = \"iterate\"` is not supported yet",
                                hint="set lora_r: 0 for this spec")
             from ..parallel.lora import add_adapters  # peft.LoraConfig from the run settings
-            run.policy = add_adapters(run.policy, cfg, reward_head=run.reward_head)
+            run.policy = add_adapters(run.policy, cfg, reward_head=run.reward_head, adapter=run.model_adapter)
         run.model = run.policy
         if "critic" in algo.requires:
             run.model = add_value_head(run.policy)
@@ -156,7 +168,9 @@ class TokenPolicy:
         run.model.train()
         run.reference = None
         if ("reference" in algo.requires or cfg.force_reference) and not run.lora:
-            run.reference = load_frozen_copy(cfg.reference_model or run.model_dir, dtype=cfg.dtype, device=run.device)
+            run.reference = load_frozen_copy(cfg.reference_model or run.model_dir, dtype=cfg.dtype, device=run.device,
+                                             trust_remote_code=cfg.trust_remote_code,
+                                             setting="reference_model" if cfg.reference_model else "model")
             if cfg.reference_model:
                 run.say(f"reference: {cfg.reference_model}")
             run.builds["reference"] += 1
@@ -165,15 +179,20 @@ class TokenPolicy:
         need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
                 "pairs": ["prompt", "chosen", "rejected"],
                 "unpaired": ["prompt", "completion", "label"]}[run.kind]
+        run.eval_records = None
         if run.builtin:
+            from ..loop.evaluation import held_out
+            held_out(run, [], need)  # eval_data / eval_fraction without --data: a RunError
             recs = run.task.records(run.kind)
             run.say(f"data: built-in task {run.task.name} ({len(recs)} {run.kind} from "
                     f"{len(run.task.train_problems)} training problems; {len(run.task.eval_problems)} held-out)")
             return recs
         from ..data.records import open_records
+        from ..loop.evaluation import held_out  # eval_data / eval_fraction (loop/evaluation.py)
         recs = open_records(run.cfg, run.kind)
         if isinstance(recs, list):
             run.say(f"data: {run.cfg.data} ({len(recs)} rows, {run.kind})")
+            recs, run.eval_records = held_out(run, recs, need)
             return recs
         if run.reward_head or run.cfg.precompute_reference:
             raise RunError("streaming: true cannot be used with " +
@@ -182,6 +201,7 @@ class TokenPolicy:
                            hint="set streaming: false")
         run.say(f"data: {run.cfg.data} streamed ({run.kind}; shuffle buffer of {run.cfg.shuffle_buffer} rows, "
                 f"{len(recs.parts)} part{'s' if len(recs.parts) != 1 else ''})")
+        _, run.eval_records = held_out(run, None, need)  # eval_data only: a stream holds nothing out
         return recs
 
     def forwarder(self, run, model) -> TrainForward:
@@ -319,15 +339,15 @@ class TokenPolicy:
         return {**(search or {}), **(episodes or {})} or None
 
     def evaluate(self, run) -> float | None:
-        if run.task is None:
-            return None
+        if run.task is None:  # the user's held-out data (loop/evaluation.py), or nothing
+            return run.user_eval(run) if getattr(run, "user_eval", None) is not None else None
         from ..parallel.wrap import gathered
         with gathered(run):  # whole weights for generation under FSDP2
             return run.task.eval_score(run.policy, run.tokenizer, run.cfg.eval_size, prompt_format=run.prompt_format)
 
     @staticmethod
     def evaluates(run) -> bool:
-        return run.task is not None
+        return run.task is not None or getattr(run, "user_eval", None) is not None
 
     @staticmethod
     def policy_state(run) -> dict:

@@ -2,7 +2,8 @@
 
 ``add_adapters(model, cfg)`` returns a ``peft`` model around ``model``:
 
-- ``lora_adapter: DIR`` starts from an adapter saved by a PEFT model (``adapter_config.json``
+- ``lora_adapter: DIR`` (or a hub id; or ``--model`` naming an adapter folder, models/adapter_model.py)
+  starts from an adapter saved by a PEFT model (``adapter_config.json``
   + weights): its own rank, alpha, dropout and target modules, trainable;
 - otherwise a fresh ``peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r,
   lora_dropout=lora_dropout, target_modules=lora_target_modules)``.
@@ -29,14 +30,18 @@ def lora_config(cfg, reward_head: bool = False):
                       **({"task_type": "SEQ_CLS"} if reward_head else {}))
 
 
-def add_adapters(model, cfg, reward_head: bool = False):
-    """``model`` with trainable LoRA adapters (see the module docstring)."""
+def add_adapters(model, cfg, reward_head: bool = False, adapter=None):
+    """``model`` with trainable LoRA adapters (see the module docstring); ``adapter``: an adapter
+    directory to continue (``--model`` given as a PEFT adapter folder), else ``lora_adapter``."""
     from peft import PeftModel, get_peft_model
     if cfg.qlora:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if cfg.lora_adapter is not None:
-        path = Path(cfg.lora_adapter).expanduser()
+    if adapter is None and cfg.lora_adapter is not None:
+        from ..models.hub import resolve_model
+        adapter = resolve_model(cfg.lora_adapter, "lora_adapter")  # a directory or a hub id
+    if adapter is not None:
+        path = Path(adapter).expanduser()
         try:
             return PeftModel.from_pretrained(model, str(path), is_trainable=True)
         except Exception as e:  # peft raises several kinds: wrong base model, missing weights

@@ -92,7 +92,7 @@ def resolve(cfg, algo=None, env=os.environ, cuda: bool | None = None) -> Paralle
          "reshard_after_forward": cfg.reshard_after_forward}
     s.update(_from_launcher(cfg, env))
     plan = ParallelPlan(world=world, **s)
-    lora = cfg.lora_r > 0 or cfg.lora_adapter is not None
+    lora = cfg.lora_r > 0 or cfg.lora_adapter is not None or _local_adapter(cfg.init_model or cfg.model)
     if plan.fsdp2:
         if world < 2:
             raise RunError("parallel=fsdp2 shards the model over processes, but this run has one process",
@@ -128,13 +128,27 @@ def resolve(cfg, algo=None, env=os.environ, cuda: bool | None = None) -> Paralle
                            hint="pip install bitsandbytes (or the qlora extra: pip install alignspec[qlora])")
     if cfg.lora_adapter is not None:
         from pathlib import Path
+
+        from ..models.hub import looks_like_hub_id
         p = Path(cfg.lora_adapter).expanduser()
-        if not (p / "adapter_config.json").is_file():
+        if not (p / "adapter_config.json").is_file() and (p.exists() or not looks_like_hub_id(cfg.lora_adapter)):
             raise RunError(f"lora_adapter {p}: no adapter_config.json there",
                            hint="give a directory written by a PEFT model's save_pretrained")
     if algo is not None:
         _check_algorithm(plan, cfg, algo)
     return plan
+
+
+def _local_adapter(model) -> bool:
+    """``--model`` names a local PEFT adapter folder (models/adapter_model.py); a hub id is
+    only known to be one once it is resolved, where the same checks run again."""
+    if model is None:
+        return False
+    from pathlib import Path
+
+    from ..models.hub import is_adapter_dir
+    p = Path(str(model)).expanduser()
+    return p.is_dir() and is_adapter_dir(p)
 
 
 def _check_algorithm(plan: ParallelPlan, cfg, algo) -> None:

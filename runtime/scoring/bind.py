@@ -26,7 +26,8 @@ def bind_scorers(run) -> dict:
             continue
         path = cfg.reward_model if name == "reward_model" else cfg.preference_model
         if path:
-            out[name] = SequenceScorer(path, device=run.device)
+            out[name] = SequenceScorer(path, device=run.device, trust_remote_code=cfg.trust_remote_code,
+                                       setting="reward_model" if name == "reward_model" else "preference_model")
             run.say(f"{name}: sequence classifier from {path}")
         elif run.builtin:
             out[name] = RewardFunctions(["exact_answer"], tokenizer=run.tokenizer)

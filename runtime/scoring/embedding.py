@@ -39,12 +39,13 @@ def policy_embeddings(model, batch: dict, chunk_size: int = 1024, micro_rows: in
 class TextEmbedder:
     """Mean-pooled last hidden states of a separate local model over the response text."""
 
-    def __init__(self, path, device=None, batch_size: int = 64):
+    def __init__(self, path, device=None, batch_size: int = 64, trust_remote_code: bool = False):
         from transformers import AutoModel
 
         from ..models.loaders import load_frozen_local
         self.tok, self.model, p = load_frozen_local(
-            path, AutoModel, "embedding model", "embedding_model: a directory written by save_pretrained", device)
+            path, AutoModel, "embedding model", "embedding_model: a directory written by save_pretrained", device,
+            trust_remote_code=trust_remote_code, setting="embedding_model")
         self.batch_size = batch_size
         self.path = str(p)
 
@@ -65,10 +66,10 @@ class TextEmbedder:
 class Embeddings:
     """What the engine calls: ``embeddings(batch, texts) -> [B, D]`` for the sampled rows."""
 
-    def __init__(self, policy, path=None, device=None, chunk_size: int = 1024):
+    def __init__(self, policy, path=None, device=None, chunk_size: int = 1024, trust_remote_code: bool = False):
         self.policy = policy
         self.chunk_size = chunk_size
-        self.text = TextEmbedder(path, device=device) if path else None
+        self.text = TextEmbedder(path, device=device, trust_remote_code=trust_remote_code) if path else None
         self.source = f"embedding model {path}" if path else "the policy's mean last hidden state over the response"
 
     def __call__(self, batch: dict, texts: list[str]) -> torch.Tensor:

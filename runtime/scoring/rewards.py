@@ -79,13 +79,15 @@ def resolve_reward(name: str) -> Callable:
 class SequenceScorer:
     """A scalar scorer from an ``AutoModelForSequenceClassification`` directory."""
 
-    def __init__(self, path: str, device=None, batch_size: int = 32):
+    def __init__(self, path: str, device=None, batch_size: int = 32, trust_remote_code: bool = False,
+                 setting: str = "reward_model"):
         from transformers import AutoModelForSequenceClassification
 
         from ..models.loaders import load_frozen_local
         self.tok, self.model, p = load_frozen_local(
             path, AutoModelForSequenceClassification, "sequence classifier",
-            "give a directory written by save_pretrained of a sequence classifier", device)
+            "give a directory written by save_pretrained of a sequence classifier", device,
+            trust_remote_code=trust_remote_code, setting=setting)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.batch_size = batch_size
