@@ -92,6 +92,7 @@ def worker(args: dict) -> None:
         json.dump(rec, f)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # before exit: gloo's threads otherwise may abort it
 
 
 def _free_port() -> str:

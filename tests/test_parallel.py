@@ -4,12 +4,15 @@
   (1e-5), with activation checkpointing off (``--set parallel=fsdp2``, launched as 2 nodes x
   1 process on 127.0.0.1, the multi-node launch of the README) and on (launched by
   ``accelerate launch --config_file`` with accelerate's own FSDP2 config, fsdp_version 2);
-- grpo (generation, sequence-mean loss): 2 FSDP2 processes reach the
+- grpo (generation, sequence-mean loss, a KL term to the reference), dapo (token-mean
+  over the whole update, dynamic sampling) and ampo (embeddings of responses from the
+  policy's hidden states): 2 FSDP2 processes reach the
   weights of 2 DDP processes (samples are drawn per process, so a 1-process run samples other
   completions; DDP = 1 process is tests/test_distributed.py's), with activation checkpointing off and on;
 - a 2-process FSDP2 grpo run killed with SIGKILL in the middle of step 3 and resumed from its
   sharded checkpoint of step 2 ends with the uninterrupted run's weights;
-- the parameters really are sharded (DTensors), checkpoints are written per process with
+- the parameters really are sharded (DTensors), and so is the frozen reference's (no
+  gradients); checkpoints are written per process with
   torch.distributed.checkpoint, the final model is an ordinary HF directory.
 
 Runs are shared between the tests of this file (a module-scoped cache), so each launch happens once.
@@ -51,11 +54,15 @@ proj.register_forward_hook(lambda m, i, o: compute.add(str(o.dtype)) if torch.is
 eng.train()
 p = next(eng.wrapped.parameters())
 adam = {str(st["exp_avg"].dtype) for st in eng.optimizer.state.values() if "exp_avg" in st}
+ref = eng.reference
+ref_param = None if ref is None else sorted({type(q).__name__ for q in ref.parameters()})
+ref_grad = None if ref is None else any(q.requires_grad or q.grad is not None for q in ref.parameters())
 with open(os.path.join(a["out"], f"info{eng.rank}.json"), "w") as f:
     plan = eng.parallel_plan
     json.dump({"wrapped": type(eng.wrapped).__name__, "param": type(p).__name__, "world": eng.world,
                "plan": [plan.parallel, plan.gradient_checkpointing, plan.mixed_precision],
-               "compute": sorted(compute), "master": str(p.dtype), "adam": sorted(adam)}, f)
+               "compute": sorted(compute), "master": str(p.dtype), "adam": sorted(adam),
+               "ref_param": ref_param, "ref_grad": ref_grad}, f)
 """
 
 ACCELERATE_FSDP2 = """\
@@ -107,8 +114,15 @@ class Runs:
 
     def args(self, name: str, spec: str, sets: list[str], steps: int = 2, **kw) -> dict:
         a = {"spec": spec, "out": str(self.root / name), "steps": steps, "sets": SETS + sets, **kw}
-        if spec != "grpo":  # grpo: the built-in task and model
+        if spec not in ("grpo", "dapo", "ampo"):  # these: the built-in task and model
             a.update(model=self.model, data=str(self.data))
+        if spec == "dpo":
+            # Adam's first steps move each weight by about lr * sign(gradient), so a gradient element
+            # at float-noise level moves by up to lr whatever its size: at lr 1e-3 one element of the
+            # output layer differed by 2e-5 after 2 steps, because FSDP2 computes the output layer
+            # per vocabulary slice (parallel/vocab_parallel.py), another rounding than one process's
+            # whole-layer tiles; every other weight was within 3e-7
+            a["sets"] = a["sets"] + ["lr=2e-4"]
         return a
 
     def launch(self, name: str, nproc: int, args: dict, ok: bool = True) -> Path:
@@ -156,10 +170,12 @@ def _info(out: Path, rank: int) -> dict:
     return json.loads((out / f"info{rank}.json").read_text())
 
 
-def _assert_sharded(out: Path) -> None:
+def _assert_sharded(out: Path, reference: bool = True) -> None:
     for rank in (0, 1):
         info = _info(out, rank)
         assert info["world"] == 2 and info["wrapped"] == "FSDPTrainForward" and info["param"] == "DTensor", info
+        if reference:  # the frozen reference is sharded too, without gradients
+            assert info["ref_param"] == ["DTensor"] and info["ref_grad"] is False, info
     ck = out / "checkpoint"
     assert json.loads((ck / "state.json").read_text())["sharded"] is True
     assert len(list((ck / "sharded").glob("*.distcp"))) == 2  # each process wrote its shards
@@ -212,6 +228,31 @@ def test_grpo_fsdp2_matches_ddp(runs, ac):
         "parallel=fsdp2", f"gradient_checkpointing={str(ac).lower()}"], steps=3))
     _assert_sharded(fsdp)
     assert _info(ddp, 0)["wrapped"] == "DistributedDataParallel"
+    _assert_same_weights(ddp, fsdp)
+
+
+def test_dapo_token_mean_fsdp2_matches_ddp(runs):
+    """dapo's loss is token_mean_all: a sum over every completion token of the update, divided by
+    the number of those tokens over every micro-batch and process (and its dynamic sampling
+    refills filtered groups). 2 FSDP2 processes reach the weights of 2 DDP processes."""
+    sets = ["n=4"]
+    ddp = runs.launch("dapo_ddp", 2, runs.args("dapo_ddp", "dapo", sets))
+    fsdp = runs.launch("dapo_fsdp2", 2, runs.args("dapo_fsdp2", "dapo", sets + ["parallel=fsdp2"]))
+    _assert_sharded(fsdp, reference=False)  # dapo has no KL term, so no reference
+    assert _info(ddp, 0)["wrapped"] == "DistributedDataParallel"
+    steps = [r for r in read_metrics(fsdp) if "loss" in r]
+    assert len(steps) == 2 and all(r["grad_norm"] > 0 for r in steps), steps  # groups kept, an update made
+    _assert_same_weights(ddp, fsdp)
+
+
+def test_ampo_embeddings_fsdp2_matches_ddp(runs):
+    """ampo selects its rejected responses with coreset(r, embedding(response), k): the policy's
+    own hidden states, computed under FSDP2 with the policy gathered. 2 FSDP2 processes reach
+    the weights of 2 DDP processes."""
+    sets = ["n=4", "k=2"]
+    ddp = runs.launch("ampo_ddp", 2, runs.args("ampo_ddp", "ampo", sets))
+    fsdp = runs.launch("ampo_fsdp2", 2, runs.args("ampo_fsdp2", "ampo", sets + ["parallel=fsdp2"]))
+    _assert_sharded(fsdp, reference=False)
     _assert_same_weights(ddp, fsdp)
 
 

@@ -97,6 +97,10 @@ def test_fsdp2_refusals_name_what_is_not_covered():
     with pytest.raises(RunError, match="flow policy family .* does not support them"):
         from alignspec.runtime.engine import build_engine
         build_engine("flow_grpo", sets=["gradient_checkpointing=true"])
+    with pytest.raises(RunError, match="tree search and reward-model training"):
+        settings.resolve(_cfg("parallel=fsdp2"), alignspec.compile("mcts"), env=env, cuda=False)
+    # embeddings of responses (the policy's hidden states, gathered) are covered: tests/test_parallel.py
+    assert settings.resolve(_cfg("parallel=fsdp2"), alignspec.compile("ampo"), env=env, cuda=False).fsdp2
     plan = settings.resolve(_cfg("parallel=fsdp2", "mixed_precision=bf16", "gradient_checkpointing=true"),
                             alignspec.compile("grpo"), env=env, cuda=False)
     assert plan.fsdp2 and plan.world == 2 and plan.mixed_precision == "bf16" and plan.gradient_checkpointing

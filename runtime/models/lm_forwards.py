@@ -51,6 +51,8 @@ def no_grad_forwards(pol, run, batch: dict) -> None:
         lr = run.ref_cache.logprobs(batch, run.batch_rows, lambda b: reference_forward(pol, run, b))
         if "logp_ref" in algo.inputs:
             batch["logp_ref"] = lr
+    from ..parallel.wrap import pad_frozen_forwards
+    pad_frozen_forwards(run)  # FSDP2: the sharded reference's forwards are collectives
 
 
 def mismatched_forwards(pol, run, batch: dict, policy) -> None:

@@ -190,6 +190,24 @@ def linear_logprobs(hidden, weight, bias, targets, *, chunk_size=1024, scale=1.0
     return logp, (ent if with_entropy else None)
 
 
+HEAD_LOGPROBS = "chunked_logprobs"  # the output layer's own log-probs under FSDP2 (parallel/fsdp2.py)
+
+
+def linear_head_logprobs(head: nn.Linear, hidden, targets, **kw):
+    """:func:`linear_logprobs` through the linear output layer ``head`` (its weight and bias
+    read at call time: under FSDP2, the gathered ones)."""
+    return linear_logprobs(hidden, head.weight, head.bias, targets, **kw)
+
+
+def chunked_linear_head(lm: nn.Module) -> nn.Linear | None:
+    """The output layer of causal LM ``lm`` when :func:`completion_logprobs` runs it through
+    the tiled linear path (a plain ``nn.Linear``, no logit soft-cap); otherwise None."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or _logit_transform(lm.config)[1] is not None:
+        return None
+    return head
+
+
 def _logit_transform(config) -> tuple[float, float | None]:
     """(multiplier, softcap) some architectures apply after the output layer."""
     scale = 1.0
@@ -322,9 +340,10 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(head, nn.Linear) and softcap is None:
-        logp_rows, ent_rows = linear_logprobs(rows, head.weight, head.bias, targets,
-                                              chunk_size=chunk_size, scale=scale / temperature,
-                                              with_entropy=with_entropy)
+        # under FSDP2 the output layer's shards compute them (parallel/vocab_parallel.py)
+        fn = getattr(head, HEAD_LOGPROBS, None) or (lambda *a, **k: linear_head_logprobs(head, *a, **k))
+        logp_rows, ent_rows = fn(rows, targets, chunk_size=chunk_size, scale=scale / temperature,
+                                 with_entropy=with_entropy)
     else:
         logp_rows, ent_rows = _module_logprobs(rows, head, targets, chunk_size, scale,
                                                softcap, with_entropy, temperature)

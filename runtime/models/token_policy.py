@@ -16,6 +16,8 @@ reference / iterate when iterations change them; ``model/``: the LM, LoRA merged
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -128,7 +130,7 @@ class TokenPolicy:
         # shards, before the optimizer sees the parameters (parallel/wrap.py)
         from ..parallel.wrap import prepare_training, wrap_training
         run.logprob_temperature = algo.plan.logprob_temperature  # "sampling" resolved by the compiler
-        prepare_training(run, self.forwarder(run, run.model))
+        prepare_training(run, self.forwarder(run, run.model), lambda m: self.forwarder(run, m))
         # optimizer / schedule
         params = [p for p in run.model.parameters() if p.requires_grad]
         from .fastpath import adamw
@@ -265,7 +267,11 @@ class TokenPolicy:
             batch["env_reward"] = torch.tensor([float(r.get("env_reward", 0.0)) for r in rows],
                                                dtype=torch.float32, device=run.device)
         if getattr(run, "embedder", None) is not None:  # embedding(response), scoring/embedding.py
-            batch["embedding"] = run.embedder(batch, texts)
+            from ..parallel.wrap import gathered
+            # the policy's own hidden states: under FSDP2 its whole weights for the duration (every
+            # process scores in the same refill rounds, loop/rollout_stage.py)
+            with gathered(run) if run.embedder.text is None else contextlib.nullcontext():
+                batch["embedding"] = run.embedder(batch, texts)
 
     @staticmethod
     def select_rows(rows: list[dict], idx: list[int]) -> list[dict]:
@@ -293,7 +299,8 @@ class TokenPolicy:
         if grad:
             assert model is run.model
             return run.wrapped(*args, entropy=entropy, value=value)
-        fwd = run.train_forward if model is run.model else self.forwarder(run, model)
+        from ..parallel.wrap import frozen_forward  # FSDP2's sharded reference
+        fwd = run.train_forward if model is run.model else (frozen_forward(run, model) or self.forwarder(run, model))
         with torch.no_grad():
             return fwd(*args, entropy=entropy, value=value)
 
@@ -378,6 +385,8 @@ class TokenPolicy:
     def before_steps(self, run) -> None:
         if run.cfg.precompute_reference and self.reference_needed(run):
             run.ref_cache.precompute(run)
+            from ..parallel.wrap import pad_frozen_forwards
+            pad_frozen_forwards(run)  # FSDP2: as many reference forwards on every process
 
     # -- checkpoints (the files: models/lm_policy_io.py) ------------------------------------------
     save_weights = staticmethod(save_weights)

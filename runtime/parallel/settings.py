@@ -13,8 +13,8 @@
   it) and DDP; mixed precision keeps float32 master weights, so it excludes a low-precision ``dtype``;
 - QLoRA needs LoRA and ``bitsandbytes`` (whose 4-bit layers also run, slowly, on CPUs);
 - what FSDP2 does not cover yet (LoRA, flow policies, self-play iterates and a replaced
-  reference, which copy whole weights between models, tree search, multi-turn episodes) is
-  refused with the reason.
+  reference, which copy whole weights between models, tree search, multi-turn episodes,
+  reward-model training) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def _check_algorithm(plan: ParallelPlan, cfg, algo) -> None:
         if any(sp.kind == "rollout" for sp in algo.plan.sampler.walk()):
             raise RunError(f"{algo.name}: multi-turn episodes (the rollout sampler, rollout/episodes.py) under "
                            "parallel=fsdp2 are not supported yet", hint="use parallel=ddp for this spec")
-        if "tree_search" in algo.requires or "embedding" in algo.inputs or "reward_head" in algo.requires:
-            raise RunError(f"{algo.name}: tree search, embeddings of responses and reward-model training "
+        if "tree_search" in algo.requires or "reward_head" in algo.requires:
+            raise RunError(f"{algo.name}: tree search and reward-model training "
                            "under parallel=fsdp2 are not supported yet",
                            hint="use parallel=ddp for this spec")

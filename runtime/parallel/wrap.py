@@ -9,8 +9,10 @@ before anything loads) decides; the policy family and the update stage call only
 - :func:`wrap_training` (after the optimizer): DDP through ``accelerator.prepare`` (ddp.py),
   or, already sharded, only the optimizer handed to ``accelerate``;
 - :func:`clip_grad_norm`: the gradient norm over all processes (FSDP2: over every shard);
-- :func:`gathered`: the policy's whole weights while it generates or is evaluated (FSDP2;
-  nothing to do under DDP).
+- :func:`gathered`: the policy's (or the reference's) whole weights while it generates or is
+  evaluated (FSDP2; nothing to do under DDP);
+- :func:`frozen_forward` / :func:`pad_frozen_forwards`: the reference's sharded no-grad
+  forward under FSDP2, and the one-token forwards that keep the processes' counts of them equal.
 """
 
 from __future__ import annotations
@@ -21,17 +23,36 @@ from ..models.loaders import unwrap_causal_lm
 from . import activation_checkpointing, fsdp2
 
 
-def prepare_training(run, forward):
+def prepare_training(run, forward, forwarder=None):
     """``forward`` (the training forward of ``run.model``) ready to be optimized: checkpointed
-    layers when ``gradient_checkpointing``, sharded under FSDP2. Sets ``run.train_forward``."""
+    layers when ``gradient_checkpointing``, sharded under FSDP2. Sets ``run.train_forward``.
+    Under FSDP2 the frozen reference (``run.reference``) is sharded too, through
+    ``forwarder(model)`` (its no-grad forward module); see :func:`frozen_forward`."""
     plan = run.parallel_plan
     if plan.gradient_checkpointing:
         activation_checkpointing.apply(unwrap_causal_lm(run.model))
     forward.cfg = activation_checkpointing.training_config(run.cfg, plan)
+    run.frozen_forwards = {}
     if plan.fsdp2:
         fsdp2.shard_forward(forward, unwrap_causal_lm(run.model), plan, run.device, run.tokenizer.pad_token_id)
+        ref = getattr(run, "reference", None)
+        if ref is not None and forwarder is not None:
+            run.frozen_forwards[id(ref)] = fsdp2.shard_frozen(forwarder(ref), unwrap_causal_lm(ref), plan,
+                                                              run.device, run.tokenizer.pad_token_id)
     run.train_forward = forward
     return forward
+
+
+def frozen_forward(run, model):
+    """The sharded no-grad forward of frozen ``model`` (FSDP2's reference), or None."""
+    return getattr(run, "frozen_forwards", {}).get(id(model))
+
+
+def pad_frozen_forwards(run) -> None:
+    """Under FSDP2, one-token forwards of each sharded frozen model until every process has run
+    as many forwards of it as the others (collectives); call at the same point on every process."""
+    for fwd in getattr(run, "frozen_forwards", {}).values():
+        fsdp2.pad_frozen_forwards(fwd, run.tokenizer.pad_token_id, run.device)
 
 
 def wrap_training(run, optimizer):
@@ -49,9 +70,11 @@ def clip_grad_norm(run, parameters, max_norm: float) -> float:
     return float(run.acc.clip_grad_norm_(parameters, max_norm))
 
 
-def gathered(run):
-    """A context in which the policy's weights are whole (FSDP2), for generation and evaluation."""
+def gathered(run, model=None):
+    """A context in which the weights of ``model`` (default: the policy) are whole (FSDP2), for
+    generation and evaluation."""
     plan = getattr(run, "parallel_plan", None)
     if plan is None or not plan.fsdp2:
         return contextlib.nullcontext()
-    return fsdp2.gathered(run)
+    frozen = None if model is None else frozen_forward(run, model)
+    return fsdp2.gathered(run, frozen)

@@ -25,7 +25,7 @@ class Generate(Sampler):
             elif run.lora:
                 ctx = run.policy.disable_adapter()
         from ..parallel.wrap import gathered
-        with ctx, gathered(run):  # whole weights for generation under FSDP2
+        with ctx, gathered(run, model):  # whole weights for generation under FSDP2
             ro = generation.generate_groups(
                 model, run.tokenizer, [r["prompt"] for r in recs], int(self.option("n")),
                 max_new_tokens=int(self.option("max_tokens", run.max_new_tokens)),
