@@ -30,9 +30,15 @@ from ..errors import RunError
 
 
 def _destroy_process_group() -> None:
-    """At interpreter exit: tear the process group down before the C++ runtime goes."""
+    """At interpreter exit: tear the process group down before the C++ runtime goes. Garbage
+    is collected first, so that collective handles (``Work`` objects, their tensors) still
+    referenced from Python are freed while the interpreter is whole, not during its
+    finalization, where gloo's threads releasing them can abort the process."""
+    import gc
+
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
