@@ -22,7 +22,6 @@ fixed seed into 100 held-out and 900 training problems.
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 from .tasks import sft_warmup
@@ -92,7 +91,7 @@ class BuiltinStepTask:
                                lambda row, text: self.is_correct(row["prompt"], text), prompt_format)
 
     def builtin_model_dir(self, warm: bool = True, seed: int = 0) -> tuple[str, dict]:
-        from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root, cached_model_dir
+        from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root, cached_model_dir, copy_init_model
         if not warm:
             return builtin_model_dir(warm=False, seed=seed)
         settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": self.name, "terms": TERMS,
@@ -100,10 +99,7 @@ class BuiltinStepTask:
         target = cache_root() / f"tiny-stepwarm-{_key(settings)}"
 
         def build(tmp: Path) -> None:
-            init_dir, _ = builtin_model_dir(warm=False, seed=seed)
-            for f in Path(init_dir).iterdir():
-                if f.is_file() and f.name != "alignspec_builtin.json":
-                    shutil.copy2(f, tmp / f.name)
+            copy_init_model(tmp, seed)
             sft_warmup(tmp, self.records("demonstrations"), **WARMUP_SETTINGS)
 
         return cached_model_dir(target, settings, build), settings

@@ -132,6 +132,15 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
     return cached_model_dir(target, settings, build), settings
 
 
+def copy_init_model(tmp: Path, seed: int = 0) -> None:
+    """The freshly initialized built-in model's files (not its settings record) into ``tmp``:
+    where another built-in task's warm-up starts (data/step_task.py, data/tool_task.py)."""
+    init_dir, _ = builtin_model_dir(warm=False, seed=seed)
+    for f in Path(init_dir).iterdir():
+        if f.is_file() and f.name != "alignspec_builtin.json":
+            shutil.copy2(f, tmp / f.name)
+
+
 def cached_model_dir(target: Path, settings: dict, build) -> str:
     """`target` if a model is cached there; else `build(tmp)` and rename it into place atomically."""
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():

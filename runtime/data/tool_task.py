@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import ast
 import random
-import shutil
 from pathlib import Path
 
 from .tasks import sft_warmup
@@ -192,7 +191,7 @@ class BuiltinToolTask:
 
     # -- the warm model ---------------------------------------------------------------------------
     def builtin_model_dir(self, warm: bool = True, seed: int = 0) -> tuple[str, dict]:
-        from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root, cached_model_dir
+        from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root, cached_model_dir, copy_init_model
         if not warm:
             return builtin_model_dir(warm=False, seed=seed)
         settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": self.name, "terms": TERMS,
@@ -201,10 +200,7 @@ class BuiltinToolTask:
         target = cache_root() / f"tiny-toolwarm-{_key(settings)}"
 
         def build(tmp: Path) -> None:
-            init_dir, _ = builtin_model_dir(warm=False, seed=seed)
-            for f in Path(init_dir).iterdir():
-                if f.is_file() and f.name != "alignspec_builtin.json":
-                    shutil.copy2(f, tmp / f.name)
+            copy_init_model(tmp, seed)
             w = {k: v for k, v in WARMUP_SETTINGS.items() if k != "then"}
             sft_warmup(tmp, self.demonstrations(1.0), **w)
             then = WARMUP_SETTINGS["then"]

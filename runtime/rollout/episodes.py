@@ -36,6 +36,7 @@ import contextlib
 
 import torch
 
+from ..data.token_rows import left_pad
 from ..errors import RunError
 from ..models.loaders import unwrap_causal_lm
 from . import sampling
@@ -66,12 +67,8 @@ class Turns:
                                       and tok.decode(ids) == s and ids[0] not in self.eos]
 
     def __call__(self, contexts: list[list[int]]) -> list[tuple[list[int], list[float] | None]]:
-        L = max(len(c) for c in contexts)
-        ids = torch.full((len(contexts), L), self.pad, dtype=torch.long)
-        att = torch.zeros((len(contexts), L), dtype=torch.long)
-        for i, c in enumerate(contexts):
-            ids[i, L - len(c):] = torch.tensor(c)
-            att[i, L - len(c):] = 1
+        ids, att = left_pad(contexts, self.pad)
+        L = ids.shape[1]
         t, greedy = self.temperature, self.temperature == 0
         lps = None
         if self.fast and sampling.supported(self.lm):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.token_rows import left_pad
 from ..errors import RunError
 from .tree_search import Node, backup, best_child, expand, select, sibling_pairs
 
@@ -105,13 +106,7 @@ class TreeSampler:
     # -- model calls ----------------------------------------------------------------------
     def _encode(self, texts: list[str]):
         seqs = [list(self.tok(t, add_special_tokens=self.special)["input_ids"]) for t in texts]
-        L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
-        att = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, L - len(s):] = torch.tensor(s)
-            att[i, L - len(s):] = 1
-        return ids.to(self.device), att.to(self.device)
+        return left_pad(seqs, self.pad, self.device)
 
     @torch.no_grad()
     def _generate(self, model, texts, n, max_new, stop_ids, temperature, seed, want_logp=False):
