@@ -155,8 +155,9 @@ class UserEval:
         run.iterate = None  # sample from the policy, not a self-play iterate
         vals, lens, per_fn = [], [], {}
         try:
-            for s in range(0, len(recs), self._chunk(run)):
-                part = recs[s:s + self._chunk(run)]
+            step = self._chunk(run)
+            for s in range(0, len(recs), step):
+                part = recs[s:s + step]
                 rows = run.family.rows(self.sampler.sample(part, _mix(run.cfg.seed, _EVAL_SEED, s)))
                 lens += [float(sum(r["m"]) if "m" in r else len(r["c"])) for r in rows]
                 if self.score_name == "env_reward":
@@ -191,9 +192,9 @@ class UserEval:
         G = algo.plan.group_size
         if self.sampler is None or self.sampler.plan is not algo.plan.sampler:
             self.sampler = build_sampler(algo.plan.sampler, run)
-        chunks = []
-        for s in range(0, len(recs), self._chunk(run)):
-            rows = pol.rows(self.sampler.sample(recs[s:s + self._chunk(run)], _mix(run.cfg.seed, _EVAL_SEED, s)))
+        chunks, step = [], self._chunk(run)
+        for s in range(0, len(recs), step):
+            rows = pol.rows(self.sampler.sample(recs[s:s + step], _mix(run.cfg.seed, _EVAL_SEED, s)))
             chunks.append((rows, pol.batch_of(run, rows)))
         n_rows = sum(len(r) for r, _ in chunks)
         dev = run.device

@@ -14,6 +14,8 @@ with 0 at masked positions.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -341,7 +343,7 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, *,
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(head, nn.Linear) and softcap is None:
         # under FSDP2 the output layer's shards compute them (parallel/vocab_parallel.py)
-        fn = getattr(head, HEAD_LOGPROBS, None) or (lambda *a, **k: linear_head_logprobs(head, *a, **k))
+        fn = getattr(head, HEAD_LOGPROBS, None) or functools.partial(linear_head_logprobs, head)
         logp_rows, ent_rows = fn(rows, targets, chunk_size=chunk_size, scale=scale / temperature,
                                  with_entropy=with_entropy)
     else:

@@ -1,9 +1,9 @@
 """The token-LM policy family: causal LMs (``transformers``) on ``accelerate``, in the one loop.
 
 ``setup`` builds exactly what ``algo.requires`` / ``algo.inputs`` name (the models and the
-data: models/lm_setup.py): the policy (or a reward-model head for ``rm_score``), LoRA adapters, a value head for a ``critic``, a frozen
-reference only if ``reference`` is required (with LoRA: the policy with its adapters
-disabled), the data (data/), the scorers (scoring/), the extras (models/lm_extras.py:
+data: models/lm_setup.py): the policy (or a reward-model head for ``rm_score``), LoRA
+adapters, a value head for a ``critic``, a frozen reference only if ``reference`` is
+required (with LoRA: the policy with its adapters disabled), the data (data/), the scorers (scoring/), the extras (models/lm_extras.py:
 prompt format, self-play iterate, embeddings, tree search), AdamW and the LR schedule, and
 the training forward, wrapped for several processes by parallel/wrap.py (DDP through
 ``accelerator.prepare``, or sharded by FSDP2's ``fully_shard``; activation checkpointing and
@@ -17,7 +17,6 @@ reference / iterate when iterations change them; ``model/``: the LM, LoRA merged
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 
 import torch

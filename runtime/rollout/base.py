@@ -18,6 +18,8 @@ data records in and one group (a list of row dicts ``{"p": prompt ids, "c": comp
 
 from __future__ import annotations
 
+import contextlib
+
 from ..errors import RunError
 
 SAMPLERS: dict[str, type] = {}
@@ -46,6 +48,18 @@ class Sampler:
 
     def sample(self, prompts, seed: int):
         raise NotImplementedError
+
+    def sampling_model(self, model):
+        """``(model, context)`` to sample in: ``model``, or with the option ``model = reference``
+        the reference (with LoRA and no separate reference: ``model`` with the policy's adapters
+        disabled for the context's duration), as ``generate`` and ``rollout`` offer it."""
+        run = self.run
+        if self.option("model") == "reference":
+            if run.reference is not None:
+                return run.reference, contextlib.nullcontext()
+            if getattr(run, "lora", False):
+                return model, run.policy.disable_adapter()
+        return model, contextlib.nullcontext()
 
 
 def build_sampler(plan, run) -> Sampler:

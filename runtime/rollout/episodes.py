@@ -32,8 +32,6 @@ and a resumed run replays the same episodes from the round's seed.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..data.token_rows import left_pad
@@ -203,12 +201,7 @@ class Rollout(Sampler):
     # -- the sampler -----------------------------------------------------------------------------
     def sample(self, recs, seed):
         run = self.run
-        model, ctx = run.policy, contextlib.nullcontext()
-        if self.option("model") == "reference":  # as generate(...): the reference, or LoRA's base
-            if run.reference is not None:
-                model = run.reference
-            elif getattr(run, "lora", False):
-                ctx = run.policy.disable_adapter()
+        model, ctx = self.sampling_model(run.policy)  # model = reference: the reference, or LoRA's base
         lm = unwrap_causal_lm(model)
         n = int(self.option("n"))
         turns = Turns(lm, run.tokenizer, temperature=float(self.option("temperature")),
@@ -226,7 +219,7 @@ class Rollout(Sampler):
                 prompts.append(p)
                 owners.append(rec)
         from ..parallel.wrap import gathered
-        with ctx, gathered(run):  # whole weights for generation under FSDP2
+        with ctx, gathered(run, model):  # whole weights for generation under FSDP2
             rows = play(turns, prompts, eps, max_turns=int(self.option("max_turns")),
                         context=getattr(lm.config, "max_position_embeddings", None))
         for r, rec in zip(rows, owners):

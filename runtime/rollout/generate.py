@@ -3,8 +3,6 @@ n samples per prompt from an LM; the run's ``stop`` strings end a completion."""
 
 from __future__ import annotations
 
-import contextlib
-
 from .base import Sampler, register
 
 
@@ -17,13 +15,7 @@ class Generate(Sampler):
     def sample(self, recs, seed):
         from . import generation  # looked up at each call (tests wrap generate_groups)
         run = self.run
-        model = run.policy if getattr(run, "iterate", None) is None else run.iterate
-        ctx = contextlib.nullcontext()
-        if self.option("model") == "reference":
-            if run.reference is not None:
-                model = run.reference
-            elif run.lora:
-                ctx = run.policy.disable_adapter()
+        model, ctx = self.sampling_model(run.policy if getattr(run, "iterate", None) is None else run.iterate)
         from ..parallel.wrap import gathered
         with ctx, gathered(run, model):  # whole weights for generation under FSDP2
             ro = generation.generate_groups(
