@@ -86,3 +86,25 @@ def test_module_cache_by_content():
     a, b = alignspec.compile("dpo"), alignspec.compile("dpo")
     assert a.module is b.module
     assert alignspec.compile("dpo", beta=0.5).module is not a.module
+
+
+@pytest.mark.parametrize("expr, level", [
+    ("batch_sorted(r, batch_rank(group_mean(r)))", "group"),       # x per response, k per group
+    ("batch_sorted(group_mean(r), r)", "response"),                # x per group, k per response
+])
+def test_batch_sorted_takes_the_level_of_its_rank(expr, level):
+    """Issue 23: `check` accepted batch_sorted(x, k) with x and k at different levels, and
+    compile stopped with an internal level error. The result is at the level of `k`."""
+    spec = f"algorithm b extends grpo\nadvantage\n  A = r - {expr}\n"
+    algo = alignspec.compile(spec, debug=True)
+    n = algo.spec.group_size
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0] * 2, dtype=torch.float64)[:2 * n]  # valid ranks
+    out = algo.module.score({"reward": r})["A"]
+    ops = alignspec.ops
+    if level == "group":
+        k = ops.batch_rank(ops.group_mean(r, n))
+        want = r - ops.broadcast_group(torch.sort(r).values[k.long()], n)
+    else:
+        g = ops.group_mean(r, n)
+        want = r - torch.sort(g).values[r.long()]
+    torch.testing.assert_close(out, want)
