@@ -688,6 +688,15 @@ def local_totals(batch, n, need=("tokens", "responses", "groups")):
     return out
 
 
+def batch_share(batch, totals, n):
+    """This batch's share of the whole optimizer batch (its responses over ``totals``'):
+    the shares of its micro-batches on every process add up to 1. A loss term that reads no
+    trained quantity is scaled by it, so it counts once in the step's loss and metrics."""
+    mask = batch.get("mask")
+    rows = mask.shape[0] if torch.is_tensor(mask) else local_totals(batch, n, need=())["responses"]
+    return rows / totals["responses"]
+
+
 def float_dtype(batch) -> torch.dtype:
     """The widest floating dtype among the batch's tensors (the default dtype if none): the
     type of numbers the generated code makes into tensors (``where(c, 0.3, 1)``)."""

@@ -87,6 +87,8 @@ class _Emitter:
         if n in self.moved:
             return self.moved[n]
         a = self.g.nodes[n]
+        if a["op"] == "minimize":  # every term is a value of loss(), even one that reads no trained quantity
+            return "loss"
         return _STAGE[a["phase"]]
 
     def move_cheap_nodes(self):
@@ -502,7 +504,9 @@ def _loss_fn(g, em, nodes) -> list[str]:
         while tn != "total" and tn in taken:  # a statement already has this name
             tn += "_"
         taken.add(tn)
-        text, _ = em.ref(a["args"][0], t)
+        text, prec = em.ref(a["args"][0], t)
+        if not a["grad"]:  # a constant term: each micro-batch adds its share, so the step's value is the term's
+            text = f"{text if prec >= 100 else f'({text})'} * ops.batch_share(batch, totals, GROUP)"
         lines.append(f"    {tn} = {text}  # {em.where(t)}")
         tnames.append((a["term"], tn))
     if 1 < len(terms) <= 32:
