@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from .batch_reduce import global_cat
+from .ops_shapes import _valid
 
 
 def _flat(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     x = x.detach()
     if mask is not None:
-        return x[ops.valid_mask(mask).bool()] if x.shape == mask.shape else x.reshape(-1)
+        return x[_valid(mask).bool()] if x.shape == mask.shape else x.reshape(-1)
     if x.dim() != 1:
         raise ValueError(f"expected a [B] or [G] tensor, got shape {tuple(x.shape)}")
     return x
@@ -34,7 +35,7 @@ def batch_rank(x: torch.Tensor) -> torch.Tensor:
     """Rank of each element of ``x`` (``[B]`` or ``[G]``) among all of the batch's: 0 for the
     smallest, ``N - 1`` for the largest (``N`` counted over every process)."""
     flat = _flat(x)
-    everything, offset = ops.global_cat(flat)
+    everything, offset = global_cat(flat)
     order = torch.argsort(everything, stable=True)
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(order.numel(), device=order.device)
@@ -45,7 +46,7 @@ def batch_sorted(x: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """The value of rank ``rank`` (0-based, per element) among all of the batch's values of
     ``x`` sorted ascending: ``sort(x over the batch)[rank]``. With ``rank = batch_rank(y)`` it
     pairs each row's ``y`` with the equally ranked ``x`` (AOT's sorted log-ratios)."""
-    everything, _ = ops.global_cat(_flat(x))
+    everything, _ = global_cat(_flat(x))
     s = torch.sort(everything, stable=True).values
     if s.numel() == 0:
         raise ValueError("batch_sorted of an empty batch")
@@ -62,7 +63,7 @@ def batch_quantile(x: torch.Tensor, q, mask: torch.Tensor | None = None) -> torc
     q = float(q)
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"batch_quantile: q must lie in [0, 1], got {q}")
-    everything, _ = ops.global_cat(_flat(x, mask))
+    everything, _ = global_cat(_flat(x, mask))
     if everything.numel() == 0:
         raise ValueError("batch_quantile of an empty batch (no valid values)")
     s = torch.sort(everything.to(torch.float64)).values

@@ -17,13 +17,25 @@ Batch-wide reductions (``whiten``, ``batch_std``, ``batch_sum``, ``token_sum``, 
 runtime splits one batch over processes: inside
 ``with batch_stats_reduce(sum_fn):`` their sums and counts go through ``sum_fn`` (an
 all-reduce with a sum), so every process gets the statistic of the whole batch.
+
+This module is the namespace the generated code reads; the ops live in it and in
+alignspec/ops_select.py (selectors), alignspec/batch_order.py (order statistics),
+alignspec/batch_reduce.py (batch-wide sums over processes) and alignspec/ops_shapes.py
+(argument checks shared by them).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from . import batch_reduce as _reduce
+from .batch_order import batch_quantile, batch_rank, batch_sorted  # noqa: F401  (re-exported)
+from .batch_reduce import _global_sums, batch_stats_reduce, global_cat  # noqa: F401  (the runtime enters it)
+from .ops_select import (gather_rows, select_argmax, select_argmin, select_bottom_k,  # noqa: F401
+                         select_coreset, select_opt, select_top_k)
+from .ops_shapes import _float_dtype, _masked, _num_groups, _valid
+
+
 
 __all__ = [
     "sum_tokens",
@@ -60,101 +72,6 @@ __all__ = [
     "batch_sorted",
     "batch_quantile",
 ]
-
-_BATCH_SUM = None  # set by batch_stats_reduce: sums a tensor over processes
-_BATCH_GATHER = None  # set by batch_stats_reduce: concatenates a 1-D tensor over processes
-
-
-@contextlib.contextmanager
-def batch_stats_reduce(sum_fn, gather_fn=None):
-    """Within the block, batch-wide statistics sum their partial sums and counts with
-    ``sum_fn(tensor) -> tensor`` (e.g. an all-reduce over processes), and order statistics
-    (``batch_rank``, ``batch_sorted``, ``batch_quantile``) see every process's values through
-    ``gather_fn(x) -> (concatenation in process order, this process's offset)``. Every process
-    must run the same statistics in the same order (they run the same compiled code)."""
-    global _BATCH_SUM, _BATCH_GATHER
-    prev, _BATCH_SUM = _BATCH_SUM, sum_fn
-    prev_g, _BATCH_GATHER = _BATCH_GATHER, gather_fn
-    try:
-        yield
-    finally:
-        _BATCH_SUM, _BATCH_GATHER = prev, prev_g
-
-
-def global_cat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The 1-D ``x`` of every process, concatenated in process order, and this process's
-    offset in it (``x`` itself and 0 outside :func:`batch_stats_reduce`)."""
-    if _BATCH_GATHER is None:
-        if _BATCH_SUM is not None:
-            raise RuntimeError("an order statistic over several processes needs batch_stats_reduce(sum_fn, gather_fn)")
-        return x, 0
-    return _BATCH_GATHER(x)
-
-
-def _global_sums(*parts: torch.Tensor) -> list[torch.Tensor]:
-    """The 0-dim ``parts`` summed over processes (one reduction), or as given outside
-    :func:`batch_stats_reduce`. Gradients flow to the local parts."""
-    if _BATCH_SUM is None:
-        return list(parts)
-    local = torch.stack([p.detach().to(torch.float64) for p in parts])
-    total = _BATCH_SUM(local.clone())
-    # the other processes' share as a constant: value global, gradient local
-    return [p + (t - l).to(p.dtype) for p, t, l in zip(parts, total, local)]
-
-
-# ---------------------------------------------------------------------------
-# internal helpers
-# ---------------------------------------------------------------------------
-
-
-def _valid(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean view of a mask (bool, or float/int where nonzero = valid)."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _masked(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """x where valid, exact 0 elsewhere (gradient 0 at invalid positions)."""
-    if x.shape != valid.shape:
-        raise ValueError(f"tensor shape {tuple(x.shape)} does not match mask shape {tuple(valid.shape)}")
-    return torch.where(valid, x, 0.0)
-
-
-def _float_dtype(x: torch.Tensor) -> torch.dtype:
-    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
-
-
-def _num_groups(x: torch.Tensor, n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        try:
-            n = int(n)
-        except Exception as e:  # pragma: no cover - defensive
-            raise TypeError(f"group size n must be an int, got {n!r}") from e
-    if n < 1:
-        raise ValueError(f"group size n must be >= 1, got {n}")
-    if x.dim() < 1:
-        raise ValueError("group ops need a tensor with a leading batch dimension, got a 0-dim tensor")
-    b = x.shape[0]
-    if b % n != 0:
-        raise ValueError(f"batch size {b} is not a multiple of the group size n={n}")
-    return b // n
-
-
-def _check_exclude(exclude, g: int, n: int, device) -> torch.Tensor:
-    if exclude is None:
-        return torch.zeros(g, n, dtype=torch.bool, device=device)
-    exclude = _valid(exclude)
-    if tuple(exclude.shape) != (g, n):
-        raise ValueError(f"exclude must have shape [G, n] = [{g}, {n}], got {tuple(exclude.shape)}")
-    return exclude
-
-
-def _check_k(k: int, n: int) -> int:
-    k = int(k)
-    if k < 0 or k > n:
-        raise ValueError(f"k must satisfy 0 <= k <= n={n}, got k={k}")
-    return k
 
 
 # ---------------------------------------------------------------------------
@@ -223,7 +140,7 @@ def batch_std(x: torch.Tensor) -> torch.Tensor:
 
     ``sqrt(sum (x - mean)^2 / (N - 1))`` with ``N = x.numel()`` (ValueError if N < 2).
     """
-    if _BATCH_SUM is None:
+    if _reduce._BATCH_SUM is None:
         if x.numel() < 2:
             raise ValueError(f"batch_std needs at least 2 elements for the unbiased estimate, got {x.numel()}")
         return x.std(unbiased=True)
@@ -441,215 +358,6 @@ def clip_fraction(ratio: torch.Tensor, lo, hi, mask: torch.Tensor | None = None)
         return (clipped & valid).sum().to(out_dtype) / count
 
 
-# ---------------------------------------------------------------------------
-# selectors (discrete; return within-group indices [G, m] as LongTensor)
-# ---------------------------------------------------------------------------
-
-
-def _order(x: torch.Tensor, n: int, exclude, descending: bool):
-    """Per-group within-group indices ordered by (excluded last, x, index) and the
-    number of non-excluded rows per group. Returns (order [G, n], n_ok [G], excl [G, n])."""
-    g = _num_groups(x, n)
-    if x.dim() != 1:
-        raise ValueError(f"selectors expect a response-level [B] tensor, got shape {tuple(x.shape)}")
-    excl = _check_exclude(exclude, g, int(n), x.device)
-    v = x.detach().reshape(g, int(n))
-    # Two stable sorts give the lexicographic order (excluded, x, index).
-    order = torch.sort(v, dim=1, descending=descending, stable=True).indices
-    ex_sorted = torch.gather(excl, 1, order).to(torch.uint8)
-    order = torch.gather(order, 1, torch.sort(ex_sorted, dim=1, stable=True).indices)
-    return order, (~excl).sum(dim=1), excl
-
-
-def _check_enough(n_ok: torch.Tensor, k: int, what: str) -> None:
-    if k > 0 and bool((n_ok < k).any()):
-        g = int(torch.nonzero(n_ok < k)[0, 0])
-        raise ValueError(
-            f"{what}: group {g} has only {int(n_ok[g])} selectable (non-excluded) rows, need k={k}"
-        )
-
-
-def select_top_k(x: torch.Tensor, n: int, k: int, exclude=None) -> torch.Tensor:
-    """Indices of the ``k`` largest ``x`` per group, descending. ``[B]`` -> ``[G, k]`` long.
-
-    Ties go to the lower index; rows with ``exclude[g, j]`` are never picked (ValueError if a
-    group has fewer than ``k`` selectable rows).
-    """
-    k = _check_k(k, int(n))
-    order, n_ok, _ = _order(x, n, exclude, descending=True)
-    _check_enough(n_ok, k, "select_top_k")
-    return order[:, :k].contiguous()
-
-
-def select_bottom_k(x: torch.Tensor, n: int, k: int, exclude=None) -> torch.Tensor:
-    """Indices of the ``k`` smallest ``x`` per group, ascending. ``[B]`` -> ``[G, k]`` long.
-
-    Ties go to the lower index; excluded rows are never picked.
-    """
-    k = _check_k(k, int(n))
-    order, n_ok, _ = _order(x, n, exclude, descending=False)
-    _check_enough(n_ok, k, "select_bottom_k")
-    return order[:, :k].contiguous()
-
-
-def select_argmax(x: torch.Tensor, n: int, exclude=None) -> torch.Tensor:
-    """Index of the largest non-excluded ``x`` per group. ``[B]`` -> ``[G, 1]`` long."""
-    return select_top_k(x, n, 1, exclude)
-
-
-def select_argmin(x: torch.Tensor, n: int, exclude=None) -> torch.Tensor:
-    """Index of the smallest non-excluded ``x`` per group. ``[B]`` -> ``[G, 1]`` long."""
-    return select_bottom_k(x, n, 1, exclude)
-
-
-def _group_candidates(x: torch.Tensor, emb: torch.Tensor, n: int, k: int, exclude, what: str):
-    """Shared prep for coreset/opt: per group, the candidate within-group indices sorted by
-    (x, index) ascending, as Python lists, plus float64 CPU copies of x and emb."""
-    n = int(n)
-    k = _check_k(k, n)
-    order, n_ok, _ = _order(x, n, exclude, descending=False)
-    _check_enough(n_ok, k, what)
-    g = order.shape[0]
-    if emb.dim() != 2 or emb.shape[0] != x.shape[0]:
-        raise ValueError(f"{what}: emb must have shape [B, D] with B={x.shape[0]}, got {tuple(emb.shape)}")
-    xv = x.detach().to("cpu", torch.float64).reshape(g, n)
-    ev = emb.detach().to("cpu", torch.float64).reshape(g, n, emb.shape[1])
-    order = order.cpu()
-    n_ok = n_ok.cpu()
-    cands = [order[i, : int(n_ok[i])] for i in range(g)]
-    return k, xv, ev, cands
-
-
-def _sort_by_x(idx: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
-    """Sort within-group indices by (x, index) ascending."""
-    idx = torch.sort(idx, stable=True).values
-    return idx[torch.sort(xg[idx], stable=True).indices]
-
-
-def select_coreset(x: torch.Tensor, emb: torch.Tensor, n: int, k: int, exclude=None, iters: int = 20) -> torch.Tensor:
-    """AMPO-Coreset selection. ``x`` ``[B]``, ``emb`` ``[B, D]`` -> ``[G, k]`` long.
-
-    Per group, over non-excluded rows: k-means on ``emb`` into ``k`` clusters, initialised by
-    farthest-point traversal starting at the lowest-``x`` row (ties in the traversal go to the
-    lower-``x`` row), then up to ``iters`` Lloyd steps (nearest centre, ties to the lower
-    cluster id; an empty cluster keeps its centre; stops early when assignments are stable).
-    From each non-empty cluster take its lowest-``x`` row; if fewer than ``k`` clusters are
-    non-empty, fill with the lowest-``x`` rows not yet chosen. The ``k`` picks are returned
-    sorted by ``x`` ascending (ties: lower index).
-    """
-    k, xv, ev, cands = _group_candidates(x, emb, n, k, exclude, "select_coreset")
-    g = xv.shape[0]
-    out = torch.empty(g, k, dtype=torch.long)
-    for gi in range(g):
-        if k == 0:
-            continue
-        c = cands[gi]  # sorted by (x, index) ascending
-        pts = ev[gi, c]  # [m, D]
-        d = torch.cdist(pts, pts)  # [m, m]
-        # farthest-point init (position 0 is the lowest-x candidate)
-        centres = [0]
-        mind = d[0].clone()
-        for _ in range(1, k):
-            nxt = int(torch.argmax(mind))  # first max = lowest x among ties
-            centres.append(nxt)
-            mind = torch.minimum(mind, d[nxt])
-        cent = pts[centres].clone()  # [k, D]
-        assign = None
-        for _ in range(max(1, int(iters))):
-            new_assign = torch.argmin(torch.cdist(pts, cent), dim=1)  # first min on ties
-            if assign is not None and torch.equal(new_assign, assign):
-                break
-            assign = new_assign
-            for ci in range(k):
-                members = assign == ci
-                if bool(members.any()):
-                    cent[ci] = pts[members].mean(dim=0)
-        chosen = []
-        for ci in range(k):
-            members = torch.nonzero(assign == ci).flatten()
-            if members.numel() > 0:
-                chosen.append(int(members.min()))  # lowest position = lowest x
-        taken = set(chosen)
-        for pos in range(len(c)):
-            if len(chosen) >= k:
-                break
-            if pos not in taken:
-                chosen.append(pos)
-                taken.add(pos)
-        out[gi] = _sort_by_x(c[torch.tensor(chosen, dtype=torch.long)], xv[gi])
-    return out.to(x.device)
-
-
-def _medoid_cost(w: torch.Tensor, d: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i * min_{j in sel} d[i, j]."""
-    return (w * d[:, sel].amin(dim=1)).sum()
-
-
-def select_opt(x: torch.Tensor, emb: torch.Tensor, n: int, k: int, exclude=None, iters: int = 50) -> torch.Tensor:
-    """AMPO-Opt-Select (weighted k-medoids). ``x`` ``[B]``, ``emb`` ``[B, D]`` -> ``[G, k]`` long.
-
-    Per group, over the candidate (non-excluded) rows ``C``: ``w_i = exp(mean_C(x) - x_i)``,
-    ``cost(S) = sum_{i in C} w_i * min_{j in S} ||e_i - e_j||_2`` for ``S`` subset of ``C``,
-    ``|S| = k``. Start from the bottom-k rows; each round evaluate every swap (medoid ->
-    non-medoid) and apply the best one if it lowers the cost; stop when none does or after
-    ``iters`` rounds. Weights are computed as ``exp(min_C(x) - x_i)`` (the same up to a
-    positive factor, so the same argmin, without overflow). Returned sorted by ``x`` ascending.
-    """
-    k, xv, ev, cands = _group_candidates(x, emb, n, k, exclude, "select_opt")
-    g = xv.shape[0]
-    out = torch.empty(g, k, dtype=torch.long)
-    for gi in range(g):
-        if k == 0:
-            continue
-        c = cands[gi]  # sorted by (x, index) ascending
-        m = c.numel()
-        xs = xv[gi, c]
-        w = torch.exp(xs.min() - xs)  # proportional to exp(mean - x)
-        d = torch.cdist(ev[gi, c], ev[gi, c])  # [m, m]
-        sel = torch.arange(k)  # bottom-k init (positions in c)
-        cost = _medoid_cost(w, d, sel)
-        for _ in range(int(iters)):
-            if k == m:
-                break
-            inside = torch.zeros(m, dtype=torch.bool)
-            inside[sel] = True
-            outside = torch.nonzero(~inside).flatten()  # [m-k]
-            dsel = d[:, sel]  # [m, k]
-            # min distance to the medoids other than the p-th one: [k, m]
-            if k > 1:
-                eye = torch.eye(k, dtype=torch.bool)
-                rest = dsel.unsqueeze(0).masked_fill(eye.unsqueeze(1), float("inf")).amin(dim=2)
-            else:
-                rest = torch.full((1, m), float("inf"), dtype=d.dtype)
-            # swap p -> h: [k, m-k, m]
-            cand_min = torch.minimum(rest.unsqueeze(1), d[:, outside].T.unsqueeze(0))
-            costs = (cand_min * w).sum(dim=2)  # [k, m-k]
-            best = int(torch.argmin(costs))
-            p, h = divmod(best, outside.numel())
-            new_cost = costs[p, h]
-            if not bool(new_cost < cost - 1e-12 * max(1.0, float(cost.abs()))):
-                break
-            sel = sel.clone()
-            sel[p] = outside[h]
-            cost = new_cost
-        out[gi] = _sort_by_x(c[sel], xv[gi])
-    return out.to(x.device)
-
-
-def gather_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Flat row indices for within-group picks. ``idx`` ``[G, m]`` -> ``[G*m]`` long.
-
-    ``out[g*m + j] = g*n + idx[g, j]`` (group-major, so the result is again contiguous groups
-    of size ``m``).
-    """
-    if idx.dim() != 2:
-        raise ValueError(f"gather_rows expects idx of shape [G, m], got {tuple(idx.shape)}")
-    g = idx.shape[0]
-    base = torch.arange(g, device=idx.device, dtype=torch.long).unsqueeze(1) * int(n)
-    return (base + idx.long()).reshape(-1)
-
-
-# ---------------------------------------------------------------- filter and selection plumbing
 def taken_mask(picks, n):
     """`[G, n]` bool: True at the within-group indices already in `picks` (`[G, m]`)."""
     taken = torch.zeros(picks.shape[0], n, dtype=torch.bool, device=picks.device)
@@ -688,6 +396,15 @@ def local_totals(batch, n, need=("tokens", "responses", "groups")):
     return out
 
 
+def batch_share(batch, totals, n):
+    """This batch's share of the whole optimizer batch (its responses over ``totals``'):
+    the shares of its micro-batches on every process add up to 1. A loss term that reads no
+    trained quantity is scaled by it, so it counts once in the step's loss and metrics."""
+    mask = batch.get("mask")
+    rows = mask.shape[0] if torch.is_tensor(mask) else local_totals(batch, n, need=())["responses"]
+    return rows / totals["responses"]
+
+
 def float_dtype(batch) -> torch.dtype:
     """The widest floating dtype among the batch's tensors (the default dtype if none): the
     type of numbers the generated code makes into tensors (``where(c, 0.3, 1)``)."""
@@ -702,6 +419,3 @@ def float_dtype(batch) -> torch.dtype:
 def valid_mask(mask):
     """The mask as bool, converted once per stage so every masked reduction reuses it."""
     return _valid(mask)
-
-
-from .batch_order import batch_quantile, batch_rank, batch_sorted  # noqa: E402  (they read global_cat)

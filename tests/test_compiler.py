@@ -86,3 +86,56 @@ def test_module_cache_by_content():
     a, b = alignspec.compile("dpo"), alignspec.compile("dpo")
     assert a.module is b.module
     assert alignspec.compile("dpo", beta=0.5).module is not a.module
+
+
+@pytest.mark.parametrize("expr, level", [
+    ("batch_sorted(r, batch_rank(group_mean(r)))", "group"),       # x per response, k per group
+    ("batch_sorted(group_mean(r), r)", "response"),                # x per group, k per response
+])
+def test_batch_sorted_takes_the_level_of_its_rank(expr, level):
+    """Issue 23: `check` accepted batch_sorted(x, k) with x and k at different levels, and
+    compile stopped with an internal level error. The result is at the level of `k`."""
+    spec = f"algorithm b extends grpo\nadvantage\n  A = r - {expr}\n"
+    algo = alignspec.compile(spec, debug=True)
+    n = algo.spec.group_size
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0] * 2, dtype=torch.float64)[:2 * n]  # valid ranks
+    out = algo.module.score({"reward": r})["A"]
+    ops = alignspec.ops
+    if level == "group":
+        k = ops.batch_rank(ops.group_mean(r, n))
+        want = r - ops.broadcast_group(torch.sort(r).values[k.long()], n)
+    else:
+        g = ops.group_mean(r, n)
+        want = r - torch.sort(g).values[r.long()]
+    torch.testing.assert_close(out, want)
+
+
+def test_constant_loss_term_compiles_and_counts_once_over_micro_batches():
+    """Issue 23: a `minimize` term that reads no trained quantity, next to one that does, was an
+    internal error (KeyError in lower's _loads). It compiles: no gradient, and its value counts
+    once in the step's loss however the batch is split into micro-batches."""
+    spec = ("algorithm x extends grpo\nloss\n  minimize first = mean(r)\n"
+            "  minimize second = -mean(mean_tokens(logp) * A)\n")
+    algo = alignspec.compile(spec, debug=True)
+    n = algo.spec.group_size
+    gen = torch.Generator().manual_seed(0)
+    B, T = 2 * n, 5
+    mask = (torch.arange(T)[None, :] < torch.randint(1, T + 1, (B,), generator=gen)[:, None]).double()
+    logp = (-torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_()
+    batch = {"mask": mask, "logp": logp, "logp_old": logp.detach(), "logp_ref": logp.detach(),
+             "reward": torch.randn(B, generator=gen, dtype=torch.float64)}
+    whole = algo.loss(batch)
+    torch.testing.assert_close(whole.terms["first"], batch["reward"].mean())
+    prepared = algo.prepare(batch)
+    for k in ("_rollout_metrics", "_keep", "_rows"):
+        prepared.pop(k)
+    totals = alignspec.ops.local_totals(prepared, n)
+    halves = []
+    for sl in (slice(0, n), slice(n, B)):
+        micro = {k: v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v
+                 for k, v in prepared.items()}
+        halves.append(algo.step_loss(micro, totals))
+    torch.testing.assert_close(sum(h.loss for h in halves), whole.loss)
+    torch.testing.assert_close(sum(h.terms["first"] for h in halves), whole.terms["first"])
+    whole.loss.backward()
+    assert logp.grad is not None and torch.isfinite(logp.grad).all()

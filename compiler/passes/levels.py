@@ -27,6 +27,8 @@ def expected_level(g: nx.DiGraph, n: str) -> str | None:
         return _FIXED[op]
     levels = [g.nodes[x]["level"] for x in args]
     fn = FUNCTIONS.get(op)
+    if op == "batch_sorted":  # read at the rank's rows: the level of `k` (docs/language.md)
+        return levels[1]
     if fn is not None and fn.kind not in ("elementwise",):
         return fn.gives or levels[0]
     present = {l for l in levels if l not in (None, "batch")}
