@@ -171,9 +171,10 @@ def test_a_failing_fresh_run_keeps_the_earlier_metrics(tmp_path, capsys):
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(8)))
     assert run_from_cli("sft", data=str(data), out=str(out), steps=2, sets=SETS) == 0
     before = (out / "metrics.jsonl").read_text()
-    assert run_from_cli("sft", out=str(out), steps=2, sets=SETS, data=str(tmp_path / "typo.jsonl")) == 2
+    again = SETS + ["overwrite=true"]  # a fresh run on a finished one's folder (else refused)
+    assert run_from_cli("sft", out=str(out), steps=2, sets=again, data=str(tmp_path / "typo.jsonl")) == 2
     broken = "algorithm broken\ndata demonstrations\nloss\n  minimize bad = -token_mean_all(logp * 1e30 * 1e30)\n"
-    assert run_from_cli(broken, data=str(data), out=str(out), steps=2, sets=SETS) == 1  # dies at step 1
+    assert run_from_cli(broken, data=str(data), out=str(out), steps=2, sets=again) == 1  # dies at step 1
     assert (out / "metrics.jsonl").read_text() == before
 
 
