@@ -64,7 +64,7 @@ def _output_target(path: Path, *, new: bool = False) -> Path:
         raise OutputError(f"{path} is a folder; give a file name")
     if new and path.exists():
         raise OutputError(f"{path} exists; not overwriting")
-    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+    if new and path.exists() and not stat.S_ISREG(path.stat().st_mode):
         raise OutputError(f"{path} is not a regular file")
     if not path.parent.is_dir():
         raise OutputError(f"{path}: the folder {path.parent} does not exist")
@@ -80,8 +80,16 @@ def write_output(path, data, *, new: bool = False) -> Path:
     OSError becomes an OutputError naming the path; returns the file written."""
     import os
     import tempfile
+    import stat
     dest = _output_target(Path(path), new=new)
     raw = data.encode("utf-8") if isinstance(data, str) else data
+    if dest.exists() and not stat.S_ISREG(dest.stat().st_mode):  # a device or pipe (-o /dev/null): no rename
+        try:
+            with open(dest, "wb") as f:
+                f.write(raw)
+        except OSError as e:
+            raise OutputError(f"{path}: not written ({e.strerror or e})") from None
+        return dest
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     except OSError as e:
