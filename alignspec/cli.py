@@ -44,22 +44,95 @@ def _ref(arg: str):
     return arg if is_bare_name(arg) else Path(arg)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` through a temporary file beside it and a rename, so that a
-    full disk or a kill leaves either the old file or the new one, never a truncated one."""
+class OutputError(Exception):
+    """An output path that cannot be written (its message names the path)."""
+
+
+def _output_target(path: Path, *, new: bool = False) -> Path:
+    """The file that writing ``path`` replaces: ``path`` itself, or the file an existing symlink
+    names (the link is kept). A folder, a dangling link, something that is not a regular file, a
+    missing parent folder (or, with ``new``, any existing file) is an OutputError."""
+    import os
+    import stat
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if new or not target.exists():
+            raise OutputError(f"{path} is a symbolic link" + ("" if target.exists() else
+                              f" to {target}, which does not exist") + "; not writing through it")
+        path = target
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name")
+    if new and path.exists():
+        raise OutputError(f"{path} exists; not overwriting")
+    if new and path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise OutputError(f"{path} is not a regular file")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: the folder {path.parent} does not exist")
+    return path
+
+
+def write_output(path, data, *, new: bool = False) -> Path:
+    """The one writer of the CLI's output files (``compile -o``, ``graph -o``, ``new``, ``fmt
+    --write``): ``data`` (text or bytes) into a temporary file beside the real target, flushed to
+    disk, then renamed onto it, so a full disk or a kill leaves the old file or the new one, never
+    a truncated one; an existing symlink to a file is written through (the link stays), see
+    ``_output_target`` for what is refused. With ``new`` an existing path is never replaced.
+    OSError becomes an OutputError naming the path; returns the file written."""
     import os
     import tempfile
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    import stat
+    dest = _output_target(Path(path), new=new)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if dest.exists() and not stat.S_ISREG(dest.stat().st_mode):  # a device or pipe (-o /dev/null): no rename
+        try:
+            with open(dest, "wb") as f:
+                f.write(raw)
+        except OSError as e:
+            raise OutputError(f"{path}: not written ({e.strerror or e})") from None
+        return dest
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as e:
+        raise OutputError(f"{path}: not written ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
+        if dest.exists():
+            mode = dest.stat().st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        if new:  # never replaces: a link fails when the name appeared meanwhile
+            os.link(tmp, dest)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, dest)
+    except FileExistsError:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path} exists; not overwriting") from None
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: not written ({e.strerror or e}); the file is unchanged") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return dest
+
+
+def _write_or_exit(path, data, *, new: bool = False, check_only: bool = False) -> None:
+    """``write_output``, or (``check_only``) its refusals alone; an OutputError exits 2."""
+    try:
+        if check_only:
+            _output_target(Path(path), new=new)
+        else:
+            write_output(path, data, new=new)
+    except OutputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
 
 
 def _parse_sets(sets: List[str]) -> dict:
@@ -130,11 +203,7 @@ def fmt(specs: List[str] = typer.Argument(...),
                 not_canonical = True
         elif write:
             if out != f.source:
-                try:
-                    _write_atomically(Path(f.path), out)
-                except OSError as e:
-                    typer.echo(f"{f.path}: not written ({e.strerror or e}); the file is unchanged", err=True)
-                    raise typer.Exit(2)
+                _write_or_exit(f.path, out)
                 typer.echo(f"formatted {f.path}")
         else:
             sys.stdout.write(out)
@@ -168,21 +237,25 @@ def graph(spec: str, output: Optional[str] = typer.Option(None, "-o", "--output"
         s = load(_ref(spec))
     except SpecError as e:
         _fail(e)
-    fmt_ = format or (Path(output).suffix.lstrip(".") if output else "dot")
+    fmt_ = format or (Path(output).suffix.lstrip(".") if output else "") or "dot"
     if fmt_ not in ("dot", "svg", "png"):
         typer.echo(f"unknown graph format {fmt_!r}: use dot, svg or png", err=True)
         raise typer.Exit(2)
     if fmt_ == "dot":
         text = to_dot(s.graph, s.name)
         if output:
-            Path(output).write_text(text)
+            _write_or_exit(output, text)
         else:
             sys.stdout.write(text)
     else:
         if not output:
             typer.echo(f"--format {fmt_} needs -o FILE", err=True)
             raise typer.Exit(2)
-        draw(s.graph, output, fmt_)
+        import io
+        _write_or_exit(output, None, check_only=True)  # refused before the drawing is made
+        buf = io.BytesIO()
+        draw(s.graph, buf, fmt_)
+        _write_or_exit(output, buf.getvalue())
         typer.echo(f"wrote {output}")
 
 
@@ -214,7 +287,7 @@ def compile_(spec: str, output: Optional[str] = typer.Option(None, "-o", "--outp
     except SpecError as e:
         _fail(e)
     if output:
-        Path(output).write_text(algo.source)
+        _write_or_exit(output, algo.source)
         typer.echo(f"wrote {output} ({algo.compile_seconds * 1000:.0f} ms); needs: {', '.join(sorted(algo.requires))}")
     else:
         sys.stdout.write(algo.source)
@@ -241,9 +314,7 @@ def new(name: str, from_: Optional[str] = typer.Option(None, "--from", help="a s
         typer.echo(f"{name!r} is not a valid spec name (letters, digits, _)", err=True)
         raise typer.Exit(2)
     path = Path(output or f"{name}.align")
-    if path.exists():
-        typer.echo(f"{path} exists; not overwriting", err=True)
-        raise typer.Exit(2)
+    _write_or_exit(path, None, new=True, check_only=True)  # before the template is built
     if from_:
         try:
             base = load(from_)
@@ -267,7 +338,7 @@ def new(name: str, from_: Optional[str] = typer.Option(None, "--from", help="a s
                 "  pg = min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)\n"
                 "  minimize -token_mean_all(pg)\n")
     from alignspec.dsl.fmt import format_text
-    path.write_text(format_text(text, str(path)))
+    _write_or_exit(path, format_text(text, str(path)), new=True)
     try:
         load(str(path))
     except SpecError as e:  # pragma: no cover - the templates are tested

@@ -55,8 +55,9 @@ class RunConfig(BaseModel):
                                           "truncation (a prompt that leaves no room for max_new_tokens is an "
                                           "error)")
     out: str = Field("runs/run", description="output folder: metrics.jsonl, checkpoints, the final model/")
-    overwrite: bool = Field(False, description="write into a non-empty --out that holds no alignspec run "
-                            "(only the run's own files are written; nothing there is deleted)")
+    overwrite: bool = Field(False, description="write into a non-empty --out that holds no alignspec run, or "
+                            "replace the model and checkpoints of an earlier run there (only the run's own "
+                            "files are written; of the rest, only alignspec's checkpoint-<step>/ are deleted)")
     steps: int | None = Field(None, ge=1, description="optimizer steps (rollouts); None: 100, 300 on the built-in task "
                                 "(or the spec's built-in preset, runtime/presets.py)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds Python, NumPy and torch (NumPy takes 0 .. 2**32-1)")

@@ -404,3 +404,42 @@ def test_graph_dot_of_a_rollout_spec(tmp_path):
     assert "env_reward(response)" in r.stdout
     f = cli("fmt", spec)
     assert f.returncode == 0 and "rollout(prompt, env = env, n = n)" in f.stdout, f.stderr
+
+
+# ================================================================ output paths (issue 23)
+@pytest.mark.parametrize("verb", ["compile", "graph", "new"])
+def test_output_paths_that_cannot_be_written_are_named(tmp_path, verb):
+    """-o onto a folder, into a missing folder, or onto a dangling symlink: exit 2 with the path,
+    never an internal error, and nothing written through the link."""
+    args = {"compile": ["compile", "grpo"], "graph": ["graph", "grpo"], "new": ["new", "mine"]}[verb]
+    suffix = {"compile": ".py", "graph": ".dot", "new": ".align"}[verb]
+    (tmp_path / "adir").mkdir()
+    dangling = tmp_path / f"dangling{suffix}"
+    dangling.symlink_to(tmp_path / "target.txt")
+    for bad, words in [(tmp_path / "adir", "is a folder"), (tmp_path / "missing" / f"x{suffix}", "does not exist"),
+                       (dangling, "symbolic link")]:
+        r = cli(*args, "-o", bad)
+        assert r.returncode == 2, (bad, r.stderr)
+        assert str(bad) in r.stderr and words in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert not (tmp_path / "target.txt").exists() and not (tmp_path / "missing").exists()
+
+
+def test_output_through_a_symlink_writes_the_real_file(tmp_path):
+    """compile -o LINK and fmt --write LINK (a spec outside the current folder) replace the file the
+    link names, atomically, and keep the link."""
+    real_dir, work = tmp_path / "specs", tmp_path / "work"
+    real_dir.mkdir()
+    work.mkdir()
+    real = real_dir / "mine.align"
+    real.write_text("algorithm mine extends grpo\nparams\n  beta   =   0.0\n")
+    (work / "link.align").symlink_to(real)
+    r = cli("fmt", "--write", "link.align", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "link.align").is_symlink() and "beta = 0.0" in real.read_text()
+    out_real = real_dir / "step.py"
+    out_real.write_text("PLACEHOLDER")
+    (work / "step.py").symlink_to(out_real)
+    r = cli("compile", "grpo", "-o", "step.py", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "step.py").is_symlink() and "PLACEHOLDER" not in out_real.read_text()
+    assert not [p for p in [*real_dir.iterdir(), *work.iterdir()] if p.name.endswith(".tmp")]

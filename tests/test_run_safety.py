@@ -171,9 +171,10 @@ def test_a_failing_fresh_run_keeps_the_earlier_metrics(tmp_path, capsys):
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(8)))
     assert run_from_cli("sft", data=str(data), out=str(out), steps=2, sets=SETS) == 0
     before = (out / "metrics.jsonl").read_text()
-    assert run_from_cli("sft", out=str(out), steps=2, sets=SETS, data=str(tmp_path / "typo.jsonl")) == 2
+    again = SETS + ["overwrite=true"]  # a fresh run on a finished one's folder (else refused)
+    assert run_from_cli("sft", out=str(out), steps=2, sets=again, data=str(tmp_path / "typo.jsonl")) == 2
     broken = "algorithm broken\ndata demonstrations\nloss\n  minimize bad = -token_mean_all(logp * 1e30 * 1e30)\n"
-    assert run_from_cli(broken, data=str(data), out=str(out), steps=2, sets=SETS) == 1  # dies at step 1
+    assert run_from_cli(broken, data=str(data), out=str(out), steps=2, sets=again) == 1  # dies at step 1
     assert (out / "metrics.jsonl").read_text() == before
 
 
@@ -302,3 +303,19 @@ def test_another_process_of_the_launch_accepts_the_main_ones_fresh_lock(tmp_path
     (out / "stranger.txt").write_text("x")
     with pytest.raises(RunError, match="holds no alignspec run"):
         claim_out(SimpleNamespace(out=str(out)), resume=False, main=False)
+
+
+def test_a_spec_that_never_generates_ignores_max_new_tokens(tmp_path, capsys):
+    """dpo on a model with a 64-position context trains: max_new_tokens (64 by default) limits
+    what a spec samples, and dpo samples nothing (issue 23)."""
+    from alignspec.runtime.models.tiny import build_tiny_model
+    model = build_tiny_model(tmp_path / "m", max_positions=64)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i)}) + "\n"
+                            for i in range(4)))
+    rc = run_from_cli("dpo", model=model, data=str(data), out=str(tmp_path / "run"), steps=1, sets=SETS)
+    assert rc == 0, capsys.readouterr().err
+    too_long = tmp_path / "long.jsonl"  # a prompt that fills the context alone is still refused
+    too_long.write_text(json.dumps({"prompt": "1+" * 40, "chosen": "2", "rejected": "3"}) + "\n")
+    assert run_from_cli("dpo", model=model, data=str(too_long), out=str(tmp_path / "run2"), steps=1, sets=SETS) == 2
+    assert "in the model's context of 64 positions" in capsys.readouterr().err

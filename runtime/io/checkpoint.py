@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import RunError, RunFailure
+from .outdir import MAX_STEP, own_checkpoint_step, valid_step
 
 
 def replace_dir(tmp: Path, dest: Path, old: Path, keep: Path | None = None) -> None:
@@ -78,6 +79,32 @@ def load_tensors(path: Path):
         raise RunError(f"{path}: refused to load ({first})",
                        hint="a checkpoint holds only tensors and plain values; this file is damaged or was "
                             "not written by alignspec. Start afresh or restore the file") from None
+
+
+def _damaged(path: Path, e) -> RunError:
+    """The error for a checkpoint file that cannot be what alignspec wrote."""
+    return RunError(f"{path} is damaged ({e if isinstance(e, str) else _reason(e)})",
+                    hint="start afresh (without --resume) or use another --out")
+
+
+def _read_state(path: Path) -> dict:
+    """A checkpoint's ``state.json``, its types checked: an object whose step (and cursor) are
+    whole numbers from 0 to MAX_STEP, whose settings and their params are objects."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise _damaged(path, e) from None
+    if not isinstance(state, dict):
+        raise _damaged(path, f"a JSON {type(state).__name__}, not an object")
+    for key in ("step", "cursor"):
+        if (key == "step" or key in state) and not valid_step(state.get(key)):
+            raise _damaged(path, f"{key} {state.get(key)!r} is not a whole number from 0 to {MAX_STEP:,}")
+    settings = state.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise _damaged(path, f"settings is a {type(settings).__name__}, not an object")
+    if isinstance(settings, dict) and not isinstance(settings.get("params", {}), dict):
+        raise _damaged(path, f"settings.params is a {type(settings['params']).__name__}, not an object")
+    return state
 
 
 class CheckpointMixin:
@@ -151,8 +178,9 @@ class CheckpointMixin:
         ours = getattr(self, "_checkpoint_ours", False) or self.resume
         self._checkpoint_ours = True
         if not ours:  # a fresh run in an earlier run's folder: that run's kept checkpoints go
-            for p in self.out.glob("checkpoint-*"):
-                shutil.rmtree(p, ignore_errors=True)
+            for p in self.out.glob("checkpoint-*"):  # (alignspec's only: never a user's checkpoint-best/)
+                if own_checkpoint_step(p) is not None:
+                    shutil.rmtree(p, ignore_errors=True)
         if limit == 1 or not ours:
             return None
         try:
@@ -164,8 +192,8 @@ class CheckpointMixin:
     def _prune_checkpoints(self) -> None:
         """Keep the newest ``save_total_limit - 1`` ``OUT/checkpoint-<step>`` folders (all with None)."""
         limit = self.cfg.save_total_limit
-        kept = sorted((p for p in self.out.glob("checkpoint-*") if p.name[11:].isdigit()),
-                      key=lambda p: int(p.name[11:]))
+        kept = sorted((p for p in self.out.glob("checkpoint-*") if own_checkpoint_step(p) is not None),
+                      key=own_checkpoint_step)
         if limit is not None:
             for p in kept[:max(0, len(kept) - (limit - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -221,13 +249,7 @@ class CheckpointMixin:
         ck = self.out / "checkpoint"
         if not (ck / "state.json").is_file():
             return False
-        try:
-            state = json.loads((ck / "state.json").read_text())
-            if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-                raise ValueError("no step")
-        except (OSError, ValueError) as e:
-            raise RunError(f"{ck / 'state.json'} is damaged ({_reason(e)})",
-                           hint="start afresh (without --resume) or use another --out") from None
+        state = _read_state(ck / "state.json")
         self._check_checkpoint(ck, state)
         self._check_settings(ck, state.get("settings"))
         if bool(state.get("sharded")) != self._sharded:
@@ -245,7 +267,16 @@ class CheckpointMixin:
             raise RunError(f"{ck} has no {own.name} (a checkpoint of an older alignspec stored it pickled, "
                            "which is never loaded: unpickling a file from a run folder can run code)",
                            hint="start the run afresh (without --resume) or use another --out")
-        self._set_process_state(json.loads(own.read_text()))
+        try:
+            process = json.loads(own.read_text())
+            if not isinstance(process, dict) or not isinstance(process.get("rng"), dict):
+                raise ValueError("no generator states")
+            self._set_process_state(process)
+        except RunError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError,
+                OverflowError, RecursionError) as e:  # wrong types, a wrong-size generator state
+            raise _damaged(own, e) from None
         self._restore_position(state)
         return True
 
@@ -260,8 +291,14 @@ class CheckpointMixin:
                            hint="resume with the model and LoRA settings the run started with, or start "
                                 "afresh") from None
         opt = load_tensors(ck / "optimizer.pt")
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
+        try:
+            if not isinstance(opt, dict) or not isinstance(opt.get("optimizer"), dict) \
+                    or not isinstance(opt.get("scheduler"), dict):
+                raise ValueError("no optimizer and scheduler states")
+            self.optimizer.load_state_dict(opt["optimizer"])
+            self.scheduler.load_state_dict(opt["scheduler"])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            raise _damaged(ck / "optimizer.pt", e) from None  # e.g. other parameter groups
 
     def _restore_position(self, state: dict) -> None:
         self.step = int(state["step"])

@@ -151,14 +151,17 @@ class TokenPolicy:
     def tok_prompt(self, run, prompt) -> list[int]:
         """A prompt (string or list of messages) as the policy's token ids: through the chat
         template when the run uses one (``run.prompt_format``, data/prompts.py). A prompt
-        that leaves no room for ``max_new_tokens`` in the model's context is a RunError."""
+        that leaves no room for ``max_new_tokens`` in the model's context is a RunError when the
+        spec samples (``plan.generates``); otherwise, one that leaves no room for a single token."""
         ids = run.prompt_format.ids(prompt)  # cut to max_prompt_length when set (data/prompts.py)
         context = getattr(unwrap_causal_lm(run.policy).config, "max_position_embeddings", None)
-        if context and len(ids) + run.max_new_tokens > context:
+        samples = run.algo.plan.generates
+        if context and len(ids) + (run.max_new_tokens if samples else 1) > context:
             text = prompt if isinstance(prompt, str) else str(prompt)
-            raise RunError(f"a prompt of {len(ids):,} tokens ({text[:50]!r}...) leaves no room for max_new_tokens "
-                           f"{run.max_new_tokens} in the model's context of {context:,} positions",
-                           hint="shorten or drop the long prompts, or lower max_new_tokens")
+            what = f"max_new_tokens {run.max_new_tokens}" if samples else "a completion"
+            raise RunError(f"a prompt of {len(ids):,} tokens ({text[:50]!r}...) leaves no room for {what} "
+                           f"in the model's context of {context:,} positions",
+                           hint="shorten or drop the long prompts" + (", or lower max_new_tokens" if samples else ""))
         return ids
 
     def tok_completion(self, run, text: str) -> list[int]:

@@ -165,7 +165,12 @@ def load(run, ck: Path) -> None:
                        hint="resume with the model, settings and number of processes the run started with, "
                             "or start afresh") from None
     set_state_dict(run.wrapped, run.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    run.scheduler.load_state_dict(load_tensors(ck / "scheduler.pt")["scheduler"])
+    sched = load_tensors(ck / "scheduler.pt")
+    try:
+        run.scheduler.load_state_dict(sched["scheduler"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # wrong types: a damaged file
+        raise RunError(f"{ck / 'scheduler.pt'} is damaged ({type(e).__name__}: {e})",
+                       hint="start afresh (without --resume) or use another --out") from None
 
 
 def save_final(run) -> None:
