@@ -5,7 +5,9 @@ runtime/presets.py apply), fewer steps than the demo's 300 where that still show
 rise. ``eval_score`` is greedy exact match on the 25 held-out problems, so it moves in
 steps of 0.04. On the 2-core CPU these runs reach sft 0.00 -> 0.64 (300 steps, 4 s of
 training), dpo 0.28 -> 0.68, grpo 0.28 -> 0.72, ppo 0.28 -> 1.00 (150 steps: 7, 9, 19 s);
-the thresholds below sit at least two problems under that. The whole file takes under a
+the thresholds below sit at least two problems under that. The exact trajectory depends on
+the processor's float rounding: on an AVX2-only machine grpo ends at 0.60 after 150 steps
+(0.76-0.80 between steps 100 and 150 of a 250-step run), hence its lower bar. The whole file takes under a
 minute on 2 cores.
 
 Also checks the preset mechanism itself: applied only on the built-in task and model, only
@@ -38,7 +40,7 @@ def _evals(out) -> list[float]:
 CASES = [
     ("sft", 300, 0.4, None),     # from a random init (start 0.0); 300 steps take a few seconds
     ("dpo", 150, 0.25, 0.6),
-    ("grpo", 150, 0.25, 0.6),
+    ("grpo", 150, 0.25, 0.52),
     ("ppo", 150, 0.25, 0.6),
 ]
 
