@@ -24,8 +24,8 @@ A tool never crashes a run: one that raises gives ``error: ValueError: ...``, on
 longer than ``tool_timeout`` seconds gives ``error: timed out after 2s`` (it runs in a
 daemon thread, which Python cannot stop: it is left to finish on its own, its result
 dropped; at most ``tool_max_stuck`` such threads, past which a call is not run), a result
-that cannot be made into text is an error observation, a result longer than ``tool_max_chars`` is cut there and marked ``...
-[truncated, N chars]``; an unknown tool or unparsable arguments say so too. ``ToolBox.counts``
+or exception whose text cannot be made is an error observation, a result longer than
+``tool_max_chars`` is cut there and marked ``... [truncated, N chars]``; an unknown tool or unparsable arguments say so too. ``ToolBox.counts``
 keeps the number of calls, errors and timeouts.
 """
 
