@@ -183,6 +183,10 @@ class RunConfig(BaseModel):
     tool_timeout: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False,
                                 description="seconds a tool call may run before its observation says it timed out")
     tool_max_chars: int = Field(400, ge=1, description="a tool result longer than this is cut and marked")
+    tool_max_stuck: int = Field(8, ge=1, le=1024, description="timed-out tool calls (threads Python cannot stop) "
+                                "that may still run; past it, a call is not run and its observation says so")
+    env_max_chars: int = Field(2000, ge=1, description="an environment observation (reset's or step's) longer "
+                               "than this is cut and marked, as tool results are")
     tool_call_tags: tuple[str, str] = Field(("<call>", "</call>"), description="the markers around a tool call "
                                             "name(args) in the policy's text (the tag format)")
     tool_result_tags: tuple[str, str] = Field(("<result>", "</result>"),

@@ -235,3 +235,21 @@ def test_classifier_scores_conversations_with_its_own_template(tmp_path):
         torch.testing.assert_close(got[i], scorer.model(input_ids=ids).logits[0, 0].float())
     with pytest.raises(RunError, match="has no chat template"):
         rewards.SequenceScorer(str(tmp_path / "plain"))(prompts, ["2", "5"], [{}, {}])
+
+
+def test_a_template_that_renders_without_bound_is_stopped():
+    """A model's own template with nested loops: its output is capped (it ran until memory ran out)."""
+    import time
+
+    from alignspec.runtime.data import prompts
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% for a in range(3000) %}{% for b in range(3000) %}xx{% endfor %}{% endfor %}"
+                         "{{ messages[0]['content'] }}")
+    fmt = PromptFormat(tok, "auto", source="m")
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match=r"chat template of the tokenizer in m .*output passed 4,194,304 characters"):
+        fmt.text("hi")
+    assert time.monotonic() - t0 < 20
+    tok2 = build_char_tokenizer()
+    tok2.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    assert PromptFormat(tok2, "auto").text("hi") == "<hi>" and prompts.MAX_RENDER_CHARS == 4 << 20

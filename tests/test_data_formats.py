@@ -212,3 +212,33 @@ def test_a_missing_path_is_still_not_found(tmp_path):
         load_records(tmp_path / "nope.jsonl", None, SFT)
     with pytest.raises(RunError, match="data file not found"):
         load_records(str(tmp_path / "sub" / "nope"), None, SFT)
+
+
+# ---------------------------------------------------------------- hostile rows (issue 23)
+def test_a_lone_surrogate_is_a_clear_error_naming_file_and_row(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+1=", "completion": "2\\ud800"}\n')
+    with pytest.raises(RunError, match=rf"{path}: row 1 \(line 2\): field 'completion' holds a lone surrogate"):
+        load_records(str(path), None, SFT)
+    path.write_text('{"prompt": [{"role": "user", "content": "a\\udfff"}], "completion": "2"}\n')
+    with pytest.raises(RunError, match=rf"{path}: row 0 \(line 1\): field 'prompt' holds a lone surrogate"):
+        load_records(str(path), None, SFT)
+
+
+def test_a_jsonl_row_nested_too_deep_is_a_clear_error(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(RunError, match=rf"{path}: row 1 \(line 2\) is nested too deep"):
+        load_records(str(path), None, SFT)
+
+
+@pytest.mark.parametrize("row, why", [
+    ({"prompt": "1+1=", "chosen": "2", "rejected": "2"}, "chosen and rejected are equal"),
+    ({"prompt": "1+1=", "chosen": "2", "rejected": ""}, "has an empty rejected"),
+    ({"prompt": "1+1=", "chosen": " ", "rejected": "3"}, "has an empty chosen"),
+    ({"prompt": [_u("1+1=")], "chosen": [_a("2")], "rejected": [_a("2")]}, "chosen and rejected are equal"),
+])
+def test_pairs_with_an_explicit_prompt_refuse_equal_or_empty_completions(tmp_path, row, why):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, row])
+    with pytest.raises(RunError, match=rf"{path}: row 1 {why}" if "equal" not in why else rf"{path}: row 1: {why}"):
+        load_records(path, None, ("prompt", "chosen", "rejected"))

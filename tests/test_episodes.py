@@ -348,3 +348,60 @@ def test_rollout_with_model_reference_samples_from_the_reference(tmp_path):
         return [o["c"] for o in out]
 
     assert [r["c"] for r in rows] == greedy(eng.reference) != greedy(eng.policy)
+
+
+# ---------------------------------------------------------------- hostile tools and environments (issue 23)
+def test_a_result_or_error_text_that_cannot_be_made_is_a_tool_error():
+    """An int over 4,300 digits, a result nested 100k deep, a raising __repr__, an exception
+    whose text raises: each an observation counted as a tool error, never a crashed run."""
+    box = ToolBox([f"agentic_tools:{n}" for n in ("factorial", "deep", "unprintable", "bad_error")],
+                  timeout=5, max_chars=80)
+    for call in ("factorial(2000)", "deep(100000)", "unprintable(1)", "bad_error(5000)"):
+        obs = box.observe(f"<call>{call}</call>")
+        assert obs.startswith("<result>error: ") and len(obs) < 200, (call, obs)
+    assert "could not be converted" in box.observe("<call>unprintable(1)</call>")
+    assert box.counts["calls"] == 5 and box.counts["errors"] == 5
+
+
+def test_timed_out_tool_threads_are_capped():
+    import threading
+    box = ToolBox(["agentic_tools:stuck"], timeout=0.05, max_stuck=2)
+    before = threading.active_count()
+    obs = [box.observe("<call>stuck(1)</call>") for _ in range(5)]
+    assert obs[:2] == ["<result>error: timed out after 0.05s</result>"] * 2
+    assert all("still running" in o for o in obs[2:]), obs
+    assert threading.active_count() - before <= 2
+    assert box.counts["errors"] == 5 and box.counts["timeouts"] == 2
+
+
+def test_a_non_finite_environment_reward_names_the_environment():
+    from alignspec.runtime.errors import RunFailure
+    from alignspec.runtime.rollout.envs import Episode, resolve_env_class
+    ep = Episode(resolve_env_class("agentic_tools:NanReward"), None, "agentic_tools:NanReward")
+    ep.reset({})
+    with pytest.raises(RunFailure, match=r"env agentic_tools:NanReward: step\(text\) returned the reward nan"):
+        ep.step("1")
+
+
+def test_environment_observations_are_bounded_and_stop_at_the_context(tmp_path):
+    out = tmp_path / "o"
+    eng = quiet(build_engine(_spec(tmp_path), out=str(out), steps=1, model=_tiny_model(tmp_path),
+                             sets=["batch_size=2", "env=agentic_tools:Flood", "max_new_tokens=8",
+                                   "env_max_chars=300"] + QUIET))
+    eng.train()
+    from alignspec.runtime.models.loaders import unwrap_causal_lm
+    context = unwrap_causal_lm(eng.policy).config.max_position_embeddings
+    for r in eng.batch_rows:
+        assert len(r["p"]) + len(r["c"]) <= context and r["turns"] >= 1
+        obs = [t for t, m in zip(r["c"], r["m"]) if not m]
+        assert 0 < len(obs) <= 2 * 300 + 40
+    m = [x for x in read_metrics(out) if "loss" in x]
+    assert m[0]["episodes/env_truncated"] >= 1
+
+
+def test_a_reset_observation_past_the_context_is_an_error(tmp_path, capsys):
+    rc = run_from_cli(_spec(tmp_path), out=str(tmp_path / "o"), steps=1, model=_tiny_model(tmp_path),
+                      sets=["batch_size=2", "env=agentic_tools:LongReset", "env_max_chars=100000"] + QUIET)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "agentic_tools:LongReset" in err and "leave no room for a turn" in err

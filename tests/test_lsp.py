@@ -251,3 +251,105 @@ def test_document_symbols_outline_the_file(lsp, tmp_path):
     assert [s.name for s in syms] == ["common", "params", "loss"]
     assert [c.name for c in syms[2].children] == ["ratio", "pg", "minimize"]
     assert syms[1].children[0].name == "eps_high" and syms[1].children[0].kind == T.SymbolKind.Constant
+
+
+# ---------------------------------------------------------------- hostile clients (issue 23)
+class Raw:
+    """`alignspec lsp` over raw pipes: frames written by hand, answers read with a deadline."""
+
+    def __init__(self):
+        import os
+        self.p = subprocess.Popen([sys.executable, "-m", "alignspec", "lsp"], cwd=str(ROOT), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.fd = self.p.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.buf = b""
+        self.request(0, "initialize", {"capabilities": {}, "processId": None, "rootUri": None})
+        self.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+
+    def frame(self, body: bytes, length=None):
+        head = f"Content-Length: {len(body) if length is None else length}\r\n\r\n".encode()
+        self.p.stdin.write(head + body)
+        self.p.stdin.flush()
+
+    def send(self, msg: dict):
+        self.frame(json.dumps(msg).encode())
+
+    def request(self, mid, method, params, timeout=30.0):
+        self.send({"jsonrpc": "2.0", "id": mid, "method": method, "params": params})
+        return self.answer(mid, timeout)
+
+    def answer(self, mid, timeout=30.0):
+        import os
+        import select
+        import time
+        end = time.monotonic() + timeout
+        while True:
+            while b"\r\n\r\n" in self.buf:
+                head, rest = self.buf.split(b"\r\n\r\n", 1)
+                n = int(head.split(b"Content-Length:")[1].split(b"\r\n")[0])
+                if len(rest) < n:
+                    break
+                self.buf = rest[n:]
+                msg = json.loads(rest[:n])
+                if "id" in msg and "method" not in msg and msg["id"] == mid:
+                    return msg
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            if select.select([self.fd], [], [], left)[0]:
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    return None
+                self.buf += chunk
+
+    def open(self, uri, text):
+        self.send({"jsonrpc": "2.0", "method": "textDocument/didOpen",
+                   "params": {"textDocument": {"uri": uri, "languageId": "alignspec", "version": 1, "text": text}}})
+
+    def close(self):
+        self.p.kill()
+        self.p.wait()
+
+
+@pytest.fixture
+def raw():
+    r = Raw()
+    yield r
+    r.close()
+
+
+def test_a_frame_with_a_bad_content_length_does_not_wedge_the_server(raw):
+    raw.frame(b'{"jsonrpc": "2.0", "id": 1, "method": "shutdown"}', length="abc")
+    bad = raw.answer(None, timeout=10)
+    assert bad is not None and bad["error"]["code"] == -32700 and "abc" in bad["error"]["message"]
+    got = raw.request(2, "textDocument/documentSymbol", {"textDocument": {"uri": "file:///nowhere.align"}})
+    assert got is not None, "the server no longer answers"
+
+
+def test_invalid_params_get_invalid_params(raw):
+    got = raw.request(3, "textDocument/hover", {"textDocument": 5, "position": "here"})
+    assert got is not None and got["error"]["code"] == -32602
+
+
+def test_unopened_documents_and_nul_uris_are_invalid_params_without_traceback(raw, tmp_path):
+    never = from_fs_path(str(tmp_path / "never.align"))
+    got = raw.request(4, "textDocument/hover", {"textDocument": {"uri": never}, "position": {"line": 0, "character": 0}})
+    assert got["error"]["code"] == -32602 and "not an open document" in got["error"]["message"]
+    assert "traceback" not in json.dumps(got)
+    nul = "file:///tmp/a%00b.align"
+    raw.open(nul, "algorithm a\n")
+    got = raw.request(5, "textDocument/hover", {"textDocument": {"uri": nul}, "position": {"line": 0, "character": 0}})
+    assert got is not None and "error" not in got or got["error"]["code"] == -32602, got
+    assert "traceback" not in json.dumps(got)
+
+
+def test_open_documents_have_the_spec_size_cap(lsp, tmp_path):
+    import time
+    path = tmp_path / "big.align"
+    t0 = time.monotonic()
+    diags = lsp.open(path, "algorithm big\n" + "# x\n" * (1100 << 10))  # 4.3 MiB
+    assert time.monotonic() - t0 < 10
+    assert len(diags) == 1 and "larger than 4 MiB" in diags[0].message
+    syms = lsp.run(lsp.client.text_document_document_symbol_async(T.DocumentSymbolParams(_doc(path))))
+    assert not syms

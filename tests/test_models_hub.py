@@ -206,3 +206,20 @@ def test_a_peft_adapter_with_lora_r_or_lora_adapter_is_refused(tmp_path, hf_home
         build_engine("sft", model=str(adapter), data=str(_demos(tmp_path)), out=str(tmp_path / "o3"), steps=1,
                      sets=SETS)
     shutil.rmtree(adapter)
+
+
+def test_a_tokenizer_auto_map_with_a_null_first_entry_names_the_real_code(tmp_path):
+    """{"AutoTokenizer": [null, "tokenization_x.XTokenizerFast"]}: the slow class is absent (null),
+    the fast one is the custom code that would run."""
+    import json
+
+    from alignspec.runtime.errors import RunError
+    from alignspec.runtime.models.hub import remote_code_check
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "XTokenizer", "auto_map": {"AutoTokenizer": [None, "tokenization_x.XTokenizerFast"]}}))
+    with pytest.raises(RunError) as e:
+        remote_code_check(tmp_path, False)
+    assert "names custom code (tokenization_x.XTokenizerFast)" in str(e.value) and "None" not in str(e.value)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "XTokenizer", "auto_map": {"AutoTokenizer": [None, None]}}))
+    remote_code_check(tmp_path, False)  # every entry null: it names no code (transformers runs none)

@@ -17,14 +17,26 @@ checker's code points and the client's units (UTF-16 unless the client asks othe
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+import sys
+import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 from lsprotocol import types as T
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcParseError
+from pygls.io_ import StdinAsyncReader, StdoutWriter, run_async
 from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
 from pygls.uris import from_fs_path, to_fs_path
 from pygls.workspace.position_codec import ServerTextPosition, ServerTextRange
 
 from alignspec.editor import analysis as an
+
+log = logging.getLogger(__name__)
+MAX_FRAME_BYTES = 64 << 20  # a frame's body: an open document (at most 4 MiB of spec) with its JSON escapes
 
 _KINDS = {"section": T.CompletionItemKind.Module, "keyword": T.CompletionItemKind.Keyword,
           "function": T.CompletionItemKind.Function, "quantity": T.CompletionItemKind.Constant,
@@ -32,16 +44,88 @@ _KINDS = {"section": T.CompletionItemKind.Module, "keyword": T.CompletionItemKin
           "def": T.CompletionItemKind.Function, "role": T.CompletionItemKind.EnumMember}
 
 
+class SpecProtocol(LanguageServerProtocol):
+    """pygls' protocol, answering a request whose params do not fit the method with -32602
+    (pygls logs it and answers nothing: the client waits forever)."""
+
+    def structure_message(self, data):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as e:
+            if isinstance(data, dict) and "method" in data and data.get("id") is not None:
+                err = JsonRpcInvalidParams(f"invalid params for {str(data['method'])[:100]}")
+                self._send_response(data["id"], error=err.to_response_error())
+            raise e from None
+
+
+class _Frames:
+    """The stdin reader for pygls' loop, resynchronized after a broken frame: a header whose
+    Content-Length is not a number (or too large) is answered with -32700 and the bytes up to
+    the next ``Content-Length:`` header are skipped (pygls alone waits for a header forever)."""
+
+    HEADER = re.compile(rb"Content-Length:[ \t]*([^\r\n]*)\r?\n?$", re.I)
+
+    def __init__(self, reader, protocol):
+        self.reader, self.protocol = reader, protocol
+        self.lost = False
+
+    async def readline(self) -> bytes:
+        line = await self.reader.readline()
+        if self.lost:
+            at = line.find(b"Content-Length:")
+            if at < 0:
+                return line if not line else b"X-Skipped: 1\r\n"  # (not blank: no frame ends here)
+            self.lost, line = False, line[at:]
+        m = self.HEADER.match(line)
+        if m:
+            value = m.group(1).strip()
+            if not value.isdigit() or int(value) > MAX_FRAME_BYTES:
+                self.lost = True
+                shown = value[:40].decode("ascii", "replace")
+                message = (f"Content-Length {shown!r} is not a frame length (a number, at most "
+                           f"{MAX_FRAME_BYTES >> 20} MiB); the frame is skipped")
+                self.protocol._send_data({"jsonrpc": "2.0", "id": None,  # (id null: the frame's is unknown)
+                                          "error": {"code": JsonRpcParseError.CODE, "message": message}})
+                return b"X-Skipped: 1\r\n"
+            return b"Content-Length: " + value + b"\r\n"
+        return line
+
+    def readexactly(self, n: int):
+        return self.reader.readexactly(n)
+
+
 class SpecServer(LanguageServer):
     def __init__(self):
-        super().__init__("alignspec", "0.1.0")
+        super().__init__("alignspec", "0.1.0", protocol_cls=SpecProtocol)
         self.analyses: dict[str, an.Analysis] = {}
 
+    def start_io(self, stdin=None, stdout=None):
+        """pygls' stdio loop with a reader that survives broken frames (``_Frames``)."""
+        self._stop_event = threading.Event()
+        reader = _Frames(StdinAsyncReader(stdin or sys.stdin.buffer, self.thread_pool), self.protocol)
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        try:
+            asyncio.run(run_async(stop_event=self._stop_event, reader=reader, protocol=self.protocol,
+                                  logger=log, error_handler=self.report_server_error))
+        except BrokenPipeError:
+            log.error("the client is gone; shutting down")
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            self.shutdown()
+
+    def document(self, uri: str):
+        """An open document (a request about another is -32602, not a read of the disk)."""
+        doc = self.workspace.text_documents.get(unquote(uri))
+        if doc is None:
+            raise JsonRpcInvalidParams(f"{uri[:200]} is not an open document")
+        return doc
+
     def analysis(self, uri: str) -> an.Analysis:
-        doc = self.workspace.get_text_document(uri)
+        doc = self.document(uri)
         a = self.analyses.get(uri)
         if a is None or a.text != doc.source.replace("\r\n", "\n").replace("\r", "\n"):
-            a = an.analyze(doc.source, _path(uri))
+            a = _too_large(doc.source, _path(uri)) or an.analyze(doc.source, _path(uri))
             self.analyses[uri] = a
         return a
 
@@ -53,8 +137,25 @@ class SpecServer(LanguageServer):
         return self.workspace.position_codec.range_to_client_units(lines, r)
 
 
+def _too_large(text: str, path: str) -> an.Analysis | None:
+    """The analysis of a document over the spec file cap (dsl/load.py): that one problem,
+    unparsed (a 1.4 MB document cost 11 s on every keystroke)."""
+    from alignspec.dsl.errors import SpecError, Span
+    from alignspec.dsl.load import MAX_SPEC_BYTES
+    if len(text) * 4 <= MAX_SPEC_BYTES or len(text.encode("utf-8", "surrogatepass")) <= MAX_SPEC_BYTES:
+        return None
+    a = an.Analysis(path, "")
+    a.errors = [SpecError(f"{path} is larger than {MAX_SPEC_BYTES >> 20} MiB; a spec file is a page of text",
+                          Span(path, 1, 1, 1, 1), kind="io", hint="is this really a .align spec?")]
+    return a
+
+
 def _path(uri: str) -> str:
-    return to_fs_path(uri) or uri
+    try:
+        path = to_fs_path(uri) or uri
+    except Exception:  # noqa: BLE001  (a URI pygls cannot take apart)
+        path = uri
+    return path.replace("\x00", "\\x00")  # a NUL byte is no file name (open() raises)
 
 
 def _read_lines(path: str) -> list[str]:
@@ -69,7 +170,7 @@ def _uri(path: str) -> str:
 
 
 def _position(server: SpecServer, uri: str, pos: T.Position) -> tuple[an.Analysis, int, int]:
-    doc = server.workspace.get_text_document(uri)
+    doc = server.document(uri)
     p = doc.position_from_client_units(pos)
     return server.analysis(uri), p.line, p.character
 
@@ -156,7 +257,9 @@ def document_symbol(ls: SpecServer, params: T.DocumentSymbolParams):
 
 @server.feature(T.TEXT_DOCUMENT_FORMATTING)
 def formatting(ls: SpecServer, params: T.DocumentFormattingParams):
-    doc = ls.workspace.get_text_document(params.text_document.uri)
+    doc = ls.document(params.text_document.uri)
+    if _too_large(doc.source, ""):
+        return []
     out = an.formatted(doc.source, _path(params.text_document.uri))
     if out is None or out == doc.source:
         return []

@@ -138,6 +138,12 @@ def to_record(row: dict, kind: str, fields: dict | None, where: str) -> dict:
     for name in COMPLETIONS:
         if name in req and is_conversation(rec[name]):
             rec[name] = completion_text(rec[name], f"{where}'s {name}")
+    if kind == "pairs":  # as the implicit-prompt form: a pair with nothing to prefer has no gradient
+        for name in ("chosen", "rejected"):
+            if _is_empty(rec[name]):
+                raise RunError(f"{where} has an empty {name}", hint="a pair is two different, non-empty completions")
+        if rec["chosen"] == rec["rejected"]:
+            raise RunError(f"{where}: chosen and rejected are equal", hint="a pair is two different completions")
     return rec
 
 

@@ -31,6 +31,8 @@ import json
 from ..errors import RunError
 
 MODES = ("auto", "on", "off")
+MAX_RENDER_CHARS = 4 << 20  # a rendered prompt past this is a runaway template (nested loops), not a prompt
+MAX_RENDER_SECONDS = 60.0
 TEMPLATE_HINT = ("give the tokenizer a chat template (tokenizer.chat_template = '...'; "
                  "tokenizer.save_pretrained(dir)), or write the prompts as plain text")
 
@@ -64,6 +66,39 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def bound_template(tokenizer) -> None:
+    """Cap what the tokenizer's chat template may render: its output at ``MAX_RENDER_CHARS``
+    characters, its time at ``MAX_RENDER_SECONDS`` (checked as it writes). A model's own template
+    is code from its repository: nested loops rendered until memory ran out. transformers
+    compiles a template once (cached by its text); its ``render`` becomes a streaming one that
+    stops there (the error surfaces as the template's failure on a prompt)."""
+    import time
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+        compiled = _compile_jinja_template(template)
+    except Exception:  # noqa: BLE001  (a template that does not compile: its own error comes on use)
+        return
+    if getattr(compiled, "_alignspec_bounded", False):
+        return
+
+    def render(*args, **kwargs) -> str:
+        out, n, t0 = [], 0, time.monotonic()
+        for piece in compiled.generate(*args, **kwargs):
+            out.append(piece)
+            n += len(piece)
+            if n > MAX_RENDER_CHARS:
+                raise RuntimeError(f"its output passed {MAX_RENDER_CHARS:,} characters (a runaway loop?)")
+            if len(out) % 4096 == 0 and time.monotonic() - t0 > MAX_RENDER_SECONDS:
+                raise RuntimeError(f"it rendered for over {MAX_RENDER_SECONDS:g} s (a runaway loop?)")
+        return "".join(out)
+
+    compiled.render = render
+    compiled._alignspec_bounded = True
+
+
 class PromptFormat:
     """How prompts become model input for one tokenizer (see the module docstring).
 
@@ -87,6 +122,8 @@ class PromptFormat:
                                 "tokenizer.save_pretrained(dir)), or set chat_template: auto or off")
         self.mode = mode
         self.templated = has and mode != "off"
+        if self.templated:
+            bound_template(tokenizer)
 
     @staticmethod
     def _template_file(tokenizer, path: str) -> str:

@@ -89,11 +89,32 @@ def _jsonl_rows(path: Path) -> Iterator[dict]:
                 value = json.loads(line)
             except ValueError as e:
                 raise RunError(f"could not read {path}: row {row} (line {n}) is not valid JSON: {e}") from None
+            except RecursionError:
+                raise RunError(f"{path}: row {row} (line {n}) is nested too deep to read",
+                               hint="a row is an object of fields: text, or lists of messages") from None
             if not isinstance(value, dict):
                 raise RunError(f"{path}: row {row} (line {n}) is a JSON {type(value).__name__}, not an object "
                                "of fields", hint='each line holds one row, e.g. {"prompt": "..."}')
+            if "\\u" in line:  # JSON escapes may spell a lone surrogate ("\\ud800"): no text to tokenize
+                bad = _surrogate_field(value)
+                if bad is not None:
+                    raise RunError(f"{path}: row {row} (line {n}): field {bad!r} holds a lone surrogate (a "
+                                   "\\ud800-\\udfff escape without its pair), not text",
+                                   hint="write the character itself, or both halves of its pair") from None
             row += 1
             yield value
+
+
+def _surrogate_field(row: dict) -> str | None:
+    """The first field of ``row`` whose text (anywhere inside it) holds a lone surrogate."""
+    for k, v in row.items():
+        try:
+            json.dumps({k: v}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return k
+        except (ValueError, RecursionError):
+            return None
+    return None
 
 
 def _parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[dict]:

@@ -125,23 +125,28 @@ def remote_code_check(p: Path, trust: bool, setting: str = "model") -> None:
         except (OSError, ValueError):
             continue  # transformers' own error names the broken file
         auto = cfg.get("auto_map") if isinstance(cfg, dict) else None
-        if not auto:
+        code = _first(auto) if auto else None
+        if code is None:  # (every entry null, e.g. {"AutoTokenizer": [null, null]}: no code named)
             continue
         if name == "config.json" and _builtin_model_type(cfg.get("model_type")):
             continue  # transformers has its own class for it and uses that with trust_remote_code=False
         if name == "tokenizer_config.json" and _builtin_tokenizer(cfg.get("tokenizer_class")):
             continue
-        raise RunError(f"{setting} {p}: {name} names custom code ({_first(auto)}) that would run on this machine, "
+        raise RunError(f"{setting} {p}: {name} names custom code ({code}) that would run on this machine, "
                        "and trust_remote_code is false",
                        hint="read that code, then set trust_remote_code: true (--set trust_remote_code=true) "
                             "to run it; nothing is executed otherwise")
 
 
-def _first(auto) -> str:
-    if isinstance(auto, dict):
-        v = next(iter(auto.values()), "")
-        return str(v[0] if isinstance(v, (list, tuple)) and v else v)
-    return str(auto)
+def _first(auto) -> str | None:
+    """The first code reference of an ``auto_map`` (a tokenizer's is ``[slow, fast]``, either
+    of which may be null); None when it names none."""
+    values = auto.values() if isinstance(auto, dict) else [auto]
+    for v in values:
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if x is not None and str(x).strip():
+                return str(x)[:200]
+    return None
 
 
 def _builtin_model_type(model_type) -> bool:

@@ -20,6 +20,7 @@ ends a turn, not the episode: the environment answers it).
 
 from __future__ import annotations
 
+import math
 
 from ..errors import RunError, RunFailure
 from ..user_code import import_named
@@ -38,8 +39,10 @@ def resolve_env_class(name: str):
 class Episode:
     """One episode: the user's environment (if any) and the tools, behind one ``step``."""
 
-    def __init__(self, env_cls, toolbox, name: str):
+    def __init__(self, env_cls, toolbox, name: str, max_chars: int = 2000):
         self.env = env_cls() if env_cls is not None else None
+        self.max_chars = int(max_chars)
+        self.truncated = 0  # observations cut (at max_chars here, at the context in episodes.play)
         self.tools = toolbox
         self.name = name
         self.reward = 0.0
@@ -71,9 +74,13 @@ class Episode:
                              "(observation, reward, done)")
         obs, reward, done = out
         try:
-            self.reward += float(reward)
-        except (TypeError, ValueError):
-            raise RunFailure(f"env {self.name}: step(text) returned the reward {reward!r}, expected a number") from None
+            value = float(reward)
+        except (TypeError, ValueError, OverflowError):
+            value = None
+        if value is None or not math.isfinite(value):
+            raise RunFailure(f"env {self.name}: step(text) returned the reward {_show(reward)}, expected a finite "
+                             "number")
+        self.reward += value
         return self._text(obs, "step"), bool(done)
 
     def _user(self, method: str, arg):
@@ -84,6 +91,16 @@ class Episode:
 
     def _text(self, obs, method: str) -> str | None:
         if obs is None or isinstance(obs, str):
+            if obs and len(obs) > self.max_chars:  # bounded as tool results are (env_max_chars)
+                self.truncated += 1
+                obs = obs[:self.max_chars] + f"... [truncated, {len(obs)} chars]"
             return obs or None
         raise RunFailure(f"env {self.name}: {method}(...) returned an observation of type {type(obs).__name__}, "
                          "expected a string or None")
+
+
+def _show(v) -> str:
+    try:
+        return repr(v)[:80]
+    except Exception:  # noqa: BLE001  (the user's __repr__)
+        return f"of type {type(v).__name__}"

@@ -119,8 +119,13 @@ def play(turns: Turns, prompts: list[list[int]], eps: list[Episode], *, max_turn
     rows = []
     for p, ep in zip(prompts, eps):
         first = ep.first  # reset's observation
-        rows.append({"p": list(p) + (_encode(tok, first) if first else []), "c": [], "m": [],
-                     **({"ls": []} if turns.logprobs else {})})
+        ids = list(p) + (_encode(tok, first) if first else [])
+        if context and first and len(ids) + turns.max_tokens > context:
+            raise RunError(f"env {ep.name}: the prompt and reset()'s observation, {len(ids):,} tokens "
+                           f"({first[:50]!r}...), leave no room for a turn of {turns.max_tokens} tokens in the "
+                           f"model's context of {context:,} positions",
+                           hint="shorten reset()'s observation, lower env_max_chars or max_tokens / max_new_tokens")
+        rows.append({"p": ids, "c": [], "m": [], **({"ls": []} if turns.logprobs else {})})
     live = list(range(len(eps)))
     lm = turns.lm
     was_training = lm.training
@@ -145,6 +150,10 @@ def play(turns: Turns, prompts: list[list[int]], eps: list[Episode], *, max_turn
                         continue
                     if obs:
                         ids = _encode(tok, obs)
+                        room = context - len(r["p"]) - len(r["c"]) if context else len(ids)
+                        if len(ids) > room:  # stop at the context: the episode ends before its next turn
+                            ids = ids[:max(room, 0)]
+                            eps[i].truncated += 1
                         r["c"] += ids
                         r["m"] += [0] * len(ids)
                         if "ls" in r:
@@ -155,7 +164,7 @@ def play(turns: Turns, prompts: list[list[int]], eps: list[Episode], *, max_turn
         lm.train(was_training)
     for r, ep in zip(rows, eps):
         r["text"] = tok.decode(r["c"], skip_special_tokens=True)
-        r.update(env_reward=ep.reward, turns=ep.turns, tool_calls=ep.tool_calls)
+        r.update(env_reward=ep.reward, turns=ep.turns, tool_calls=ep.tool_calls, env_truncated=ep.truncated)
     return rows
 
 
@@ -174,6 +183,7 @@ class Rollout(Sampler):
         if cfg.tools:
             from .tools import ToolBox
             self.toolbox = ToolBox(list(cfg.tools), timeout=cfg.tool_timeout, max_chars=cfg.tool_max_chars,
+                                   max_stuck=cfg.tool_max_stuck,
                                    call_tags=cfg.tool_call_tags, result_tags=cfg.tool_result_tags)
         elif self.env_cls is None and getattr(run, "task", None) is not None and hasattr(run.task, "toolbox"):
             self.toolbox = run.task.toolbox()  # the built-in agentic task's own tools (data/tool_task.py)
@@ -213,7 +223,7 @@ class Rollout(Sampler):
         for rec in recs:
             p = self._prompt_ids(rec["prompt"])
             for _ in range(n):
-                ep = Episode(self.env_cls, self.toolbox, self.env_name or "tools")
+                ep = Episode(self.env_cls, self.toolbox, self.env_name or "tools", max_chars=run.cfg.env_max_chars)
                 ep.reset(rec)
                 eps.append(ep)
                 prompts.append(p)
@@ -231,7 +241,8 @@ class Rollout(Sampler):
         k = max(1, len(rows))
         self.stats = {"episodes/turns_mean": sum(r["turns"] for r in rows) / k,
                       "episodes/tool_calls_mean": sum(r["tool_calls"] for r in rows) / k,
-                      "episodes/env_reward_mean": sum(r["env_reward"] for r in rows) / k}
+                      "episodes/env_reward_mean": sum(r["env_reward"] for r in rows) / k,
+                      "episodes/env_truncated": float(sum(r.get("env_truncated", 0) for r in rows))}
         if self.toolbox is not None:
             c = self.toolbox.counts
             self.stats.update({f"episodes/tool_{name}": float(c[name] - counts0[name])

@@ -23,8 +23,9 @@ Calls are parsed from the policy's text in two formats:
 A tool never crashes a run: one that raises gives ``error: ValueError: ...``, one that runs
 longer than ``tool_timeout`` seconds gives ``error: timed out after 2s`` (it runs in a
 daemon thread, which Python cannot stop: it is left to finish on its own, its result
-dropped), a result longer than ``tool_max_chars`` is cut there and marked ``...
-[truncated, N chars]``; an unknown tool or unparsable arguments say so too. ``ToolBox.counts``
+dropped; at most ``tool_max_stuck`` such threads, past which a call is not run), a result
+or exception whose text cannot be made is an error observation, a result longer than
+``tool_max_chars`` is cut there and marked ``... [truncated, N chars]``; an unknown tool or unparsable arguments say so too. ``ToolBox.counts``
 keeps the number of calls, errors and timeouts.
 """
 
@@ -76,12 +77,27 @@ def parse_args(text: str) -> tuple[list, dict]:
     return [_literal(w) for w in text.split()], {}
 
 
+def _text_of(v) -> str:
+    """A tool's result as text: JSON, else its repr (either may raise: the caller guards)."""
+    try:
+        return json.dumps(v, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return repr(v)
+
+
+def _safe(e: BaseException) -> str:
+    try:
+        return str(e)[:200]
+    except BaseException:  # noqa: BLE001
+        return "(no text)"
+
+
 class ToolBox:
     """The configured tools, their schemas, the call parser and the guarded caller."""
 
     def __init__(self, names: list[str], *, timeout: float = 5.0, max_chars: int = 400,
                  call_tags=("<call>", "</call>"), result_tags=("<result>", "</result>"),
-                 builtin: list[Callable] = ()):
+                 builtin: list[Callable] = (), max_stuck: int = 8):
         """``names``: ``module:function`` strings of the run configuration; ``builtin``: our own
         functions (a built-in task's tools, e.g. data/tool_task.py's calculator), not imported."""
         self.fns = {}
@@ -95,6 +111,8 @@ class ToolBox:
         self._tag = re.compile(o + r"\s*([A-Za-z_]\w*)\s*\((.*?)\)\s*" + c, re.S)
         self._json = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
         self.counts = {"calls": 0, "errors": 0, "timeouts": 0, "truncated": 0}
+        self.max_stuck = int(max_stuck)
+        self._stuck: list[threading.Thread] = []  # timed-out calls still running (Python cannot stop them)
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -132,6 +150,11 @@ class ToolBox:
         if fn is None:
             self.counts["errors"] += 1
             return f"error: unknown tool {name!r} (tools: {', '.join(self.fns) or 'none'})"
+        self._stuck = [t for t in self._stuck if t.is_alive()]
+        if len(self._stuck) >= self.max_stuck:  # a thread per call would pile up without bound
+            self.counts["errors"] += 1
+            return (f"error: not run: {len(self._stuck)} earlier timed-out tool calls are still running "
+                    f"(tool_max_stuck {self.max_stuck})")
         box: dict = {}
 
         def target():
@@ -144,19 +167,24 @@ class ToolBox:
         t.start()
         t.join(self.timeout)
         if t.is_alive():
+            self._stuck.append(t)
             self.counts["errors"] += 1
             self.counts["timeouts"] += 1
             return f"error: timed out after {self.timeout:g}s"
-        if "error" in box:
-            self.counts["errors"] += 1
-            e = box["error"]
-            return self._cut(f"error: {type(e).__name__}: {e}")
-        v = box.get("value")
-        try:
-            text = v if isinstance(v, str) else json.dumps(v, default=str)
-        except Exception:
-            text = repr(v)
-        return self._cut(text)
+        try:  # the conversion is the user's code too (__repr__, __str__) and may fail on any value
+            if "error" in box:
+                self.counts["errors"] += 1
+                e = box["error"]
+                return self._cut(f"error: {type(e).__name__}: {e}")
+            v = box.get("value")
+            return self._cut(v if isinstance(v, str) else _text_of(v))
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            if "error" not in box:
+                self.counts["errors"] += 1
+            what = "the exception's text" if "error" in box else "the result"
+            return self._cut(f"error: {what} could not be converted to text: {type(e).__name__}: {_safe(e)}")
 
     def _cut(self, text: str) -> str:
         if len(text) <= self.max_chars:
