@@ -124,8 +124,8 @@ def test_two_processes_match_one_process(spec_text, tmp_path):
     # four rows per step; the pair with a 4-character response is filtered out, so one
     # process ends the update with one micro-batch (one pair) fewer than the other
     answers = ["1", "22", "333", "4444"]
-    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "response": a, "chosen": a, "rejected": a[:1]})
-                            + "\n" for i, a in enumerate(answers)))
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "response": a, "chosen": a, "rejected": a[:1] if len(a) > 1 else "0"})
+                            + "\n" for i, a in enumerate(answers)))  # a pair of equal completions is refused
     (tmp_path / "spec.align").write_text(spec_text)
     (tmp_path / "rewardmod.py").write_text(REWARD_MODULE)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -264,7 +264,7 @@ def test_a_process_without_rows_keeps_in_step(tmp_path):
     from alignspec.runtime.models.tiny import build_tiny_model
     model_dir = build_tiny_model(tmp_path / "m", "llama", seed=3)
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "chosen": a, "rejected": a[:1]}) + "\n"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "chosen": a, "rejected": a[:1] if len(a) > 1 else "0"}) + "\n"
                             for i, a in enumerate(["1", "22", "333", "4444"])))
     (tmp_path / "spec.align").write_text(EMPTY_PROCESS_SPEC)
     (tmp_path / "rewardmod.py").write_text(RANK_REWARD_MODULE)
