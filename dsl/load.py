@@ -57,7 +57,18 @@ def did_you_mean(word: str, options) -> str | None:
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
 
 
-MAX_SPEC_BYTES = 4 << 20  # a spec is a page of text; anything larger is refused unread
+# A spec is a page of text (the largest built-in is under 3 KiB); anything larger is refused
+# unread. Lark's LALR parser takes 5-20 s per MiB on a 2-core machine, so at 4 MiB a stray
+# data file cost `check` 40 s and ~1 GB, and the language server that much on every keystroke.
+MAX_SPEC_BYTES = 256 << 10
+
+
+def too_large(path: str, n_bytes: int) -> SpecError | None:
+    """The error for a spec of ``n_bytes`` over MAX_SPEC_BYTES (None when it fits)."""
+    if n_bytes <= MAX_SPEC_BYTES:
+        return None
+    return SpecError(f"{path} is larger than {MAX_SPEC_BYTES >> 10} KiB; a spec file is a page of text",
+                     Span(str(path), 0, 0, 0, 0), kind="io", hint="is this really a .align spec?")
 
 
 def read_spec(ref: str | Path, *, relative_to: Path | None = None, at: Span | None = None) -> A.SpecFile:
@@ -70,6 +81,8 @@ def read_spec(ref: str | Path, *, relative_to: Path | None = None, at: Span | No
     if isinstance(ref, str) and ("\n" in ref or "\r" in ref
                                  or ref.lstrip().startswith(("algorithm ", "library "))):
         path = "<string>"
+        if len(ref) > MAX_SPEC_BYTES // 4 and (err := too_large(path, len(ref.encode("utf-8", "surrogatepass")))):
+            raise err
         _SOURCES[path] = source_lines(ref)
         return parse(ref, path)
     path = _locate(ref, relative_to, at)
@@ -98,9 +111,8 @@ def _read_bounded(path: Path) -> bytes:
             data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError(f"cannot read {path}: {e.strerror or e}", where, kind="io") from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(f"{path} is larger than {MAX_SPEC_BYTES >> 20} MiB; a spec file is a page of text",
-                        where, kind="io", hint="is this really a .align spec?")
+    if err := too_large(str(path), len(data)):
+        raise err
     return data
 
 

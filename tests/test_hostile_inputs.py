@@ -118,3 +118,29 @@ def test_fmt_write_on_a_full_disk_leaves_the_spec_whole(tmp_path, monkeypatch):
     res = runner.invoke(app, ["fmt", "--write", str(spec)])
     assert res.exit_code == 0 and spec.read_text() != original
     assert alignspec.load(str(spec)).name == "s"
+
+
+def _many_params_spec(n_bytes: int) -> str:
+    """A well-formed spec of about ``n_bytes``: grpo with many documented params."""
+    lines = ["algorithm big extends grpo", "params"]
+    size = sum(len(l) + 1 for l in lines)
+    while size < n_bytes:
+        lines.append(f'  p{len(lines)} = {len(lines)}.5  "param number {len(lines)} of a spec far larger than any real one"')
+        size += len(lines[-1]) + 1
+    return "\n".join(lines) + "\n"
+
+
+def test_a_multi_megabyte_spec_is_refused_at_once_and_one_at_the_cap_checks(tmp_path):
+    """A 3.75 MiB spec (a data file saved as .align, say) cost `check` 40 s and ~1 GB under
+    the old 4 MiB cap; the cap is now 256 KiB, refused unread, as file or as text."""
+    big = tmp_path / "big.align"
+    big.write_text(_many_params_spec(int(3.75 * 2**20)))
+    t0 = time.monotonic()
+    res = _check(str(big))
+    assert res.exit_code == 2 and "larger than 256 KiB" in res.output and "big.align" in res.output
+    with pytest.raises(alignspec.SpecError, match="larger than 256 KiB"):
+        alignspec.load(big.read_text())
+    assert time.monotonic() - t0 < 2
+    ok = tmp_path / "ok.align"
+    ok.write_text(_many_params_spec(200 << 10))
+    assert _check(str(ok)).exit_code == 0

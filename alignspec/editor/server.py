@@ -36,7 +36,7 @@ from pygls.workspace.position_codec import ServerTextPosition, ServerTextRange
 from alignspec.editor import analysis as an
 
 log = logging.getLogger(__name__)
-MAX_FRAME_BYTES = 64 << 20  # a frame's body: an open document (at most 4 MiB of spec) with its JSON escapes
+MAX_FRAME_BYTES = 64 << 20  # a frame's body: an open document (at most 256 KiB of spec) with its JSON escapes
 
 _KINDS = {"section": T.CompletionItemKind.Module, "keyword": T.CompletionItemKind.Keyword,
           "function": T.CompletionItemKind.Function, "quantity": T.CompletionItemKind.Constant,
@@ -140,13 +140,13 @@ class SpecServer(LanguageServer):
 def _too_large(text: str, path: str) -> an.Analysis | None:
     """The analysis of a document over the spec file cap (dsl/load.py): that one problem,
     unparsed (a 1.4 MB document cost 11 s on every keystroke)."""
-    from alignspec.dsl.errors import SpecError, Span
-    from alignspec.dsl.load import MAX_SPEC_BYTES
-    if len(text) * 4 <= MAX_SPEC_BYTES or len(text.encode("utf-8", "surrogatepass")) <= MAX_SPEC_BYTES:
+    from alignspec.dsl.errors import Span
+    from alignspec.dsl.load import MAX_SPEC_BYTES, too_large
+    if len(text) * 4 <= MAX_SPEC_BYTES or not (err := too_large(path, len(text.encode("utf-8", "surrogatepass")))):
         return None
+    err.span = Span(path, 1, 1, 1, 1)
     a = an.Analysis(path, "")
-    a.errors = [SpecError(f"{path} is larger than {MAX_SPEC_BYTES >> 20} MiB; a spec file is a page of text",
-                          Span(path, 1, 1, 1, 1), kind="io", hint="is this really a .align spec?")]
+    a.errors = [err]
     return a
 
 
