@@ -316,8 +316,7 @@ class _Sections:
                 raise error("a pipeline cannot run itself", e.args[0].span, "cycle")
             base_dir = Path(self.res.file.path).parent if self.res.file.path != "<string>" else None
             sub = read_spec(spec_name, relative_to=base_dir, at=e.args[0].span)
-            from .check import check  # a stage is checked as a spec (the checker imports this mixin)
-            check(resolve(sub))
+            type(self)(resolve(sub), {}).run()  # a stage is checked as a spec, by this same checker
             links = {}
             for kw in e.kwargs:
                 if not (isinstance(kw.value, A.Name) and kw.value.id in {s.name for s in stages}):

@@ -1,4 +1,4 @@
-"""Markdown pages generated from the code, for the docs site (alignspec/editor/mkdocs_hooks.py).
+"""Markdown pages generated from the code, for the docs site (alignspec/docsite/mkdocs_hooks.py).
 
 Nothing here is written by hand: the run configuration reference reads the pydantic model
 (`RunConfig`), the CLI reference reads the typer app's commands, the built-in functions page
@@ -49,7 +49,7 @@ def config_page() -> str:
     return "\n".join([
         "# Run configuration",
         "",
-        "<!-- generated from alignspec.runtime.config.RunConfig by alignspec/editor/reference.py -->",
+        "<!-- generated from alignspec.runtime.config.RunConfig by alignspec/docsite/reference.py -->",
         "",
         f"{doc} A run reads a YAML or TOML file (`alignspec run SPEC --config run.yaml`) and "
         "`--set key=value` overrides (dotted keys reach into mappings: `--set fields.prompt=question`); "
@@ -72,7 +72,7 @@ def cli_page() -> str:
     root = typer.main.get_command(app)
     root_ctx = typer.Context(root, info_name="alignspec")
     out = ["# Command line", "",
-           "<!-- generated from the typer app in alignspec/cli.py by alignspec/editor/reference.py -->", "",
+           "<!-- generated from the typer app in alignspec/cli.py by alignspec/docsite/reference.py -->", "",
            _cell(root.help or ""), "",
            "Exit codes: 0 ok, 1 a difference (`diff`) / not canonical (`fmt --check`) / a failed run, "
            "2 bad input. Errors go to stderr as `file:line:col: message` with the line and a caret.", ""]
@@ -96,7 +96,7 @@ def cli_page() -> str:
 def functions_page() -> str:
     """Every built-in function (signature and level rule) and runtime quantity, from builtins.py."""
     out = ["# Built-in functions and quantities", "",
-           "<!-- generated from alignspec/dsl/builtins.py by alignspec/editor/reference.py -->", "",
+           "<!-- generated from alignspec/dsl/builtins.py by alignspec/docsite/reference.py -->", "",
            "The tables the checker reads. The [language reference](../language.md) explains levels and phases.", "",
            "## Quantities the runtime provides", "", "| name | level | gradient | needs | meaning |",
            "|---|---|---|---|---|"]
@@ -137,7 +137,7 @@ def spec_page(name: str) -> str:
     text = (builtin_dir() / f"{name}.align").read_text(encoding="utf-8")
     spec = load(name)
     head = [f"# {name}", "", f"*{_title(text)}*" if _title(text) else "", "",
-            f"<!-- generated from algorithms/{name}.align by alignspec/editor/reference.py -->", ""]
+            f"<!-- generated from algorithms/{name}.align by alignspec/docsite/reference.py -->", ""]
     left = ["**Spec** (`algorithms/" + name + ".align`)", "", "```alignspec", text.rstrip("\n"), "```"]
     if spec.resolved.file.kind == "library":
         right = ["**A library**: its `def`s are inlined wherever a spec that imports it calls them; "
@@ -165,7 +165,7 @@ def specs_index(names: list[str]) -> str:
         title = _title((builtin_dir() / f"{n}.align").read_text(encoding="utf-8"))
         rows.append(f"| [{n}]({n}.md) | {_cell(title)} |")
     return "\n".join(["# Built-in specs", "",
-                      "<!-- generated from algorithms/*.align by alignspec/editor/reference.py -->", "",
+                      "<!-- generated from algorithms/*.align by alignspec/docsite/reference.py -->", "",
                       "Each page shows the spec file next to the PyTorch module it compiles to "
                       "(`alignspec compile NAME` prints the same). `alignspec list` lists them.", "",
                       "| spec | what it is |", "|---|---|", *rows, ""])

@@ -1,7 +1,7 @@
 """MkDocs hooks (mkdocs.yml `hooks:`) that generate the reference pages at build time.
 
 - on_config: the nav's "Built-in specs" entry lists every shipped spec.
-- on_files: adds the generated pages (alignspec/editor/reference.py) to the site:
+- on_files: adds the generated pages (alignspec/docsite/reference.py) to the site:
   reference/config.md, reference/cli.md, reference/functions.md, specs/index.md, specs/NAME.md.
   Nothing is written into docs/.
 - on_page_markdown: expands two markers in hand-written pages, so that spec text and command
@@ -22,7 +22,7 @@ from pathlib import Path
 from mkdocs.exceptions import PluginError
 from mkdocs.structure.files import File
 
-from alignspec.editor import reference
+from alignspec.docsite import reference
 
 _MARKER = re.compile(r"^<!-- (include|command|failing-command): (.+?) -->$", re.M)
 
