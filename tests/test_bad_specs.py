@@ -231,7 +231,7 @@ ROBUST = {
     "parens_10000_over_lines": (_nested_over_lines(10_000).encode(), "too-deep", (4, 100)),
     "unary_minus_5000": (("algorithm x\nloss\n  minimize " + "-" * 5000 + "token_mean_all(logp)\n").encode(),
                          "too-deep", (3, 268)),
-    "line_of_1mb": (("algorithm x\nloss\n  minimize token_mean_all(logp)" + " + 1" * 262_144 + "\n").encode(),
+    "line_of_200kb": (("algorithm x\nloss\n  minimize token_mean_all(logp)" + " + 1" * 50_000 + "\n").encode(),
                     "too-long", (3, 10_000)),
     "power_chain": (("algorithm x\nloss\n  minimize token_mean_all(logp" + " ** 1" * 1000 + ")\n").encode(),
                     "too-deep", None),
