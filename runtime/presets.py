@@ -102,12 +102,12 @@ def stage_preset(pipeline: str, stage: str, cfg) -> tuple[dict, dict]:
     if cfg.data is not None or cfg.model is not None:
         return {}, {}
     preset = PIPELINE_PRESETS.get(pipeline, {}).get(stage, {})
-    fields = {k: v for k, v in preset.items() if k != "params" and not _user_set(cfg, k)}
+    fields = {k: v for k, v in preset.items() if k != "params" and not user_set(cfg, k)}
     params = {k: v for k, v in preset.get("params", {}).items() if k not in cfg.params}
     return fields, params
 
 
-def _user_set(cfg, name: str) -> bool:
+def user_set(cfg, name: str) -> bool:
     return name in cfg.model_fields_set and getattr(cfg, name) is not None
 
 
@@ -120,7 +120,7 @@ def builtin_preset(algo, cfg) -> tuple[dict, dict]:
     if cfg.data is not None or cfg.model is not None:
         return {}, {}
     preset = PRESETS.get(algo.name, {})
-    fields = {k: v for k, v in preset.items() if k != "params" and not _user_set(cfg, k)}
+    fields = {k: v for k, v in preset.items() if k != "params" and not user_set(cfg, k)}
     declared = dict(algo.plan.param_defaults)  # declared defaults: a param still at its own was not set
     params = {k: v for k, v in preset.get("params", {}).items()
               if k in declared and k not in cfg.params and algo.params[k] == declared[k]}

@@ -82,7 +82,7 @@ def test_short_rlhf_pipeline_through_cli(tmp_path):
 
 def test_rm_score_is_the_classifier_logit_at_the_last_valid_token():
     from alignspec.runtime.models.reward_head import encode, left_pad, load_reward_model, sequence_scores
-    from alignspec.runtime.data.tasks import builtin_model_dir
+    from alignspec.runtime.tasks.tasks import builtin_model_dir
     torch.manual_seed(0)
     model, tok = load_reward_model(builtin_model_dir(warm=False)[0])
     seqs = [encode(tok, "3+4=", "7"), encode(tok, "12+5=", "17"), encode(tok, "1+1=", "2")]
@@ -118,7 +118,7 @@ def test_reward_model_eval_is_heldout_pairwise_accuracy_and_saved_model_loads(tm
 
     from alignspec.runtime.models.reward_head import builtin_heldout_pairs
     from alignspec.runtime.scoring.rewards import SequenceScorer
-    from alignspec.runtime.data.tasks import ArithmeticTask
+    from alignspec.runtime.tasks.tasks import ArithmeticTask
     out = tmp_path / "rm"
     eng = quiet(build_engine("reward_model", out=str(out), steps=3, sets=["batch_size=8"] + QUIET))
     summary = eng.train()
@@ -243,7 +243,7 @@ def test_iterate_is_checkpointed_and_restored(tmp_path):
 def test_a_param_set_for_the_run_replaces_its_schedule(tmp_path):
     eng = quiet(build_engine("spin", out=str(tmp_path / "a"), steps=4, sets=["batch_size=4", "beta=0.7"] + QUIET))
     assert [eng.algo_for(i).params["beta"] for i in range(4)] == [0.7] * 4
-    from alignspec.runtime.loop.iterations import iteration_params
+    from alignspec.runtime.models.iterations import iteration_params
     spin = alignspec.compile("spin")
     assert [iteration_params(spin, i)["beta"] for i in range(4)] == [0.1, 0.1, 0.1, 5.0]
 

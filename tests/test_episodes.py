@@ -257,7 +257,7 @@ def test_tool_schemas_go_to_the_chat_template():
 
 # ---------------------------------------------------------------- the built-in agentic task
 def test_the_calculator_is_safe_and_the_final_answer_is_after_the_last_result():
-    from alignspec.runtime.data.tool_task import BuiltinToolTask, answer_of, calc
+    from alignspec.runtime.tasks.tool_task import BuiltinToolTask, answer_of, calc
     assert calc("123+456+789") == 1368 and calc("2*(3-5)") == -4 and calc(" 7 ") == 7
     for bad in ("__import__('os')", "2**99999", "1/2", "x+1", "9" * 201, "1+"):
         with pytest.raises(ValueError):

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import alignspec  # noqa: E402
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
-from alignspec.runtime.models.flow_io import load_flow_model  # noqa: E402
+from alignspec.runtime.family.flow_io import load_flow_model  # noqa: E402
 from helpers import QUIET, read_metrics, read_weights  # noqa: E402
 
 # conftest: a shared model cache, offline; torch's thread count put back (the engine sets one

@@ -114,7 +114,7 @@ def test_preset_spec_params_only_when_unset(tmp_path, capsys, monkeypatch):
 
 
 def test_builtin_pairs_cover_every_nearby_wrong_sum():
-    from alignspec.runtime.data.tasks import ArithmeticTask
+    from alignspec.runtime.tasks.tasks import ArithmeticTask
     task = ArithmeticTask()
     rows = task.records("pairs")
     by_prompt: dict[str, set] = {}

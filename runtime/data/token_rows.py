@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from ..loop.base import _mix
+from ..seeds import mix as _mix
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

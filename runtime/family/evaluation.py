@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
-from .base import _mix
+from ..seeds import mix as _mix
 
 _SPLIT = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _EVAL_SEED = 0xE7A1
@@ -186,7 +186,7 @@ class UserEval:
 
     # -- offline data: the spec's loss (and the pairs' accuracy) ---------------------------------
     def _losses(self, run, recs) -> tuple[float, dict]:
-        from .update import micro_slices
+        from ..parallel.ddp import micro_slices
         from ..rollout.base import build_sampler
         algo, pol = run.current, run.family
         G = algo.plan.group_size

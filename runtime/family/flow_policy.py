@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import RunError
-from .flow import FlowPolicy, FlowRollout, FlowTask
+from ..models.flow import FlowPolicy, FlowRollout, FlowTask
 from .flow_io import FLOW_TASK, builtin_flow_model_dir, load_flow_model, write_flow_model
 
 # what the flow policy provides; anything else a spec reads is an error before any model is built

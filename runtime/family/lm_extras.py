@@ -35,9 +35,9 @@ def setup_extras(engine) -> None:
                  else f"the tokenizer in {engine.model_dir}")
         engine.say(f"prompts: through the chat template of {which}")
     if engine.reward_head:  # scored downstream as trained (rewards.SequenceScorer)
-        from .reward_head import mark_template
+        from ..models.reward_head import mark_template
         mark_template(engine.policy, engine.prompt_format.templated)
-    from ..loop.iterations import build_iterate
+    from ..models.iterations import build_iterate
     engine.iterate = build_iterate(engine)
     if engine.iterate is not None:
         import math
@@ -46,7 +46,7 @@ def setup_extras(engine) -> None:
                    f"(the policy at the iteration's start, frozen) samples and gives logp_old"
                    + ("; it is the reference (replaced at each iteration)" if engine.iterate is engine.reference
                       else "; the reference stays the initial model"))
-    from ..loop.iterations import overridden_schedules
+    from ..models.iterations import overridden_schedules
     for k in sorted(overridden_schedules(algo)):
         engine.say(f"{k} = {algo.params[k]} at every iteration (set for this run, in place of the spec's "
                    f"schedule {list(dict(algo.plan.schedules)[k])})")
@@ -84,7 +84,7 @@ def _tree_sampler(engine):
 
 
 def _reward_model_eval(engine) -> None:
-    from .reward_head import PairwiseEval, builtin_heldout_pairs, builtin_training_pairs, split_heldout
+    from ..models.reward_head import PairwiseEval, builtin_heldout_pairs, builtin_training_pairs, split_heldout
     if "logp" in engine.algo.inputs or "logp_ref" in engine.algo.inputs:
         raise RunError(f"{engine.algo.name} reads rm_score and log-probs: a reward model has no LM head",
                        hint="train the reward model and the policy in separate stages (a pipeline)")
@@ -97,7 +97,7 @@ def _reward_model_eval(engine) -> None:
         engine.say(f"eval: pairwise accuracy on {len(pairs)} held-out pairs (held-out problems' answer vs "
                    f"wrong sums within 2)")
         return
-    if getattr(engine, "eval_records", None) is not None:  # eval_data / eval_fraction (loop/evaluation.py)
+    if getattr(engine, "eval_records", None) is not None:  # eval_data / eval_fraction (family/evaluation.py)
         engine.task = PairwiseEval(engine.eval_records, None)
         engine.say(f"eval: pairwise accuracy on {len(engine.eval_records)} held-out pairs")
         return

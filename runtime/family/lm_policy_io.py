@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
-from ..loop.iterations import separate_iterate
-from .loaders import PolicyWithValueHead, unwrap_causal_lm
+from ..models.iterations import separate_iterate
+from ..models.loaders import PolicyWithValueHead, unwrap_causal_lm
 
 
 def _trainable_state(run) -> dict:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from ..errors import RunError
-from .loaders import add_value_head, load_frozen_copy, load_policy
+from ..models.loaders import add_value_head, load_frozen_copy, load_policy
 
 
 def load_models(run) -> None:
@@ -16,7 +16,7 @@ def load_models(run) -> None:
     model, ``--model``, ``init_model``; a hub id or an adapter folder resolved)."""
     algo, cfg = run.algo, run.cfg
     if cfg.model is None:
-        from ..data.tasks import builtin_model_dir
+        from ..tasks.tasks import builtin_model_dir
         warm = run.kind != "demonstrations" or algo.plan.generates
         builtin_model_dir = getattr(run.task, "builtin_model_dir", builtin_model_dir)
         with run.acc.main_process_first():
@@ -30,11 +30,11 @@ def load_models(run) -> None:
         run.model_dir, setting = cfg.init_model, "init_model"
         run.say(f"init: weights from {cfg.init_model}")
     # a hub id -> its snapshot in the cache; a PEFT adapter folder -> its base, adapter trained further
-    from .adapter_model import resolve_policy_source
+    from ..models.adapter_model import resolve_policy_source
     run.model_dir, run.model_adapter = resolve_policy_source(run, run.model_dir, setting)
     trust = cfg.trust_remote_code
     if run.reward_head:
-        from .reward_head import load_reward_model
+        from ..models.reward_head import load_reward_model
         run.policy, run.tokenizer = load_reward_model(run.model_dir, dtype=cfg.dtype, device=run.device,
                                                       trust_remote_code=trust)
         run.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
@@ -74,14 +74,14 @@ def load_data(run):
             "unpaired": ["prompt", "completion", "label"]}[run.kind]
     run.eval_records = None
     if run.builtin:
-        from ..loop.evaluation import held_out
+        from .evaluation import held_out
         held_out(run, [], need)  # eval_data / eval_fraction without --data: a RunError
         recs = run.task.records(run.kind)
         run.say(f"data: built-in task {run.task.name} ({len(recs)} {run.kind} from "
                 f"{len(run.task.train_problems)} training problems; {len(run.task.eval_problems)} held-out)")
         return recs
-    from ..data.records import open_records
-    from ..loop.evaluation import held_out  # eval_data / eval_fraction (loop/evaluation.py)
+    from ..data.stream import open_records
+    from .evaluation import held_out  # eval_data / eval_fraction (family/evaluation.py)
     recs = open_records(run.cfg, run.kind)
     if isinstance(recs, list):
         run.say(f"data: {run.cfg.data} ({len(recs)} rows, {run.kind})")

@@ -24,10 +24,10 @@ import torch
 from ..data import token_rows
 from ..errors import RunError
 from . import lm_setup
-from .fastpath import ReferenceCache
-from .loaders import PolicyWithValueHead, unwrap_causal_lm
+from ..models.fastpath import ReferenceCache
+from ..models.loaders import PolicyWithValueHead, unwrap_causal_lm
 from .lm_policy_io import load_weights, save_weights, write_model
-from .train_forward import TrainForward, dummy_micro_batch, zero_loss
+from ..models.train_forward import TrainForward, dummy_micro_batch, zero_loss
 
 
 class TokenPolicy:
@@ -75,8 +75,8 @@ class TokenPolicy:
     def _apply_task_defaults(self, run) -> None:
         """The settings a built-in task needs (its ``run_defaults``, e.g. the agentic task's tool
         markers), where the user set none; then the task takes the run's settings."""
-        from ..presets import _user_set
-        fields = {k: v for k, v in getattr(run.task, "run_defaults", {}).items() if not _user_set(run.cfg, k)}
+        from ..presets import user_set
+        fields = {k: v for k, v in getattr(run.task, "run_defaults", {}).items() if not user_set(run.cfg, k)}
         if fields:
             cfg = run.cfg.model_copy(deep=True)
             for k, v in fields.items():
@@ -93,13 +93,13 @@ class TokenPolicy:
         run.task = None
         run.reward_head = "reward_head" in algo.requires   # trains a reward model (models/reward_head.py)
         if run.builtin:
-            from ..data.tasks import ArithmeticTask
+            from ..tasks.tasks import ArithmeticTask
             run.task = ArithmeticTask()
             if "tree_search" in algo.requires:  # the step-structured task (data/step_task.py)
-                from ..data.step_task import BuiltinStepTask
+                from ..tasks.step_task import BuiltinStepTask
                 run.task = BuiltinStepTask()
             elif "env" in algo.requires and not cfg.env and not cfg.tools:  # episodes: data/tool_task.py
-                from ..data.tool_task import BuiltinToolTask
+                from ..tasks.tool_task import BuiltinToolTask
                 run.task = BuiltinToolTask()
                 self._apply_task_defaults(run)
                 cfg = run.cfg
@@ -124,7 +124,7 @@ class TokenPolicy:
         setup_extras(run)
         run.user_eval = None
         if run.eval_records is not None and not run.reward_head:  # reward models: lm_extras.py
-            from ..loop.evaluation import UserEval
+            from .evaluation import UserEval
             run.user_eval = UserEval(run, run.eval_records)
         # the training forward (models/train_forward.py): activation checkpointing, then FSDP2's
         # shards, before the optimizer sees the parameters (parallel/wrap.py)
@@ -133,7 +133,7 @@ class TokenPolicy:
         prepare_training(run, self.forwarder(run, run.model), lambda m: self.forwarder(run, m))
         # optimizer / schedule
         params = [p for p in run.model.parameters() if p.requires_grad]
-        from .fastpath import adamw
+        from ..models.fastpath import adamw
         run.optimizer = adamw(params, lr=run.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
         run._build_scheduler()  # warmup + lr_schedule (loop/base.py)
         run.wrapped, run.optimizer = wrap_training(run, run.optimizer)  # DDP, or FSDP2's sharded forward
@@ -275,7 +275,7 @@ class TokenPolicy:
         return {**(search or {}), **(episodes or {})} or None
 
     def evaluate(self, run) -> float | None:
-        if run.task is None:  # the user's held-out data (loop/evaluation.py), or nothing
+        if run.task is None:  # the user's held-out data (family/evaluation.py), or nothing
             return run.user_eval(run) if getattr(run, "user_eval", None) is not None else None
         from ..parallel.wrap import gathered
         with gathered(run):  # whole weights for generation under FSDP2
@@ -292,7 +292,7 @@ class TokenPolicy:
     @staticmethod
     def start_iteration(run, it: int, replace: bool) -> None:
         if replace and it > 0:
-            from ..loop.iterations import refresh_iterate
+            from ..models.iterations import refresh_iterate
             refresh_iterate(run)  # pi_t := the policy (when it is not the reference itself)
 
     def run_line(self, run) -> str:

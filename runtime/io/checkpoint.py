@@ -133,8 +133,7 @@ class CheckpointMixin:
         ``optimizer.pt``, ``process_<rank>.json`` for every process and ``state.json``; a sharded
         run's (every process writes its shards) is parallel/sharded_checkpoint.py's."""
         if self._sharded:
-            from ..parallel import sharded_checkpoint
-            return sharded_checkpoint.save(self)
+            return self._sharded_io.save(self)
         self._barrier()
         states = self._gather_objects(self._process_state())  # every process's, in rank order
         if self.main:
@@ -235,8 +234,7 @@ class CheckpointMixin:
                            f"this run is parallel={'fsdp2' if self._sharded else 'ddp'}",
                            hint="resume with the parallel setting the run was started with")
         if self._sharded:
-            from ..parallel import sharded_checkpoint
-            sharded_checkpoint.load(self, ck)
+            self._sharded_io.load(self, ck)
         else:
             self._load_unsharded(ck)
         own = ck / f"process_{self.rank}.json"
@@ -271,8 +269,7 @@ class CheckpointMixin:
         card (io/model_card.py); a sharded run's is gathered from every process first
         (parallel/sharded_checkpoint.py)."""
         if self._sharded:
-            from ..parallel import sharded_checkpoint
-            return sharded_checkpoint.save_final(self)
+            return self._sharded_io.save_final(self)
         if self.main:
             from .model_card import write_model_card
 

@@ -42,16 +42,9 @@ import torch
 from ..errors import RunFailure, RunInterrupted
 from ..io.checkpoint import CheckpointMixin, replace_dir  # noqa: F401  (replace_dir: re-exported)
 from ..io.metrics import MetricsMixin
+from ..seeds import mix as _mix
 
 PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
-
-
-def _mix(*xs) -> int:
-    """A seed in [0, 2**31) from integers (FNV-style): per step / process / round generators."""
-    h = 1469598103934665603
-    for x in xs:
-        h = ((h ^ (int(x) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
-    return h % (1 << 31)
 
 
 class TrainingLoop(CheckpointMixin, MetricsMixin):
@@ -61,6 +54,13 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
     bar_metrics: tuple = ()          # (key, label): step metrics the progress bar shows after the loss
     curve_metrics: tuple = ("eval_score",)  # panels of curves.png after the loss, when logged
     cuda_rng = True                  # checkpoints hold the CUDA generators' states (when CUDA is there)
+
+    @property
+    def _sharded_io(self):
+        """How a sharded run (``parallel=fsdp2``) writes and reads its checkpoints and final model
+        (parallel/sharded_checkpoint.py), for io/checkpoint.py, which sits below parallel/."""
+        from ..parallel import sharded_checkpoint
+        return sharded_checkpoint
 
     # -- console -----------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -123,7 +123,7 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
     def _iteration_params(self, iteration: int) -> dict:
         """Every param at ``iteration``: its schedule's entry, unless the run set that param
         (runtime/iterations.py)."""
-        from .iterations import iteration_params
+        from ..models.iterations import iteration_params
         return iteration_params(self.algo, iteration)
 
     def _start_iteration(self, it: int, replace: bool = True) -> None:

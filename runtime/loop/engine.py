@@ -54,9 +54,9 @@ __all__ = ["Engine", "EXTERNALS", "PHASES"]
 def family_for(algo):
     """The policy family of ``algo``: flow-matching when it samples with ``flow_sde``."""
     if any(s.kind == "flow_sde" for s in algo.plan.sampler.walk()) or "flow" in algo.requires:
-        from ..models.flow_policy import FlowPolicyFamily
+        from ..family.flow_policy import FlowPolicyFamily
         return FlowPolicyFamily()
-    from ..models.token_policy import TokenPolicy
+    from ..family.token_policy import TokenPolicy
     return TokenPolicy()
 
 

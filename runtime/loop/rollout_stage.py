@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..parallel.ddp import batch_stats_context, sum_over_processes
-from .base import _mix
+from ..seeds import mix as _mix
 
 EXTERNALS = ("reward", "reward_model", "preference", "env_reward")
 

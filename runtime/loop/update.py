@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from ..parallel.ddp import backward, global_totals, mean_over_processes, sum_over_processes, sync_context
+from ..parallel.ddp import (backward, global_totals, mean_over_processes, micro_slices, sum_over_processes,
+                            sync_context)
 from ..parallel.wrap import clip_grad_norm
 
 
@@ -29,12 +30,6 @@ def _per(v, rows: int, groups: int, G: int, ridx, gidx):
     if G > 1 and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == groups:
         return v[gidx]
     return v
-
-
-def micro_slices(run, rows: int, G: int) -> list[slice]:
-    """Micro-batches of ``micro_batch_size`` whole groups."""
-    m = run.cfg.micro_batch_size * G
-    return [slice(s, min(s + m, rows)) for s in range(0, rows, m)]
 
 
 def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[float, int, dict, list]:

@@ -158,7 +158,7 @@ def _check_algorithm(plan: ParallelPlan, cfg, algo) -> None:
                        "the flow policy family (models/flow_policy.py) does not support them yet",
                        hint="drop these settings for flow specs")
     if plan.fsdp2:
-        from ..loop.iterations import wants_iterate
+        from ..models.iterations import wants_iterate
         if wants_iterate(algo):
             raise RunError(f"{algo.name}: self-play iterations (an iterate or a replaced reference copy the "
                            "policy's whole weights) are not supported under parallel=fsdp2 yet",

@@ -109,7 +109,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("ALIGNSPEC_CACHE") or Path.home() / ".cache" / "alignspec")
 
 
-def _key(settings: dict) -> str:
+def cache_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -120,7 +120,7 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
                 "train_size": TRAIN_SIZE, "split_seed": SPLIT_SEED, "version": 2}
     if warm:
         settings["warmup"] = WARMUP_SETTINGS
-    target = cache_root() / f"tiny-{'warm' if warm else 'init'}-{_key(settings)}"
+    target = cache_root() / f"tiny-{'warm' if warm else 'init'}-{cache_key(settings)}"
 
     def build(tmp: Path) -> None:
         cfg = dict(MODEL_SETTINGS)
