@@ -1,4 +1,4 @@
-"""Evaluation on the user's own data (issue 11, runtime/loop/evaluation.py): eval_data /
+"""Evaluation on the user's own data (issue 11, runtime/family/evaluation.py): eval_data /
 eval_fraction with eval_every, for a sampling spec (the mean reward), preference pairs (the
 implicit-reward accuracy and the loss) and demonstrations (the loss)."""
 

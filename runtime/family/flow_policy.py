@@ -13,7 +13,7 @@ with the per-step quantities the flow policy provides (models/flow.py):
 
 A row set is a ``FlowRollout`` (trajectories); prompts are class ids drawn per round by the
 ``flow_sde`` sampler (rollout/flow_sde.py). Built-in default: ``FlowTask`` and a pretrained
-``VelocityNet`` (models/flow_io.py). Checkpoints hold ``model.safetensors`` (and the
+``VelocityNet`` (family/flow_io.py). Checkpoints hold ``model.safetensors`` (and the
 reference when iterations replace it); the final ``model/`` is in ``save_flow_model``'s
 format. It trains on one process, on the CPU, in float32.
 """

@@ -2,7 +2,7 @@
 spec reads from models other than the one being trained (or from it, without gradients).
 
 - ``logp_old`` / ``entropy_old`` under the policy that sampled (with self-play iterations
-  the frozen iterate pi_t, loop/iterations.py), ``value_old`` from the current critic --
+  the frozen iterate pi_t, models/iterations.py), ``value_old`` from the current critic --
   in micro-batches of whole groups;
 - ``logp_mismatch`` / ``logp_ref_mismatch`` (data unpaired, KTO's reference point): each
   row's completion after the next row's prompt, summed log-probs under the policy and the

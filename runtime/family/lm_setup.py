@@ -1,4 +1,4 @@
-"""Setup of the token-LM policy family: its models and its data (models/token_policy.py's ``_build``).
+"""Setup of the token-LM policy family: its models and its data (family/token_policy.py's ``_build``).
 
 ``load_data(run)`` comes first, so that bad data fails before any model is built;
 ``load_models(run)`` then builds exactly what the spec requires.
@@ -68,7 +68,7 @@ def load_models(run) -> None:
 
 def load_data(run):
     """The training records of the spec's data kind (a list, or a stream with ``streaming``),
-    after setting ``run.eval_records`` (eval_data / eval_fraction: loop/evaluation.py)."""
+    after setting ``run.eval_records`` (eval_data / eval_fraction: family/evaluation.py)."""
     need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
             "pairs": ["prompt", "chosen", "rejected"],
             "unpaired": ["prompt", "completion", "label"]}[run.kind]

@@ -1,9 +1,9 @@
 """The token-LM policy family: causal LMs (``transformers``) on ``accelerate``, in the one loop.
 
 ``setup`` builds exactly what ``algo.requires`` / ``algo.inputs`` name (the models and the
-data: models/lm_setup.py): the policy (or a reward-model head for ``rm_score``), LoRA
+data: family/lm_setup.py): the policy (or a reward-model head for ``rm_score``), LoRA
 adapters, a value head for a ``critic``, a frozen reference only if ``reference`` is
-required (with LoRA: the policy with its adapters disabled), the data (data/), the scorers (scoring/), the extras (models/lm_extras.py:
+required (with LoRA: the policy with its adapters disabled), the data (data/), the scorers (scoring/), the extras (family/lm_extras.py:
 prompt format, self-play iterate, embeddings, tree search), AdamW and the LR schedule, and
 the training forward, wrapped for several processes by parallel/wrap.py (DDP through
 ``accelerator.prepare``, or sharded by FSDP2's ``fully_shard``; activation checkpointing and
@@ -95,10 +95,10 @@ class TokenPolicy:
         if run.builtin:
             from ..tasks.tasks import ArithmeticTask
             run.task = ArithmeticTask()
-            if "tree_search" in algo.requires:  # the step-structured task (data/step_task.py)
+            if "tree_search" in algo.requires:  # the step-structured task (tasks/step_task.py)
                 from ..tasks.step_task import BuiltinStepTask
                 run.task = BuiltinStepTask()
-            elif "env" in algo.requires and not cfg.env and not cfg.tools:  # episodes: data/tool_task.py
+            elif "env" in algo.requires and not cfg.env and not cfg.tools:  # episodes: tasks/tool_task.py
                 from ..tasks.tool_task import BuiltinToolTask
                 run.task = BuiltinToolTask()
                 self._apply_task_defaults(run)
@@ -306,7 +306,7 @@ class TokenPolicy:
             from ..parallel.wrap import pad_frozen_forwards
             pad_frozen_forwards(run)  # FSDP2: as many reference forwards on every process
 
-    # -- checkpoints (the files: models/lm_policy_io.py) ------------------------------------------
+    # -- checkpoints (the files: family/lm_policy_io.py) ------------------------------------------
     save_weights = staticmethod(save_weights)
     load_weights = staticmethod(load_weights)
     write_model = staticmethod(write_model)

@@ -13,9 +13,9 @@ run plan (``algo.plan``: sampler, data kind, filters and refill, epochs, minibat
 iterations, reference policy, log-prob temperature), never the spec's syntax tree.
 
 What the models are is the **policy family**'s, chosen by the plan's sampler:
-``TokenPolicy`` (models/token_policy.py: causal LMs on ``accelerate``, with LoRA, a value
+``TokenPolicy`` (family/token_policy.py: causal LMs on ``accelerate``, with LoRA, a value
 head, a reward-model head, self-play iterates, tree search) or ``FlowPolicyFamily``
-(models/flow_policy.py: flow-matching policies sampled by ``flow_sde``). The family builds
+(family/flow_policy.py: flow-matching policies sampled by ``flow_sde``). The family builds
 the models, the data and the scorers (``setup``), turns rows into tensors, runs the
 forwards, and says what a checkpoint and the final model hold.
 

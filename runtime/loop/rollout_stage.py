@@ -8,7 +8,7 @@ sampler that can yield fewer groups than prompts), it samples again, up to
 ``max_refill_rounds``; on several processes the shortfall is summed over all of them, so
 every process takes the same number of rounds.
 
-``policy`` is the run's policy family (models/token_policy.py, models/flow_policy.py): it
+``policy`` is the run's policy family (family/token_policy.py, family/flow_policy.py): it
 knows what a row is (token lists, or flow trajectories) and how rows become tensors.
 """
 

@@ -134,7 +134,7 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
 
 def copy_init_model(tmp: Path, seed: int = 0) -> None:
     """The freshly initialized built-in model's files (not its settings record) into ``tmp``:
-    where another built-in task's warm-up starts (data/step_task.py, data/tool_task.py)."""
+    where another built-in task's warm-up starts (tasks/step_task.py, tasks/tool_task.py)."""
     init_dir, _ = builtin_model_dir(warm=False, seed=seed)
     for f in Path(init_dir).iterdir():
         if f.is_file() and f.name != "alignspec_builtin.json":
