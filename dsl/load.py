@@ -20,8 +20,9 @@ _SOURCES: dict[str, list[str]] = {}
 
 
 def builtin_dir() -> Path:
-    import alignspec.algorithms as algorithms
-    return Path(algorithms.__file__).parent
+    """The folder of the shipped spec files (package data of ``alignspec.algorithms``)."""
+    import importlib.resources
+    return Path(str(importlib.resources.files("alignspec.algorithms")))
 
 
 def builtin_names(kind: str | None = "algorithm") -> list[str]:

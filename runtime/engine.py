@@ -6,7 +6,7 @@ causal LMs and flow policies alike.
 
 Where things live, in import layers from the top (a module imports only from layers below
 its own; ``|``: independent folders of one layer). The contracts are in .importlinter, checked
-by ``lint-imports`` (tools/lint_imports.py) in ``make test`` and tests/test_plan.py:
+by ``lint-imports`` (run at the repository's root) in ``make test`` and tests/test_plan.py:
 
     engine.py       ``alignspec run`` (``run_from_cli``): one spec, or a pipeline of stages
     pipeline.py     a pipeline spec: one run per stage, each stage's model feeding the next
