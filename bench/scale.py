@@ -82,7 +82,7 @@ def worker(args: dict) -> None:
         t0 = time.perf_counter()
         eng._train_step()
         times.append(time.perf_counter() - t0)
-        eng.step += 1
+        eng.state.step += 1
     peak = _status("VmHWM") - base
     p = next(eng.wrapped.parameters())
     rec = {"rank": eng.rank, "peak": peak, "built": built - base, "step_time": sum(times[1:]) / max(1, len(times) - 1),

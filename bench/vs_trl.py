@@ -331,7 +331,7 @@ def floor_worker(args) -> None:
     ours, bare = [], []
     for _ in range(steps):
         res = eng._train_step()
-        eng.step += 1
+        eng.state.step += 1
         ours.append(res["step_time"])
         t0 = time.perf_counter()
         h = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, PROMPT - 1:-1]

@@ -52,7 +52,7 @@ def test_default_run_learns(tmp_path):
     assert FlowTask(**cfg["task"]).evaluate(model) == pytest.approx(end, abs=1e-6)
     # ... and a later run can start from it
     eng = build_engine("flow_grpo", model=str(out / "model"), out=str(tmp_path / "again"), steps=1, sets=QUIET)
-    assert eng.evaluate() == pytest.approx(end, abs=1e-6)
+    assert eng.family.evaluate(eng) == pytest.approx(end, abs=1e-6)
 
 
 def test_beta_zero_builds_no_reference(tmp_path):

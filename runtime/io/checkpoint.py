@@ -1,6 +1,6 @@
 """Checkpoints and the final model: atomic directories, the files every run writes and reads back.
 
-A checkpoint (``OUT/checkpoint``) holds the policy family's model files (``_save_weights``:
+A checkpoint (``OUT/checkpoint``) holds the policy family's model files (``family.save_weights``:
 models/lm_policy_io.py, models/flow_policy.py), ``optimizer.pt`` (optimizer and scheduler
 state, loaded with ``weights_only=True``), ``process_<rank>.json`` (each process's own state:
 Python / NumPy / torch generator states as plain values, plus what ``_process_state`` adds)
@@ -170,12 +170,12 @@ class CheckpointMixin:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _write_checkpoint(self, tmp: Path, states: list[dict]) -> None:
-        self._save_weights(tmp)
+        self.family.save_weights(self, tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    tmp / "optimizer.pt")
         for rank, st in enumerate(states):
             (tmp / f"process_{rank}.json").write_text(json.dumps(st))
-        (tmp / "state.json").write_text(json.dumps({**self._checkpoint_state(), "settings": self._settings()}))
+        (tmp / "state.json").write_text(json.dumps({**self.family.checkpoint_state(self), "settings": self._settings()}))
 
     def _settings(self) -> dict:
         """What a resumed run must share with its checkpoint: RESUME_FIXED and the spec's params."""
@@ -248,9 +248,9 @@ class CheckpointMixin:
         return True
 
     def _load_unsharded(self, ck: Path) -> None:
-        """The model files (``_load_weights``), optimizer and scheduler of an unsharded checkpoint."""
+        """The model files (``family.load_weights``), optimizer and scheduler of an unsharded checkpoint."""
         try:
-            self._load_weights(ck)
+            self.family.load_weights(self, ck)
         except RunError:
             raise
         except Exception as e:  # a missing or truncated file, another architecture
@@ -265,7 +265,7 @@ class CheckpointMixin:
         self.step = int(state["step"])
 
     def save_final(self) -> None:
-        """The trained model in ``OUT/model`` (atomic, main process; ``_write_model``) with its
+        """The trained model in ``OUT/model`` (atomic, main process; ``family.save_weights(final=True)``) with its
         card (io/model_card.py); a sharded run's is gathered from every process first
         (parallel/sharded_checkpoint.py)."""
         if self._sharded:
@@ -274,7 +274,7 @@ class CheckpointMixin:
             from .model_card import write_model_card
 
             def fill(tmp):
-                self._write_model(tmp)
+                self.family.save_weights(self, tmp, final=True)
                 write_model_card(self, tmp)  # README.md: spec, base model, data, settings, last metrics
             self._save_dir("model", fill)
 
