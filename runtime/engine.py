@@ -13,7 +13,8 @@ by ``lint-imports`` (run at the repository's root) in ``make test`` and tests/te
     build.py        ``build_engine``: compile, configure, claim ``--out``, build the loop
     loop/           the one run loop and its stages (engine, rollout_stage, update, base)
     family/         the policy families (token LMs, flow models): models, data, scorers wired
-                    together; the token family's evaluation
+                    together; their protocol (base.py), the run state their setup returns
+                    (state.py); the token family's evaluation
     tasks/          the built-in tasks (prompts, reward, warmed-up tiny model)
     rollout/ | scoring/   samplers behind one interface, chosen by the run plan (registered by
                     rollout/__init__.py) | reward functions, scorer models, embeddings

@@ -30,6 +30,7 @@ import torch
 from ..errors import RunError
 from ..models.flow import FlowPolicy, FlowRollout, FlowTask
 from .flow_io import FLOW_TASK, builtin_flow_model_dir, load_flow_model, write_flow_model
+from .base import PolicyFamily
 from .state import FlowState, build_scheduler, set_threads
 
 # what the flow policy provides; anything else a spec reads is an error before any model is built
@@ -48,7 +49,7 @@ def cat_rollouts(ros: list[FlowRollout]) -> FlowRollout:
     return FlowRollout(times=first.times, noise=first.noise, **cat)
 
 
-class FlowPolicyFamily:
+class FlowPolicyFamily(PolicyFamily):
     """A flow policy for loop/engine.py: ``setup`` returns the run's ``FlowState``; the other
     hooks take ``run``, the Engine (which shows the state's fields read-only)."""
 
@@ -133,8 +134,8 @@ class FlowPolicyFamily:
                 raise RunError(f"{algo.name} scores with {name}(response), which flow policies do not support",
                                hint="score with reward(response)")
         # optimizer / schedule (the LM family's settings)
-        params = [p for p in s.model.parameters() if p.requires_grad]
-        s.optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=cfg.weight_decay)
+        s.grad_params = [p for p in s.model.parameters() if p.requires_grad]
+        s.optimizer = torch.optim.AdamW(s.grad_params, lr=s.lr, weight_decay=cfg.weight_decay)
         build_scheduler(s)
         s.evaluates = True
         s.run_line = (f"run: {algo.name} (flow policy) for {s.steps} steps, batch {s.batch_size} prompts, "
@@ -167,14 +168,6 @@ class FlowPolicyFamily:
     def cat_rows(parts: list[FlowRollout]) -> FlowRollout:
         return cat_rollouts(parts)
 
-    @staticmethod
-    def take(ro: FlowRollout, n: int) -> FlowRollout:
-        return ro.select(torch.arange(n))
-
-    @staticmethod
-    def rollout_info(run, ro, info: dict) -> None:
-        pass
-
     # -- forwards --------------------------------------------------------------------------------
     @staticmethod
     def no_grad_forwards(run, batch: dict) -> None:
@@ -195,25 +188,14 @@ class FlowPolicyFamily:
         return {"logp": lp["logp"], **({"mu_sqdist_ref": lp["mu_sqdist_ref"]} if need_sq else {})}
 
     @staticmethod
-    def padding_loss(run):
-        raise AssertionError("a flow run has one process: no padding micro-batches")
-
-    @staticmethod
-    def zero_loss(fw: dict):
+    def zero_loss(run, fw: dict | None = None):
+        assert fw is not None, "a flow run has one process: no padding micro-batches"
         return sum(v.sum() for v in fw.values() if torch.is_tensor(v) and v.requires_grad) * 0.0
-
-    @staticmethod
-    def grad_params(run):
-        return [p for p in run.model.parameters() if p.requires_grad]
 
     # -- metrics, evaluation, iterations -------------------------------------------------------
     @staticmethod
     def rollout_metrics(run, batch: dict) -> dict:
         return {"reward/mean": float(batch["reward"].float().mean())} if "reward" in batch else {}
-
-    @staticmethod
-    def step_extra(run):
-        return None
 
     @staticmethod
     def evaluate(run) -> float:
@@ -223,18 +205,6 @@ class FlowPolicyFamily:
             return run.task.evaluate(run.model, per_class=run.eval_per_class)
         finally:
             run.model.train(was)
-
-    @staticmethod
-    def policy_state(run) -> dict:
-        return run.model.state_dict()
-
-    @staticmethod
-    def start_iteration(run, it: int, replace: bool) -> None:
-        pass
-
-    @staticmethod
-    def before_steps(run) -> None:
-        pass
 
     # -- checkpoints and the final model ---------------------------------------------------------
     @staticmethod
@@ -267,7 +237,3 @@ class FlowPolicyFamily:
         --resume)."""
         return {"step": run.step, "spec": run.algo.name, "family": "flow", "seed": run.cfg.seed,
                 "model": str(run.model_dir)}
-
-    @staticmethod
-    def process_state(run, restore: dict | None = None) -> dict:
-        return {}

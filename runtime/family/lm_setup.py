@@ -1,7 +1,8 @@
 """Setup of the token-LM policy family: its models and its data (family/token_policy.py's ``_build``).
 
-``load_data(run)`` comes first, so that bad data fails before any model is built;
-``load_models(run)`` then builds exactly what the spec requires.
+``run`` is the run state being built (a ``TokenState``, state.py). ``load_data(run)`` comes
+first, so that bad data fails before any model is built; ``load_models(run)`` then builds
+exactly what the spec requires.
 """
 
 from __future__ import annotations

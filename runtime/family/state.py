@@ -26,7 +26,8 @@ builds                 setup (models built, by role)       nobody
 model_dir              setup (the policy's source)         nobody
 model, reference       setup                               nobody (their weights: the updates,
                                                            iteration boundaries, checkpoints)
-optimizer, scheduler,  setup (family/schedule.py)          nobody (stepped by loop/update.py)
+optimizer, scheduler,  setup (``build_scheduler`` below)    nobody (stepped by loop/update.py)
+grad_params,
 updates_per_step,
 warmup_updates
 task, records          setup                               nobody (a stream moves on reading)
@@ -81,6 +82,7 @@ class RunState:
     reference: Any = None       # the frozen reference, or None
     optimizer: Any = None
     scheduler: Any = None
+    grad_params: list = field(default_factory=list)   # the trained parameters (clipped by norm)
     updates_per_step: int = 1   # optimizer updates per step (the plan's epochs x minibatches)
     warmup_updates: int = 0
     # task, data, evaluation

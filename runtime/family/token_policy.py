@@ -17,7 +17,6 @@ reference / iterate when iterations change them; ``model/``: the LM, LoRA merged
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
@@ -28,10 +27,11 @@ from ..models.fastpath import ReferenceCache
 from ..models.loaders import PolicyWithValueHead, unwrap_causal_lm
 from .lm_policy_io import load_weights, save_weights
 from ..models.train_forward import TrainForward, dummy_micro_batch, zero_loss
+from .base import PolicyFamily
 from .state import TokenState, build_scheduler, set_threads
 
 
-class TokenPolicy:
+class TokenPolicy(PolicyFamily):
     """A causal-LM policy for loop/engine.py: ``setup`` returns the run's ``TokenState``; the
     other hooks take ``run``, the Engine (which shows the state's fields read-only)."""
 
@@ -141,6 +141,7 @@ class TokenPolicy:
         s.optimizer = adamw(params, lr=s.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
         build_scheduler(s)  # warmup + lr_schedule (family/state.py)
         s.wrapped, s.optimizer = wrap_training(s, s.optimizer)  # DDP, or FSDP2's sharded forward
+        s.grad_params = list(s.wrapped.parameters())
 
     def forwarder(self, run, model) -> TrainForward:
         return TrainForward(model, run.cfg, reward_head=run.reward_head, pairs=run.kind == "pairs",
@@ -201,10 +202,6 @@ class TokenPolicy:
     def cat_rows(parts: list[list[dict]]) -> list[dict]:
         return [r for p in parts for r in p]
 
-    @staticmethod
-    def take(rows: list[dict], n: int) -> list[dict]:
-        return rows[:n]
-
     def rollout_info(self, run, rows: list[dict], info: dict) -> None:
         info["texts"] = [r["text"] for r in rows]
         if run.prompt_format.truncated:  # max_prompt_length
@@ -230,20 +227,15 @@ class TokenPolicy:
         return self.forward_rows(run, run.model, mb, sl, grad=True, entropy="entropy" in inputs,
                                  value="value" in inputs)
 
-    def padding_loss(self, run) -> torch.Tensor:
-        """A zero-weight micro-batch: a process with no more rows still joins the reduction."""
-        inputs = run.current.inputs
-        dummy = dummy_micro_batch(run.tokenizer.pad_token_id or 0, run.device)
-        fw = self.forward_rows(run, run.model, dummy, slice(0, 1), grad=True, entropy="entropy" in inputs,
-                               value="value" in inputs)
+    def zero_loss(self, run, fw: dict | None = None) -> torch.Tensor:
+        """Zero times the outputs ``fw``, or without them of a one-row dummy micro-batch: a process
+        with no more rows (or a dropped micro-batch) still joins the reduction."""
+        if fw is None:
+            inputs = run.current.inputs
+            dummy = dummy_micro_batch(run.tokenizer.pad_token_id or 0, run.device)
+            fw = self.forward_rows(run, run.model, dummy, slice(0, 1), grad=True, entropy="entropy" in inputs,
+                                   value="value" in inputs)
         return zero_loss(fw)
-
-    @staticmethod
-    def zero_loss(fw: dict) -> torch.Tensor:
-        return zero_loss(fw)
-
-    def grad_params(self, run):
-        return run.wrapped.parameters()
 
     def no_grad_forwards(self, run, batch: dict) -> None:
         from .lm_forwards import no_grad_forwards
@@ -282,16 +274,6 @@ class TokenPolicy:
         from ..parallel.wrap import gathered
         with gathered(run):  # whole weights for generation under FSDP2
             return run.task.eval_score(run.policy, run.tokenizer, run.cfg.eval_size, prompt_format=run.prompt_format)
-
-    @staticmethod
-    def policy_state(run) -> dict:
-        return unwrap_causal_lm(run.model).state_dict()
-
-    @staticmethod
-    def start_iteration(run, it: int, replace: bool) -> None:
-        if replace and it > 0:
-            from ..models.iterations import refresh_iterate
-            refresh_iterate(run)  # pi_t := the policy (when it is not the reference itself)
 
     def before_steps(self, run) -> None:
         if run.cfg.precompute_reference and self.reference_needed(run):

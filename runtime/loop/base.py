@@ -17,8 +17,7 @@ The engine (loop/engine.py) holds the run state (``self.state``, family/state.py
 only as ``self.state.<field>``), its ``family``, calls ``_init_iterations()`` after setup, and
 provides ``_train_step() -> dict`` (one optimizer step: its metrics record, without "step").
 The family's hooks called here: ``evaluate``, ``before_steps`` (after the step-0 evaluation,
-before the clock), ``policy_state`` (the weights a ``reference = "iterate"`` reference takes);
-io/checkpoint.py calls the checkpoint hooks.
+before the clock); io/checkpoint.py calls the checkpoint hooks.
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ import torch
 from ..errors import RunFailure, RunInterrupted
 from ..io.checkpoint import CheckpointMixin, replace_dir  # noqa: F401  (replace_dir: re-exported)
 from ..io.metrics import MetricsMixin
+from ..models.iterations import refresh_iterate
+from ..models.loaders import unwrap_causal_lm
 from ..seeds import mix as _mix
 
 PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
@@ -81,12 +82,15 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
 
     def _start_iteration(self, it: int, replace: bool = True) -> None:
         """Enter iteration ``it``: its algorithm becomes ``self.current``; with ``replace`` at a
-        boundary (it > 0), a ``reference = "iterate"`` reference takes the policy's weights."""
+        boundary (it > 0), a ``reference = "iterate"`` reference and a separate self-play iterate
+        (models/iterations.py) take the policy's weights."""
         self._iter = it
         self.current = self.algo_for(it)
         if replace and it > 0 and self.reference is not None and self.algo.plan.reference == "iterate":
-            self.reference.load_state_dict(self.family.policy_state(self))
+            self.reference.load_state_dict(unwrap_causal_lm(self.model).state_dict())
             self.say(f"iteration {it}: reference replaced by the current policy")
+        if replace and it > 0:
+            refresh_iterate(self)  # a self-play iterate pi_t := the policy (when it is not the reference)
 
     # -- pieces of one optimizer step ------------------------------------------------------
     def _minibatches(self, algo, n_groups: int):

@@ -27,27 +27,29 @@ the samplers, which get the Engine, read them as before. The Engine's own attrib
 loop's: ``family``, ``current`` (this iteration's algorithm), ``iterations``,
 ``steps_per_iter``, ``batch_rows`` (the rollout's rows), ``eval_metrics``, ``resume``.
 
-The family protocol, each hook with the one stage that calls it (``run`` is the Engine):
+The family protocol (family/base.py, ``PolicyFamily``), each hook with the one stage that
+calls it (``run`` is the Engine):
 
-    setup(algo, cfg, out=, console=, parallel_plan=) -> RunState    Engine.__init__
+    setup(algo, cfg, out=, console=, parallel_plan=) -> RunState     Engine.__init__
     rows (loop/rollout_stage.py): next_prompts, rows, batch_of, score_rows, select_rows,
-        cat_rows, take, rollout_info; tok_prompt, tok_completion (the samplers, through
+        cat_rows, rollout_info; tok_prompt, tok_completion (the samplers, through
         ``Engine.tok_prompt`` / ``tok_completion``)
-    forwards: no_grad_forwards (this file), forward, padding_loss, zero_loss, grad_params
-        (loop/update.py)
-    the run: rollout_metrics, step_extra (this file), evaluate, policy_state, start_iteration,
-        before_steps (loop/base.py)
+    forwards: no_grad_forwards (this file); forward, zero_loss(run, fw=None) (a dropped
+        micro-batch's, or without ``fw`` a padding micro-batch's) (loop/update.py)
+    the run: rollout_metrics, step_extra (this file); evaluate, before_steps (loop/base.py)
     checkpoints (io/checkpoint.py, parallel/sharded_checkpoint.py): save_weights(run, dir,
         final=False) (a checkpoint's model files, or with ``final`` the final model),
         load_weights, checkpoint_state (state.json; its ``spec`` and ``family`` are checked on
-        --resume here), process_state(run, restore=None) (a process's own state, put back with
-        ``restore``)
+        --resume here), process_state(run, restore=None) (a process's own state; with
+        ``restore``, put back)
 
 and ``name`` ("token" | "flow"). What is fixed after setup is a state field, not a hook: the
-"run: ..." line (``run_line``), whether the run evaluates (``evaluates``), the progress bar's
-and the plot's metrics and whether checkpoints hold CUDA generators (``bar_metrics``,
-``curve_metrics``, ``cuda_rng``). A new sampler needs none of this: it is a class registered
-in rollout/ (rollout/base.py).
+"run: ..." line (``run_line``), whether the run evaluates (``evaluates``), the parameters
+clipped by norm (``grad_params``), the progress bar's and the plot's metrics and whether
+checkpoints hold CUDA generators (``bar_metrics``, ``curve_metrics``, ``cuda_rng``). At an
+iteration boundary the loop itself gives a ``reference = "iterate"`` reference and a self-play
+iterate the policy's weights (loop/base.py). A new sampler needs none of this: it is a class
+registered in rollout/ (rollout/base.py).
 
 Reproducibility: sampling uses a seed derived from (seed, step, process, round), minibatch
 shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted one.
@@ -161,11 +163,6 @@ class Engine(TrainingLoop):
                                 extra=self.family.step_extra(self))
         res["step_cpu_time"] = time.process_time() - c_start  # all threads; less sensitive to other load
         return res
-
-    # -- iterations ----------------------------------------------------------------------------
-    def _start_iteration(self, it: int, replace: bool = True) -> None:
-        super()._start_iteration(it, replace)
-        self.family.start_iteration(self, it, replace)
 
     # -- checkpoints (written by io/checkpoint.py) -----------------------------------------------
     def _barrier(self) -> None:

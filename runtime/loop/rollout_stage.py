@@ -70,7 +70,7 @@ def rollout(run, times: dict) -> tuple[dict | None, dict]:
     if not kept:
         return None, info
     n_keep = min(have, target) * G
-    rows = pol.take(pol.cat_rows(kept), n_keep)
+    rows = pol.select_rows(pol.cat_rows(kept), list(range(n_keep)))
     batch = pol.batch_of(run, rows)
     for k in carried[0]:
         vals = [c[k] for c in carried if k in c]

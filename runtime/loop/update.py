@@ -59,7 +59,7 @@ def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[
                 break
             with sync_context(run, i, n_micro):
                 if i >= len(slices) or bad is not None:  # padding: this process has no more rows
-                    backward(run, pol.padding_loss(run))
+                    backward(run, pol.zero_loss(run))
                     continue
                 sl = slices[i]
                 fw = pol.forward(run, mb, sl, ridx[sl])
@@ -70,7 +70,7 @@ def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[
                 bad = run._bad_term(out)
                 if bad is not None:
                     if run.world > 1:
-                        backward(run, pol.zero_loss(fw))  # keeps the processes in step; no update follows
+                        backward(run, pol.zero_loss(run, fw))  # keeps the processes in step; no update follows
                     continue
                 backward(run, out.loss)
             mb_loss += out.loss.detach().double()
@@ -83,7 +83,7 @@ def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[
         t0 = time.perf_counter()
         mb_loss = sum_over_processes(run, mb_loss)
         if run.cfg.max_grad_norm:
-            grad_norms.append(clip_grad_norm(run, pol.grad_params(run), run.cfg.max_grad_norm))
+            grad_norms.append(clip_grad_norm(run, run.grad_params, run.cfg.max_grad_norm))
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
