@@ -26,14 +26,14 @@ builds                 setup (models built, by role)       nobody
 model_dir              setup (the policy's source)         nobody
 model, reference       setup                               nobody (their weights: the updates,
                                                            iteration boundaries, checkpoints)
-optimizer, scheduler,  setup (``build_scheduler`` below)    nobody (stepped by loop/update.py)
+optimizer, scheduler,  setup (``build_scheduler`` below)   nobody (stepped by loop/update.py)
 grad_params,
 updates_per_step,
 warmup_updates
 task, records          setup                               nobody (a stream moves on reading)
 evaluates, run_line    setup                               nobody
-bar_metrics,           the family (class attributes)       nobody
-curve_metrics,
+bar_metrics,           setup (the family's; defaults: the  nobody
+curve_metrics,         token family's)
 cuda_rng
 step                   0                                   the loop (one per optimizer step),
                                                            a resumed checkpoint
@@ -90,7 +90,7 @@ class RunState:
     records: Any = None         # the training records: a list, or a stream (data/stream.py)
     evaluates: bool = True      # whether the run has a held-out score (``family.evaluate``)
     run_line: str = ""          # the "run: ..." console line
-    # what the family decides (its class attributes)
+    # what the family decides
     bar_metrics: tuple = ()     # (key, label): step metrics the progress bar shows after the loss
     curve_metrics: tuple = ("eval_score",)  # panels of curves.png after the loss, when logged
     cuda_rng: bool = True       # checkpoints hold the CUDA generators' states (when CUDA is there)
@@ -133,7 +133,8 @@ class TokenState(RunState):
 
 @dataclass(slots=True, eq=False)
 class FlowState(RunState):
-    """A flow-policy run (family/flow_policy.py); every field set by setup."""
+    """A flow-policy run (family/flow_policy.py); every field set by setup and never reassigned
+    (``counts`` is counted up by the no-grad forwards)."""
 
     builtin: bool = True
     task_settings: dict = field(default_factory=dict)   # the flow task's settings, saved with the model
