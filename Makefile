@@ -23,6 +23,7 @@ demo: setup
 	$(VENV)/bin/alignspec run grpo --out runs/demo
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
 
 docs: setup

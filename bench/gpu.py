@@ -111,7 +111,7 @@ def alignspec_worker(kind: str, model: str, data: str, out: str, steps: int, tin
         t0 = time.perf_counter()
         eng._train_step()
         times.append(time.perf_counter() - t0)
-        eng.step += 1
+        eng.state.step += 1
     Path(out, "result.json").write_text(json.dumps({"times": times, "peak_gb": _peak()}))
 
 

@@ -73,7 +73,7 @@ def worker(args: dict) -> None:
     eng = build_engine("sft", model=args["model"], data=args["data"], out=args["out"], steps=args["steps"],
                        sets=["batch_size=2", "micro_batch_size=1", "lr=1e-5", "eval_every=0", "threads=1",
                              *args["sets"]])
-    eng.console.quiet = True
+    eng.state.console.quiet = True
     built = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
     eng._start_iteration(0)
@@ -82,13 +82,13 @@ def worker(args: dict) -> None:
         t0 = time.perf_counter()
         eng._train_step()
         times.append(time.perf_counter() - t0)
-        eng.step += 1
+        eng.state.step += 1
     peak = _status("VmHWM") - base
-    p = next(eng.wrapped.parameters())
-    rec = {"rank": eng.rank, "peak": peak, "built": built - base, "step_time": sum(times[1:]) / max(1, len(times) - 1),
-           "param": type(p).__name__, "wrapped": type(eng.wrapped).__name__,
-           "params": sum(q.numel() for q in eng.model.parameters())}
-    with open(Path(args["out"]) / f"rank{eng.rank}.json", "w") as f:
+    p = next(eng.state.wrapped.parameters())
+    rec = {"rank": eng.state.rank, "peak": peak, "built": built - base, "step_time": sum(times[1:]) / max(1, len(times) - 1),
+           "param": type(p).__name__, "wrapped": type(eng.state.wrapped).__name__,
+           "params": sum(q.numel() for q in eng.state.model.parameters())}
+    with open(Path(args["out"]) / f"rank{eng.state.rank}.json", "w") as f:
         json.dump(rec, f)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -314,9 +314,9 @@ def floor_worker(args) -> None:
     work = Path(out).parent
     cfg = alignspec_config(WORKLOADS["dpo32k"], work / "floor_engine", steps + 1, {"precompute_reference": True})
     eng = build_engine("dpo", model=model_dir, data=data, config=str(cfg))
-    eng.out.mkdir(parents=True, exist_ok=True)
+    eng.state.out.mkdir(parents=True, exist_ok=True)
     eng._start_iteration(0, replace=False)
-    eng.ref_cache.precompute(eng)
+    eng.state.ref_cache.precompute(eng)
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     model.train()
@@ -331,7 +331,7 @@ def floor_worker(args) -> None:
     ours, bare = [], []
     for _ in range(steps):
         res = eng._train_step()
-        eng.step += 1
+        eng.state.step += 1
         ours.append(res["step_time"])
         t0 = time.perf_counter()
         h = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, PROMPT - 1:-1]

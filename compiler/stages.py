@@ -29,11 +29,11 @@ def pipeline_plan(spec) -> PipelinePlan | None:
     """The stages of ``spec`` (a name, path, text or checked Spec) when it is a pipeline, else
     None. Raises SpecError for a spec that does not load."""
     from alignspec.dsl.check import Spec, load
-    from alignspec.dsl.load import _locate
+    from alignspec.dsl.load import locate
     s = spec if isinstance(spec, Spec) else load(spec)
     if not s.is_pipeline:
         return None
     base = Path(s.path).parent if s.path and s.path != "<string>" else None
     return PipelinePlan(s.name, tuple(
-        StagePlan(st.name, st.spec, str(_locate(st.spec, base, st.span)), tuple(st.links.items()))
+        StagePlan(st.name, st.spec, str(locate(st.spec, base, st.span)), tuple(st.links.items()))
         for st in s.stages))

@@ -20,8 +20,9 @@ _SOURCES: dict[str, list[str]] = {}
 
 
 def builtin_dir() -> Path:
-    import alignspec.algorithms as algorithms
-    return Path(algorithms.__file__).parent
+    """The folder of the shipped spec files (package data of ``alignspec.algorithms``)."""
+    import importlib.resources
+    return Path(str(importlib.resources.files("alignspec.algorithms")))
 
 
 def builtin_names(kind: str | None = "algorithm") -> list[str]:
@@ -85,7 +86,7 @@ def read_spec(ref: str | Path, *, relative_to: Path | None = None, at: Span | No
             raise err
         _SOURCES[path] = source_lines(ref)
         return parse(ref, path)
-    path = _locate(ref, relative_to, at)
+    path = locate(ref, relative_to, at)
     name = _display(path)
     text = decode(_read_bounded(path), name)
     _SOURCES[name] = source_lines(text)
@@ -128,7 +129,7 @@ def is_bare_name(ref: str) -> bool:
     return "/" not in ref and "\\" not in ref and not ref.endswith(".align") and ref not in (".", "..")
 
 
-def _locate(ref: str | Path, relative_to: Path | None, at: Span | None) -> Path:
+def locate(ref: str | Path, relative_to: Path | None, at: Span | None) -> Path:
     """The file a reference names. Inside a spec (``relative_to``: its folder), ``import x`` or
     ``extends x`` is ``x.align`` beside it, else the built-in ``x``. From the command line or the
     API, a bare name is the built-in of that name, else the file of that name; a Path or

@@ -2,16 +2,32 @@
 
 The run itself is the one loop of runtime/loop/engine.py (``Engine``): rollout -> score,
 filter, select -> no-grad forwards -> advantage -> updates -> checkpoint and metrics, for
-causal LMs and flow policies alike. Where things live:
+causal LMs and flow policies alike.
 
-    loop/       the loop and its stages (engine, rollout_stage, update), iterations
-    rollout/    samplers behind one interface, chosen by the run plan (rollout/base.py)
-    models/     loaders, the token-LM and flow policy families, log-prob forwards, heads
-    data/       data files, prompts and chat templates, built-in tasks, token rows
-    scoring/    reward functions, scorer models, embeddings
-    io/         checkpoints, metrics, trackers
-    parallel/   DDP (parallel/ddp.py) or FSDP2 (parallel/fsdp2.py), chosen in parallel/wrap.py;
-                mixed precision, activation checkpointing, sharded checkpoints, LoRA settings
+Where things live, in import layers from the top (a module imports only from layers below
+its own; ``|``: independent folders of one layer). The contracts are in .importlinter, checked
+by ``lint-imports`` (run at the repository's root) in ``make test`` and tests/test_plan.py:
+
+    engine.py       ``alignspec run`` (``run_from_cli``): one spec, or a pipeline of stages
+    pipeline.py     a pipeline spec: one run per stage, each stage's model feeding the next
+    build.py        ``build_engine``: compile, configure, claim ``--out``, build the loop
+    loop/           the one run loop and its stages (engine, rollout_stage, update, base)
+    family/         the policy families (token LMs, flow models): models, data, scorers wired
+                    together; their protocol (base.py), the run state their setup returns
+                    (state.py); the token family's evaluation
+    tasks/          the built-in tasks (prompts, reward, warmed-up tiny model)
+    rollout/ | scoring/   samplers behind one interface, chosen by the run plan (registered by
+                    rollout/__init__.py) | reward functions, scorer models, embeddings
+    parallel/       DDP (parallel/ddp.py) or FSDP2 (parallel/fsdp2.py), chosen in parallel/wrap.py;
+                    mixed precision, activation checkpointing, sharded checkpoints, LoRA settings
+    models/         loaders, log-prob forwards, heads, flow models, self-play iterates
+    data/ | io/     data files, prompts and chat templates, token rows | checkpoints, metrics,
+                    trackers, the output folder
+    config.py | presets.py | user_code.py | seeds.py    settings, presets, user code, seeds
+    errors.py
+
+Outside runtime/, the runtime imports neither alignspec.dsl nor alignspec.cli (it reads the
+compiled plan); the compiler never imports the runtime, the DSL never the compiler.
 
 Distributed runs: ``accelerate launch --multi_gpu --num_processes N`` (or torchrun); see
 parallel/ddp.py for the normalizers, padding micro-batches and gradient reduction.
@@ -21,39 +37,14 @@ parallel/ddp.py for the normalizers, padding micro-batches and gradient reductio
 
 from __future__ import annotations
 
-import os
 import sys
 
-from .config import load_config
 from .errors import RunError, RunFailure, RunInterrupted
+from .build import build_engine
 from .loop.base import PHASES
 from .loop.engine import EXTERNALS, Engine
 
 __all__ = ["Engine", "EXTERNALS", "PHASES", "build_engine", "run_from_cli"]
-
-
-def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None, steps=None, seed=None,
-                 save_every=None, resume=False, eval_every=None, profile=False, **extra) -> Engine:
-    """Compile ``spec`` (name, path, text, Spec or CompiledAlgorithm), load the config, build."""
-    import alignspec
-    from alignspec.compiler.api import CompiledAlgorithm
-    base = spec if isinstance(spec, CompiledAlgorithm) else alignspec.compile(spec)
-    cfg = load_config(config, sets, spec_params=base.params, model=model, data=data, out=out, steps=steps,
-                      seed=seed, save_every=save_every, eval_every=eval_every,
-                      profile=True if profile else None, **extra)
-    algo = base
-    if cfg.params:
-        merged = dict(cfg.params)
-        if isinstance(spec, CompiledAlgorithm):
-            merged = {**{k: v for k, v in spec.params.items()}, **merged}
-        algo = base.with_params(**merged)
-    from .parallel.settings import resolve  # bad parallel / precision / LoRA settings: before --out is made
-    resolve(cfg, algo)
-    from .io.outdir import claim_out  # before anything loads: a bad --out costs nothing
-    lock = claim_out(cfg, resume=resume, main=int(os.environ.get("RANK", "0")) == 0, spec=algo.name)
-    engine = Engine(algo, cfg, resume=resume)  # the policy family follows the plan (loop/engine.py)
-    engine.out_lock = lock  # held until the process ends
-    return engine
 
 
 def run_from_cli(spec, model=None, data=None, config=None, sets=(), out=None, steps=None, seed=None,

@@ -116,7 +116,7 @@ def run_pipeline(spec, *, model=None, data=None, config=None, sets=(), out=None,
     ``on_engine(stage_name, engine)``, if given, is called with each stage's engine before it
     trains (tests use it to look at what a stage was built from).
     """
-    from .engine import build_engine
+    from .build import build_engine
     pipe = load_pipeline(spec)
     if pipe is None:
         raise RunError(f"{spec} is not a pipeline")

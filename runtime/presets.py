@@ -1,7 +1,7 @@
 """Per-spec settings for the built-in demo (built-in task *and* built-in tiny model).
 
 The engine's generic built-in defaults (300 steps, batch 16, lr 1e-3, constant LR; see
-``TokenPolicy._build``, runtime/models/token_policy.py) suit GRPO and SFT on the tiny model. Other specs need other settings to
+``TokenPolicy._build``, runtime/family/token_policy.py) suit GRPO and SFT on the tiny model. Other specs need other settings to
 learn there, and ``PRESETS`` says which, keyed by the spec's name (``algorithm NAME``).
 An entry maps ``RunConfig`` fields to values and may hold ``"params"``: spec parameter
 overrides.
@@ -42,7 +42,7 @@ Self-play, active selection, the reward model and tree search (seed 0 unless sai
   iteration; tuned for 7B models and long responses) keeps the logistic loss in its linear
   range until the log-ratios reach ~20 nats, and with lr 1e-3 held-out accuracy ends at 0.08
   (lr 1e-4 with the schedule: erratic, 0.08-0.68). A param set here (or with --set) holds at
-  every iteration in place of the spec's schedule (runtime/loop/iterations.py).
+  every iteration in place of the spec's schedule (runtime/models/iterations.py).
 - ``sppo`` / ``rspo`` {batch 32, linear decay, eta 10}: 0.28 -> 0.88 / 0.80. eta = 1000
   (beta = 0.001) asks a 2-token answer's log-ratio to move by up to ~185 nats; clipped
   gradients then push losers down without bound (sppo 0.28 -> 0.08, rspo -> 0.20).
@@ -51,7 +51,7 @@ Self-play, active selection, the reward model and tree search (seed 0 unless sai
 - ``mcts`` {lr 3e-4} (the step task, greedy full-solution accuracy, start 0.18): -> 0.72
   (lr 1e-3: 0.57, less steady).
 - ``grpo_tools`` {50 steps, linear decay} (the agentic task: sums of three 3-digit numbers
-  with a calculator, data/tool_task.py; greedy episodes on 50 held-out problems): the warm
+  with a calculator, tasks/tool_task.py; greedy episodes on 50 held-out problems): the warm
   model calls the tool in ~4% of sampled episodes and never in greedy ones (eval 0.00);
   GRPO makes calling the rule within ~10 steps (100 steps, eval every 10: 0.98 from step
   10 on for seeds 0, 1, 2; the generic 300 steps: 0.98 at 25, 0.92 at 300). 50 steps are
@@ -78,7 +78,7 @@ PRESETS: dict[str, dict] = {
     "aot": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
     "reinforce_pp": {"lr": 3e-4, "batch_size": 32, "lr_schedule": "linear"},
     "grpo_tis": {"lr_schedule": "linear"},
-    # episodes (the agentic task, data/tool_task.py): learns within ~10 steps (see the notes)
+    # episodes (the agentic task, tasks/tool_task.py): learns within ~10 steps (see the notes)
     "grpo_tools": {"steps": 50, "lr_schedule": "linear"},
 }
 
@@ -102,12 +102,12 @@ def stage_preset(pipeline: str, stage: str, cfg) -> tuple[dict, dict]:
     if cfg.data is not None or cfg.model is not None:
         return {}, {}
     preset = PIPELINE_PRESETS.get(pipeline, {}).get(stage, {})
-    fields = {k: v for k, v in preset.items() if k != "params" and not _user_set(cfg, k)}
+    fields = {k: v for k, v in preset.items() if k != "params" and not user_set(cfg, k)}
     params = {k: v for k, v in preset.get("params", {}).items() if k not in cfg.params}
     return fields, params
 
 
-def _user_set(cfg, name: str) -> bool:
+def user_set(cfg, name: str) -> bool:
     return name in cfg.model_fields_set and getattr(cfg, name) is not None
 
 
@@ -120,7 +120,7 @@ def builtin_preset(algo, cfg) -> tuple[dict, dict]:
     if cfg.data is not None or cfg.model is not None:
         return {}, {}
     preset = PRESETS.get(algo.name, {})
-    fields = {k: v for k, v in preset.items() if k != "params" and not _user_set(cfg, k)}
+    fields = {k: v for k, v in preset.items() if k != "params" and not user_set(cfg, k)}
     declared = dict(algo.plan.param_defaults)  # declared defaults: a param still at its own was not set
     params = {k: v for k, v in preset.get("params", {}).items()
               if k in declared and k not in cfg.params and algo.params[k] == declared[k]}

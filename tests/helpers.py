@@ -31,7 +31,7 @@ def silent_console():
 
 def quiet(engine):
     """The engine, with its console silenced."""
-    engine.console = silent_console()
+    engine.state.console = silent_console()
     return engine
 
 

@@ -82,7 +82,7 @@ def test_short_rlhf_pipeline_through_cli(tmp_path):
 
 def test_rm_score_is_the_classifier_logit_at_the_last_valid_token():
     from alignspec.runtime.models.reward_head import encode, left_pad, load_reward_model, sequence_scores
-    from alignspec.runtime.data.tasks import builtin_model_dir
+    from alignspec.runtime.tasks.tasks import builtin_model_dir
     torch.manual_seed(0)
     model, tok = load_reward_model(builtin_model_dir(warm=False)[0])
     seqs = [encode(tok, "3+4=", "7"), encode(tok, "12+5=", "17"), encode(tok, "1+1=", "2")]
@@ -118,12 +118,12 @@ def test_reward_model_eval_is_heldout_pairwise_accuracy_and_saved_model_loads(tm
 
     from alignspec.runtime.models.reward_head import builtin_heldout_pairs
     from alignspec.runtime.scoring.rewards import SequenceScorer
-    from alignspec.runtime.data.tasks import ArithmeticTask
+    from alignspec.runtime.tasks.tasks import ArithmeticTask
     out = tmp_path / "rm"
     eng = quiet(build_engine("reward_model", out=str(out), steps=3, sets=["batch_size=8"] + QUIET))
     summary = eng.train()
     pairs = builtin_heldout_pairs(ArithmeticTask())
-    train_prompts = {r["prompt"] for r in eng.records}
+    train_prompts = {r["prompt"] for r in eng.state.records}
     assert pairs and not {p["prompt"] for p in pairs} & train_prompts       # held out
     # independent: the saved model, loaded by transformers, one unpadded sequence at a time
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
@@ -154,12 +154,12 @@ def _track_iterations(engine):
 
     def start_iteration(it, replace=True):
         if it > 0:
-            log["end"][it - 1] = _state(engine.model)
+            log["end"][it - 1] = _state(engine.state.model)
         start(it, replace)
-        if engine.reference is not None:
-            log["ref_after"][it] = _state(engine.reference)
-        if engine.iterate is not None:
-            log["iterate_after"][it] = _state(engine.iterate)
+        if engine.state.reference is not None:
+            log["ref_after"][it] = _state(engine.state.reference)
+        if engine.state.iterate is not None:
+            log["iterate_after"][it] = _state(engine.state.iterate)
     engine._start_iteration = start_iteration
     return log
 
@@ -169,9 +169,9 @@ def test_iterate_reference_is_replaced_by_the_policy_at_each_boundary(spec, tmp_
     import alignspec.runtime.rollout.generation as generation
     eng = quiet(build_engine(spec, out=str(tmp_path / spec), steps=3,
                               sets=["batch_size=4"] + QUIET + (["k=3"] if spec == "sppo" else [])))
-    assert eng.iterations > 1 and eng.algo.train["reference"] == "iterate"
+    assert eng.iterations > 1 and eng.state.algo.train["reference"] == "iterate"
     eng.steps_per_iter = 1  # three iterations of one step each
-    initial = _state(eng.model)
+    initial = _state(eng.state.model)
     log = _track_iterations(eng)
     used = []
     real = generation.generate_groups
@@ -185,26 +185,26 @@ def test_iterate_reference_is_replaced_by_the_policy_at_each_boundary(spec, tmp_
     for it in (1, 2):
         assert _same(log["ref_after"][it], log["end"][it - 1])      # the previous iterate
         assert not _same(log["end"][it - 1], initial)               # and it did move
-    assert eng.iterate is eng.reference                            # pi_t is the reference
+    assert eng.state.iterate is eng.state.reference                            # pi_t is the reference
     # every sample came from the iterate (the reference); the policy generated only for the
     # two evaluations (start and end)
-    assert sum(m is eng.reference for m in used) == 3
-    assert sum(m is eng.policy for m in used) == 2 and len(used) == 5
+    assert sum(m is eng.state.reference for m in used) == 3
+    assert sum(m is eng.state.policy for m in used) == 2 and len(used) == 5
 
 
 def test_rspo_keeps_the_initial_reference_and_reads_logp_old_under_the_iterate(tmp_path):
     from alignspec.runtime.models.logprobs import completion_logprobs
     eng = quiet(build_engine("rspo", out=str(tmp_path / "rspo"), steps=4, sets=["batch_size=4", "k=3"] + QUIET))
     eng.steps_per_iter = 2  # iterations 0, 0, 1, 1: the second step of each is after an update
-    initial = _state(eng.model)
+    initial = _state(eng.state.model)
     log = _track_iterations(eng)
-    assert eng.iterate is not None and eng.iterate is not eng.reference
+    assert eng.state.iterate is not None and eng.state.iterate is not eng.state.reference
     checked = []
     forwards = eng._no_grad_forwards
 
     def check(batch, times):
         forwards(batch, times)
-        pi_t = copy.deepcopy(unwrap_causal_lm(eng.model))          # reference: rebuilt from the log
+        pi_t = copy.deepcopy(unwrap_causal_lm(eng.state.model))          # reference: rebuilt from the log
         pi_t.load_state_dict(log["end"].get(eng._iter - 1, initial))
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
@@ -215,15 +215,15 @@ def test_rspo_keeps_the_initial_reference_and_reads_logp_old_under_the_iterate(t
             want_ref = completion_logprobs(mu, ids, att, batch["completion_mask"])["logp"]
         torch.testing.assert_close(batch["logp_old"], want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batch["logp_ref"], want_ref, rtol=1e-5, atol=1e-5)
-        if eng.step % 2 == 1:  # the policy has moved since pi_t: logp_old is not the current policy's
+        if eng.state.step % 2 == 1:  # the policy has moved since pi_t: logp_old is not the current policy's
             with torch.no_grad():
-                now = completion_logprobs(eng.model, ids, att, batch["completion_mask"])["logp"]
+                now = completion_logprobs(eng.state.model, ids, att, batch["completion_mask"])["logp"]
             assert not torch.allclose(now, want, atol=1e-4)
         checked.append(eng._iter)
     eng._no_grad_forwards = check
     eng.train()
     assert checked == [0, 0, 1, 1]
-    assert _same(_state(eng.reference), initial)                   # mu never moves
+    assert _same(_state(eng.state.reference), initial)                   # mu never moves
     assert _same(log["iterate_after"][0], initial)
     assert _same(log["iterate_after"][1], log["end"][0]) and not _same(log["end"][0], initial)
 
@@ -234,7 +234,7 @@ def test_iterate_is_checkpointed_and_restored(tmp_path):
     eng.steps_per_iter = 1
     eng.train()
     assert (out / "checkpoint" / "iterate.safetensors").is_file()
-    it = _state(eng.iterate)
+    it = _state(eng.state.iterate)
     again = quiet(build_engine("rspo", out=str(out), steps=2, resume=True, sets=["batch_size=4", "k=3"] + QUIET))
     assert again.load_checkpoint()
     assert _same(_state(again.iterate), it)
@@ -243,7 +243,7 @@ def test_iterate_is_checkpointed_and_restored(tmp_path):
 def test_a_param_set_for_the_run_replaces_its_schedule(tmp_path):
     eng = quiet(build_engine("spin", out=str(tmp_path / "a"), steps=4, sets=["batch_size=4", "beta=0.7"] + QUIET))
     assert [eng.algo_for(i).params["beta"] for i in range(4)] == [0.7] * 4
-    from alignspec.runtime.loop.iterations import iteration_params
+    from alignspec.runtime.models.iterations import iteration_params
     spin = alignspec.compile("spin")
     assert [iteration_params(spin, i)["beta"] for i in range(4)] == [0.1, 0.1, 0.1, 5.0]
 
@@ -256,7 +256,7 @@ def test_group_level_values_follow_micro_batches(tmp_path):
         eng = quiet(build_engine("sppo", out=str(tmp_path / f"m{mb}"), steps=1,
                                   sets=["batch_size=4", "k=3", f"micro_batch_size={mb}"] + QUIET))
         eng.train()
-        finals.append(_state(eng.model))
+        finals.append(_state(eng.state.model))
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-4, atol=1e-6)
 
@@ -270,7 +270,7 @@ def test_rlhf_stage_hand_offs_and_resume(tmp_path):
 
     def on_engine(stage, engine):
         quiet(engine)
-        seen[stage] = {"engine": engine, "model": copy.deepcopy(engine.model.state_dict())}
+        seen[stage] = {"engine": engine, "model": copy.deepcopy(engine.state.model.state_dict())}
     run_pipeline("rlhf", out=str(out), steps=2, sets=["batch_size=4"] + QUIET, on_engine=on_engine,
                  console=silent_console())
     sft = read_weights(out / "sft" / "model")
@@ -283,12 +283,12 @@ def test_rlhf_stage_hand_offs_and_resume(tmp_path):
     ppo = seen["policy"]["engine"]
     start = {k[len("model."):]: v for k, v in seen["policy"]["model"].items() if k.startswith("model.")}
     assert all(torch.equal(start[k], v) for k, v in sft.items())
-    ref = ppo.reference.state_dict()
+    ref = ppo.state.reference.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in sft.items())
     # ... and its reward_model(response) is the RM stage's output
-    assert Path(ppo.scorers["reward_model"].path) == (out / "rm" / "model")
+    assert Path(ppo.state.scorers["reward_model"].path) == (out / "rm" / "model")
     rm_saved = read_weights(out / "rm" / "model")
-    scorer_w = ppo.scorers["reward_model"].model.state_dict()
+    scorer_w = ppo.state.scorers["reward_model"].model.state_dict()
     assert all(torch.equal(scorer_w[k], v) for k, v in rm_saved.items())
     # --resume: finished stages are not run again
     seen.clear()
@@ -328,20 +328,20 @@ def test_embedding_is_the_policys_mean_hidden_state_over_the_response(tmp_path):
     eng.current.score = spy
     eng._rollout({k: 0.0 for k in ("time/generation", "time/scoring")})
     emb = captured["embedding"]
-    B, H = captured["mask"].shape[0], eng.policy.config.hidden_size
+    B, H = captured["mask"].shape[0], eng.state.policy.config.hidden_size
     assert emb.shape == (B, H) == (2 * 4, H)
     # independent: full forward with hidden states; the states that predict each response token
     P = captured["prompt_ids"].shape[1]
     ids = torch.cat([captured["prompt_ids"], captured["completion_ids"]], 1)
     att = torch.cat([captured["prompt_mask"], captured["completion_mask"]], 1)
     with torch.no_grad():
-        hs = eng.policy(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp_min(0),
+        hs = eng.state.policy(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp_min(0),
                         output_hidden_states=True).hidden_states[-1]
     h = hs[:, P - 1:-1]
     m = captured["completion_mask"].float().unsqueeze(-1)
     want = (h * m).sum(1) / m.sum(1)
     torch.testing.assert_close(emb, want, rtol=1e-4, atol=1e-5)
-    assert Embeddings(eng.policy)(captured, [""] * B).shape == (B, H)
+    assert Embeddings(eng.state.policy)(captured, [""] * B).shape == (B, H)
 
 
 # -- tree search ---------------------------------------------------------------------------
@@ -368,20 +368,20 @@ def test_lockstep_search_equals_tree_search_per_prompt():
 def test_tree_sampler_steps_and_pairs(tmp_path):
     from alignspec.runtime.rollout.tree_search import sibling_pairs
     eng = quiet(build_engine("mcts", out=str(tmp_path / "m"), steps=1, sets=["batch_size=2"] + QUIET))
-    ts = eng.tree_sampler
-    recs = eng.records[:3]
-    props = ts._propose_many(eng.policy, 1.0, iter(range(100, 200)).__next__)([r["prompt"] for r in recs], 3)
+    ts = eng.state.tree_sampler
+    recs = eng.state.records[:3]
+    props = ts._propose_many(eng.state.policy, 1.0, iter(range(100, 200)).__next__)([r["prompt"] for r in recs], 3)
     assert len(props) == 3 and all(len(p) == 3 for p in props)
     for p in props:
         for text, prior, terminal in p:
             assert 0.0 < prior <= 1.0
             assert terminal or (text.endswith("\n") and text.count("\n") == 1)
-    roots = ts.search(eng.policy, recs, simulations=8, branching=3, depth=3, c_puct=1.5, seed=5)
+    roots = ts.search(eng.state.policy, recs, simulations=8, branching=3, depth=3, c_puct=1.5, seed=5)
     pairs = [(root, pr) for root in roots for pr in sibling_pairs(root)]
     ts.buffer = []
-    groups = ts.groups(eng.policy, recs, simulations=8, branching=3, depth=3, c_puct=1.5, seed=5)
+    groups = ts.groups(eng.state.policy, recs, simulations=8, branching=3, depth=3, c_puct=1.5, seed=5)
     assert len(groups) == min(len(recs), len(pairs))
-    tok = eng.tokenizer
+    tok = eng.state.tokenizer
     for (root, pr), (ch, rj) in zip(pairs, groups):
         assert ch["p"] == tok(pr.prefix)["input_ids"] and ch["text"] == pr.chosen and rj["text"] == pr.rejected
         assert pr.prefix.startswith(root.prefix) and pr.q_chosen > pr.q_rejected
@@ -459,7 +459,7 @@ def test_group_level_score_values_survive_refills_and_micro_batches(tmp_path):
             return adv(batch)
         eng.algo_for = lambda it, eng=eng, spy=spy: _with_advantage(eng, it, spy)
         eng.train()
-        finals.append(_state(eng.model))
+        finals.append(_state(eng.state.model))
         assert any("refill/rounds" in r for r in read_metrics(tmp_path / f"g{mb}"))
     assert seen and all(g == n and pos for g, n, pos in seen)
     for k in finals[0]:

@@ -333,10 +333,10 @@ CRASHES = {
         "check._inline: RecursionError (the self-call check compares 'f' with 'def:f' and never matches)"),
     "long_name": (
         "a" * 300,
-        "load._locate: Path.exists() raises OSError ENAMETOOLONG for a 300-character reference"),
+        "load.locate: Path.exists() raises OSError ENAMETOOLONG for a 300-character reference"),
     "extends_long_name": (
         "algorithm x extends " + "a" * 300 + "\n" + LOSS,
-        "load._locate: Path.exists() raises OSError ENAMETOOLONG for a 300-character base name"),
+        "load.locate: Path.exists() raises OSError ENAMETOOLONG for a 300-character base name"),
 }
 
 

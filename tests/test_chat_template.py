@@ -90,8 +90,8 @@ def test_engine_trains_on_templated_prompt_ids(models, tmp_path, mode):
     chat, _ = models
     eng = build_engine("dpo", model=chat, data=_pairs(tmp_path), out=str(tmp_path / "o"), steps=1,
                        sets=QUIET + [f"chat_template={mode}"])
-    tok = eng.tokenizer
-    rec = eng.records[0]
+    tok = eng.state.tokenizer
+    rec = eng.state.records[0]
     want = (_template_ids(tok, [{"role": "user", "content": rec["prompt"]}]) if mode == "auto"
             else list(tok(rec["prompt"])["input_ids"]))
     chosen, rejected = eng.sample([rec], 0)[0]
@@ -111,13 +111,13 @@ def test_sampled_prompts_are_templated_and_rewards_get_the_data_prompt(models, t
     data = _write(tmp_path / "prompts.jsonl", [{"prompt": f"{a}+2="} for a in range(4)])
     eng = build_engine("grpo", model=chat, data=data, out=str(tmp_path / "g"), steps=1,
                        sets=QUIET + ["rewards=[spy]", "max_new_tokens=3"])
-    rec = eng.records[0]
+    rec = eng.state.records[0]
     eng._start_iteration(0, replace=False)
     groups = eng.sample([rec], 0)
-    want = _template_ids(eng.tokenizer, [{"role": "user", "content": rec["prompt"]}])
+    want = _template_ids(eng.state.tokenizer, [{"role": "user", "content": rec["prompt"]}])
     assert groups[0] and all(row["p"] == want for row in groups[0])
     eng.train()
-    assert seen and set(seen) <= {r["prompt"] for r in eng.records}        # as written, not templated
+    assert seen and set(seen) <= {r["prompt"] for r in eng.state.records}        # as written, not templated
 
 
 def test_chat_template_on_without_one_is_a_clear_error(models, tmp_path, capsys):
@@ -136,11 +136,11 @@ def test_conversational_pairs_train_with_dpo(models, tmp_path):
     assert run_from_cli("dpo", model=chat, data=data, out=str(out), steps=1, sets=QUIET) == 0
     assert (out / "model" / "config.json").is_file()
     eng = build_engine("dpo", model=chat, data=data, out=str(tmp_path / "o2"), steps=1, sets=QUIET)
-    rec = eng.records[0]
+    rec = eng.state.records[0]
     assert rec["chosen"] == "1" and rec["rejected"] == "0"                 # one assistant message -> text
     chosen, _ = eng.sample([rec], 0)[0]
-    assert chosen["p"] == _template_ids(eng.tokenizer, rec["prompt"])
-    assert "system add\nuser 0+1=\nassistant " in eng.tokenizer.decode(chosen["p"])
+    assert chosen["p"] == _template_ids(eng.state.tokenizer, rec["prompt"])
+    assert "system add\nuser 0+1=\nassistant " in eng.state.tokenizer.decode(chosen["p"])
 
 
 def test_conversational_prompts_need_a_template(models, tmp_path, capsys):
@@ -202,13 +202,13 @@ def test_tree_search_roots_are_templated(models, tmp_path, monkeypatch):
     eng = build_engine("mcts", model=chat, data=data, out=str(tmp_path / "m"), steps=1,
                        sets=QUIET + ["rewards=[spy]", "max_new_tokens=4", "simulations=4", "branching=2",
                                      "depth=2"])
-    rec = eng.records[0]
-    root = _template_ids(eng.tokenizer, [{"role": "user", "content": rec["prompt"]}])
-    roots = eng.tree_sampler.search(eng.policy, [rec], simulations=4, branching=2, depth=2, c_puct=1.5)
-    assert roots[0].prefix == eng.prompt_format.text(rec["prompt"])
-    row = eng.tree_sampler._row(roots[0].prefix + "1\n", "2", True, rec)
+    rec = eng.state.records[0]
+    root = _template_ids(eng.state.tokenizer, [{"role": "user", "content": rec["prompt"]}])
+    roots = eng.state.tree_sampler.search(eng.state.policy, [rec], simulations=4, branching=2, depth=2, c_puct=1.5)
+    assert roots[0].prefix == eng.state.prompt_format.text(rec["prompt"])
+    row = eng.state.tree_sampler._row(roots[0].prefix + "1\n", "2", True, rec)
     assert row["p"][:len(root)] == root and row["prompt"] == rec["prompt"] + "1\n"
-    assert seen and set(seen) <= {r["prompt"] for r in eng.records}
+    assert seen and set(seen) <= {r["prompt"] for r in eng.state.records}
 
 
 def test_classifier_scores_conversations_with_its_own_template(tmp_path):

@@ -81,9 +81,9 @@ def _lrs(eng) -> list[float]:
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(eng.steps * eng.updates_per_step):
-            out.append(eng.scheduler.get_last_lr()[0])
-            eng.scheduler.step()
+        for _ in range(eng.state.steps * eng.state.updates_per_step):
+            out.append(eng.state.scheduler.get_last_lr()[0])
+            eng.state.scheduler.step()
     return out
 
 
@@ -100,11 +100,11 @@ def _lrs(eng) -> list[float]:
 def test_lr_schedules_follow_get_scheduler_exactly(tmp_path, sets, want):
     from transformers import get_scheduler
     eng = build_engine("sft", out=str(tmp_path / "o"), steps=8, sets=SETS + ["lr=0.01"] + sets)
-    n = eng.steps * eng.updates_per_step
+    n = eng.state.steps * eng.state.updates_per_step
     assert n == 8
     got = _lrs(eng)
     assert got == pytest.approx([0.01 * want(i, n) for i in range(n)], rel=1e-9, abs=1e-12)
-    cfg = eng.cfg  # and the very same numbers as get_scheduler on a fresh optimizer
+    cfg = eng.state.cfg  # and the very same numbers as get_scheduler on a fresh optimizer
     kind = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
     warm = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * n)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
@@ -142,7 +142,7 @@ def test_a_value_head_is_kept_beside_the_model_and_resumes(tmp_path):
     assert rest and all("value_head" in k for k in rest)  # only what model/ does not hold
     eng = build_engine("ppo", out=str(out), steps=2, sets=sets, resume=True)
     eng.load_checkpoint()
-    for k, v in eng.model.named_parameters():
+    for k, v in eng.state.model.named_parameters():
         if k in rest:
             assert torch.equal(v.detach().cpu(), rest[k]), k
 

@@ -35,7 +35,7 @@ def chat(tmp_path_factory):
 
 
 def _model_state(eng):
-    return {k: v.detach().clone() for k, v in eng.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in eng.state.model.state_dict().items()}
 
 
 def _same(a, b):
@@ -47,11 +47,11 @@ def test_sft_on_prompt_completion(chat, tmp_path):
     rows.append({"prompt": [_u("2+2=")], "completion": [_a("4")]})    # conversational prompt-completion
     data = write_jsonl(tmp_path / "pc.jsonl", rows)
     eng = quiet(build_engine("sft", model=chat, data=data, out=str(tmp_path / "o"), steps=2, sets=QUIET))
-    tok = eng.tokenizer
-    (row,), = eng.sample([eng.records[0]], 0)
+    tok = eng.state.tokenizer
+    (row,), = eng.sample([eng.state.records[0]], 0)
     assert tok.decode(row["p"]) == "<bos>user 0+1=\nassistant " and row["c"] == tok("1", add_special_tokens=False)[
         "input_ids"] + [tok.eos_token_id] and "m" not in row          # the completion, with EOS, is trained
-    (conv,), = eng.sample([eng.records[4]], 0)
+    (conv,), = eng.sample([eng.state.records[4]], 0)
     assert tok.decode(conv["p"]) == "<bos>user 2+2=\nassistant " and tok.decode(conv["c"]) == "4\n"
     assert conv["m"] == [1, 1]                                           # the completion's turn, end of turn included
     assert eng.train()["steps"] == 2
@@ -61,8 +61,8 @@ def test_sft_on_prompt_completion(chat, tmp_path):
 def test_sft_on_text_trains_every_token(chat, tmp_path):
     data = write_jsonl(tmp_path / "lm.jsonl", [{"text": f"{a}+1={a + 1}"} for a in range(4)])
     eng = quiet(build_engine("sft", model=chat, data=data, out=str(tmp_path / "o"), steps=2, sets=QUIET))
-    tok = eng.tokenizer
-    (row,), = eng.sample([eng.records[0]], 0)
+    tok = eng.state.tokenizer
+    (row,), = eng.sample([eng.state.records[0]], 0)
     assert row["p"] == [tok.bos_token_id] and tok.decode(row["c"]) == "0+1=1<eos>" and "m" not in row
     assert eng.train()["steps"] == 2
 
@@ -78,8 +78,8 @@ def test_sft_on_messages_trains_only_assistant_tokens(chat, tmp_path):
     assert run_from_cli("sft", model=chat, data=data, out=str(out), steps=2, sets=QUIET) == 0
     assert (out / "model" / "config.json").is_file()
     eng = quiet(build_engine("sft", model=chat, data=data, out=str(tmp_path / "g"), steps=1, sets=QUIET))
-    tok = eng.tokenizer
-    rows = eng.family.rows(eng.sample(eng.records[:2], 0))
+    tok = eng.state.tokenizer
+    rows = eng.family.rows(eng.sample(eng.state.records[:2], 0))
     r = rows[0]
     assert tok.decode(r["p"]) == "<bos>system add\nuser 0+1=\nassistant "
     assert tok.decode(r["c"]) == "1\nuser and two more\nassistant 3\n"
@@ -91,7 +91,7 @@ def test_sft_on_messages_trains_only_assistant_tokens(chat, tmp_path):
     fw = eng.family.forward(eng, batch, slice(0, 2), torch.arange(2))
     from alignspec.runtime.parallel.ddp import global_totals
     totals, _ = global_totals(eng, float(batch["mask"].sum()), 2, 2, 1)
-    out_loss = eng.algo.step_loss({**batch, **fw}, totals).loss
+    out_loss = eng.state.algo.step_loss({**batch, **fw}, totals).loss
     (g,) = torch.autograd.grad(out_loss, fw["logp"])
     assert ((g != 0) == (batch["mask"] > 0)).all()
     want = torch.zeros_like(batch["mask"])
@@ -110,10 +110,10 @@ def test_dpo_on_implicit_prompt_pairs(chat, tmp_path):
         assert (out / "model" / "config.json").is_file()
     eng = quiet(build_engine("dpo", model=chat, data=str(tmp_path / "conv.jsonl"), out=str(tmp_path / "c2"),
                              steps=1, sets=QUIET))
-    rec = eng.records[0]
+    rec = eng.state.records[0]
     assert rec["prompt"] == [_u("0+1=")] and (rec["chosen"], rec["rejected"]) == ("1", "0")
     chosen, rejected = eng.sample([rec], 0)[0]
-    assert chosen["p"] == rejected["p"] and eng.tokenizer.decode(chosen["p"]) == "<bos>user 0+1=\nassistant "
+    assert chosen["p"] == rejected["p"] and eng.state.tokenizer.decode(chosen["p"]) == "<bos>user 0+1=\nassistant "
 
 
 def test_streamed_data_resumes_exactly(chat, tmp_path):
@@ -148,11 +148,11 @@ def test_max_prompt_length_truncates_from_the_left(chat, tmp_path, capsys):
                        sets=QUIET + ["max_prompt_length=24"])
     said = " ".join(capsys.readouterr().out.split())
     assert "prompts: 1 of 2 longer than max_prompt_length 24 tokens; they are truncated from the left" in said
-    (long,), = eng.sample([eng.records[0]], 0)
-    (short,), = eng.sample([eng.records[1]], 0)
+    (long,), = eng.sample([eng.state.records[0]], 0)
+    (short,), = eng.sample([eng.state.records[1]], 0)
     full = "<bos>user one two three four five six+1=\nassistant "
-    assert len(long["p"]) == 24 and eng.tokenizer.decode(long["p"]) == full[-24:]      # the left is cut
-    assert eng.tokenizer.decode(short["p"]) == "<bos>user 1+1=\nassistant "           # 21 tokens: kept
+    assert len(long["p"]) == 24 and eng.state.tokenizer.decode(long["p"]) == full[-24:]      # the left is cut
+    assert eng.state.tokenizer.decode(short["p"]) == "<bos>user 1+1=\nassistant "           # 21 tokens: kept
     eng.train()
     recs = [m for m in read_metrics(tmp_path / "o") if "loss" in m]
     assert recs and recs[-1]["data/truncated_prompts"] == 1
@@ -161,8 +161,8 @@ def test_max_prompt_length_truncates_from_the_left(chat, tmp_path, capsys):
     grpo = quiet(build_engine("grpo", model=chat, data=data, out=str(tmp_path / "g"), steps=1,
                               sets=QUIET + ["max_prompt_length=24", "rewards=[length]", "max_new_tokens=2"]))
     grpo._start_iteration(0, replace=False)
-    group = grpo.sample([grpo.records[0]], 0)[0]
-    assert group and all(grpo.tokenizer.decode(r["p"]) == full[-24:] for r in group)
+    group = grpo.sample([grpo.state.records[0]], 0)[0]
+    assert group and all(grpo.state.tokenizer.decode(r["p"]) == full[-24:] for r in group)
 
 
 def test_hub_dataset_name_trains_offline(chat, tmp_path, monkeypatch):

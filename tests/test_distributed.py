@@ -89,9 +89,9 @@ eng = build_engine(open(spec_file).read(), model=model, data=data, out=out, step
                    sets=["batch_size=4", "micro_batch_size=1", "lr=1e-3", "eval_every=0",
                          "max_refill_rounds=0", "rewards=[rewardmod:length]"])
 eng.train()
-flat = torch.cat([p.detach().reshape(-1) for p in eng.model.parameters()])
-torch.save({"flat": flat, "wrapped": type(eng.wrapped).__name__},
-           os.path.join(out, f"rank{eng.rank}.pt"))
+flat = torch.cat([p.detach().reshape(-1) for p in eng.state.model.parameters()])
+torch.save({"flat": flat, "wrapped": type(eng.state.wrapped).__name__},
+           os.path.join(out, f"rank{eng.state.rank}.pt"))
 """
 
 
@@ -186,7 +186,7 @@ eng = build_engine("grpo", out=out, steps=4, resume=resume,
 step = eng._train_step
 
 def stopping():
-    if eng.step == stop_at:
+    if eng.state.step == stop_at:
         raise SystemExit(3)  # as if killed: the checkpoint of step `stop_at` is on disk
     return step()
 eng._train_step = stopping

@@ -168,7 +168,7 @@ def test_a_run_with_a_raising_and_a_hanging_tool_completes_and_batches_uneven_ep
                              sets=["batch_size=4", "tools=[agentic_tools:boom, agentic_tools:slow]",
                                    "tool_timeout=0.3", *TAGS] + QUIET))
     eng.train()
-    rows, tok = eng.batch_rows, eng.tokenizer
+    rows, tok = eng.batch_rows, eng.state.tokenizer
     odd = [r for r in rows if int(r["rec"]["prompt"].strip()[0]) % 2]
     even = [r for r in rows if not int(r["rec"]["prompt"].strip()[0]) % 2]
     assert odd and even  # episodes of one batch end at different turns
@@ -257,7 +257,7 @@ def test_tool_schemas_go_to_the_chat_template():
 
 # ---------------------------------------------------------------- the built-in agentic task
 def test_the_calculator_is_safe_and_the_final_answer_is_after_the_last_result():
-    from alignspec.runtime.data.tool_task import BuiltinToolTask, answer_of, calc
+    from alignspec.runtime.tasks.tool_task import BuiltinToolTask, answer_of, calc
     assert calc("123+456+789") == 1368 and calc("2*(3-5)") == -4 and calc(" 7 ") == 7
     for bad in ("__import__('os')", "2**99999", "1/2", "x+1", "9" * 201, "1+"):
         with pytest.raises(ValueError):
@@ -282,7 +282,7 @@ def test_grpo_tools_learns_to_call_the_calculator(tmp_path):
     does not learn stays near 0."""
     out = tmp_path / "o"
     eng = quiet(build_engine("grpo_tools", out=str(out), steps=30, seed=0, eval_every=0))
-    assert eng.task.name == "builtin:tool_addition" and eng.cfg.tool_call_tags == ("call ", "=")
+    assert eng.state.task.name == "builtin:tool_addition" and eng.state.cfg.tool_call_tags == ("call ", "=")
     eng.train()
     m = read_metrics(out)
     ev = [r["eval_score"] for r in m if "eval_score" in r]
@@ -310,7 +310,7 @@ def test_episodes_record_the_samplers_logprobs_on_the_policys_tokens(tmp_path):
                        "  minimize -mean(mean_tokens(w * clip(ratio, 1 - eps, 1 + eps) * A))\n")
     eng = quiet(build_engine(spec, out=str(tmp_path / "o"), steps=1, sets=["batch_size=16"] + QUIET))
     eng.train()  # one step, with the sampler's log-probs in the batch
-    rows = [r for g in eng.sample(eng.records[:4], seed=5) for r in g]
+    rows = [r for g in eng.sample(eng.state.records[:4], seed=5) for r in g]
     assert any(0 in r["m"] for r in rows)  # some episodes called the tool
     for r in rows:
         assert len(r["ls"]) == len(r["c"]) == len(r["m"])
@@ -318,7 +318,7 @@ def test_episodes_record_the_samplers_logprobs_on_the_policys_tokens(tmp_path):
         assert all(lp < 0.0 for lp, m in zip(r["ls"], r["m"]) if m)
     b = eng.family.batch_of(eng, rows)
     assert "logp_sampler" in b
-    fw = eng.family.forward_rows(eng, eng.model, b, slice(0, len(rows)), grad=False)
+    fw = eng.family.forward_rows(eng, eng.state.model, b, slice(0, len(rows)), grad=False)
     on = b["mask"] != 0
     torch.testing.assert_close(b["logp_sampler"][on], fw["logp"][on].float(), atol=2e-4, rtol=0)
 
@@ -332,22 +332,22 @@ def test_rollout_with_model_reference_samples_from_the_reference(tmp_path):
     spec = _tools_spec(tmp_path, "tools_ref", "sample\n  responses = rollout(prompt, env = env, n = n, "
                        "max_turns = max_turns, temperature = 0, model = reference)\n")
     eng = quiet(build_engine(spec, out=str(tmp_path / "o"), steps=1, sets=["batch_size=8", "params.n=2"] + QUIET))
-    assert eng.reference is not None
+    assert eng.state.reference is not None
     with torch.no_grad():  # the policy now differs from the reference
-        for p in unwrap_causal_lm(eng.policy).parameters():
+        for p in unwrap_causal_lm(eng.state.policy).parameters():
             p.add_(0.5 * torch.randn_like(p))
-    recs = eng.records[:3]
+    recs = eng.state.records[:3]
     rows = [r for g in eng.sample(recs, seed=1) for r in g]
 
     def greedy(model):
-        box = eng.task.toolbox()
-        out = play(Turns(unwrap_causal_lm(model), eng.tokenizer, temperature=0.0, top_p=1.0,
-                         max_tokens=eng.max_new_tokens, seed=0, stops=box.stops),
+        box = eng.state.task.toolbox()
+        out = play(Turns(unwrap_causal_lm(model), eng.state.tokenizer, temperature=0.0, top_p=1.0,
+                         max_tokens=eng.state.max_new_tokens, seed=0, stops=box.stops),
                    [eng.tok_prompt(r["prompt"]) for r in recs for _ in range(2)],
                    [Episode(None, box, "t") for _ in range(6)], max_turns=4)
         return [o["c"] for o in out]
 
-    assert [r["c"] for r in rows] == greedy(eng.reference) != greedy(eng.policy)
+    assert [r["c"] for r in rows] == greedy(eng.state.reference) != greedy(eng.state.policy)
 
 
 # ---------------------------------------------------------------- hostile tools and environments (issue 23)
@@ -390,7 +390,7 @@ def test_environment_observations_are_bounded_and_stop_at_the_context(tmp_path):
                                    "env_max_chars=300"] + QUIET))
     eng.train()
     from alignspec.runtime.models.loaders import unwrap_causal_lm
-    context = unwrap_causal_lm(eng.policy).config.max_position_embeddings
+    context = unwrap_causal_lm(eng.state.policy).config.max_position_embeddings
     for r in eng.batch_rows:
         assert len(r["p"]) + len(r["c"]) <= context and r["turns"] >= 1
         obs = [t for t, m in zip(r["c"], r["m"]) if not m]

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import alignspec  # noqa: E402
 from alignspec.runtime.engine import build_engine, run_from_cli  # noqa: E402
-from alignspec.runtime.models.flow_io import load_flow_model  # noqa: E402
+from alignspec.runtime.family.flow_io import load_flow_model  # noqa: E402
 from helpers import QUIET, read_metrics, read_weights  # noqa: E402
 
 # conftest: a shared model cache, offline; torch's thread count put back (the engine sets one
@@ -52,7 +52,7 @@ def test_default_run_learns(tmp_path):
     assert FlowTask(**cfg["task"]).evaluate(model) == pytest.approx(end, abs=1e-6)
     # ... and a later run can start from it
     eng = build_engine("flow_grpo", model=str(out / "model"), out=str(tmp_path / "again"), steps=1, sets=QUIET)
-    assert eng.evaluate() == pytest.approx(end, abs=1e-6)
+    assert eng.family.evaluate(eng) == pytest.approx(end, abs=1e-6)
 
 
 def test_beta_zero_builds_no_reference(tmp_path):
@@ -60,15 +60,15 @@ def test_beta_zero_builds_no_reference(tmp_path):
     assert "reference" not in algo.requires and "mu_sqdist_ref" not in algo.inputs
     eng = build_engine(algo, out=str(tmp_path / "b0"), steps=1, sets=QUIET)
     assert eng.family.name == "flow"  # the flow policy family in the one loop
-    assert eng.reference is None and eng.builds == {"policy": 1, "reference": 0}
+    assert eng.state.reference is None and eng.state.builds == {"policy": 1, "reference": 0}
     eng.train()
     rec = [r for r in read_metrics(tmp_path / "b0") if "loss" in r][0]
     assert rec.get("loss/kl_penalty", 0.0) == 0.0 and "kl/mean" not in rec
     eng2 = build_engine("flow_grpo", out=str(tmp_path / "b1"), steps=1, sets=["beta=0.04", *QUIET])
-    assert eng2.reference is not None and eng2.builds["reference"] == 1
+    assert eng2.state.reference is not None and eng2.state.builds["reference"] == 1
     # --set beta=0 reaches the spec the same way
     eng3 = build_engine("flow_grpo", out=str(tmp_path / "b2"), steps=1, sets=["beta=0", *QUIET])
-    assert eng3.reference is None
+    assert eng3.state.reference is None
 
 
 def test_resume_matches_uninterrupted(tmp_path):
@@ -80,7 +80,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     real = eng._train_step
 
     def crash_after_step_3():
-        if eng.step == 3:   # step 3 is done but its checkpoint (every 2) is not: resume redoes it
+        if eng.state.step == 3:   # step 3 is done but its checkpoint (every 2) is not: resume redoes it
             raise KeyboardInterrupt
         return real()
     eng._train_step = crash_after_step_3
@@ -114,7 +114,7 @@ def test_epochs_two_computes_logp_old(tmp_path):
     eng = build_engine(algo, out=str(tmp_path / "e2"), steps=2, sets=["batch_size=4", "n=6", *QUIET])
     assert eng.family.name == "flow"  # the flow policy family in the one loop
     eng.train()
-    assert eng.counts["logp_old"] == 2      # one no-grad forward per rollout
+    assert eng.state.counts["logp_old"] == 2      # one no-grad forward per rollout
     steps = [r for r in read_metrics(tmp_path / "e2") if "loss" in r]
     assert all(r["ratio/mean"] != 1.0 for r in steps)  # the second epoch sees the updated policy
 
@@ -125,7 +125,7 @@ def test_single_update_uses_stopgrad_logp(tmp_path):
     assert "old_logp" not in algo.requires and "logp_old" not in algo.inputs
     eng = build_engine(algo, out=str(tmp_path / "o"), steps=2, sets=["batch_size=4", "n=6", *QUIET])
     eng.train()
-    assert eng.counts["logp_old"] == 0 and eng.counts["rollouts"] == 2
+    assert eng.state.counts["logp_old"] == 0 and eng.state.counts["rollouts"] == 2
     steps = [r for r in read_metrics(tmp_path / "o") if "loss" in r]
     assert all(r["ratio/mean"] == 1.0 and r["pg/clip_fraction"] == 0.0 for r in steps)
 

@@ -160,7 +160,7 @@ def test_a_chat_template_file_and_its_kwargs(tmp_path):
     eng = build_engine("grpo", model=str(model), data=str(data), out=str(tmp_path / "o"), steps=1,
                        sets=["batch_size=2", "eval_every=0", "max_new_tokens=2", "rewards=[exact_answer]",
                              f"chat_template={path}", "chat_template_kwargs={enable_thinking: true}"])
-    assert eng.prompt_format.text("1+2=").endswith("user 1+2=\nthink assistant ")
+    assert eng.state.prompt_format.text("1+2=").endswith("user 1+2=\nthink assistant ")
     eng.train()
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(tmp_path / "o" / "model").chat_template == template  # saved with it

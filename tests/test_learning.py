@@ -70,26 +70,26 @@ def _engine(spec, tmp_path, capsys, **kw):
 def test_preset_fills_unset_fields_and_says_so(tmp_path, capsys):
     eng, said = _engine("ppo", tmp_path, capsys, steps=1)
     want = presets.PRESETS["ppo"]
-    assert (eng.lr, eng.batch_size, eng.cfg.lr_schedule) == (want["lr"], want["batch_size"], want["lr_schedule"])
+    assert (eng.state.lr, eng.state.batch_size, eng.state.cfg.lr_schedule) == (want["lr"], want["batch_size"], want["lr_schedule"])
     assert "built-in preset for ppo" in said and f"lr={want['lr']}" in said
     algo = alignspec.compile("ppo")
     cfg = load_config(None, (), spec_params=algo.params, out=str(tmp_path / "c"), steps=1)
     eng = Engine(algo, cfg, console=silent_console())
-    assert eng.lr == want["lr"]
+    assert eng.state.lr == want["lr"]
     assert cfg.lr is None and cfg.batch_size is None and cfg.lr_schedule == "constant"  # the caller's is kept
 
 
 def test_preset_never_overrides_what_the_user_set(tmp_path, capsys):
     eng, said = _engine("ppo", tmp_path, capsys, steps=1, sets=["lr=1e-3", "lr_schedule=constant"])
-    assert eng.lr == 1e-3 and eng.cfg.lr_schedule == "constant"
-    assert eng.batch_size == presets.PRESETS["ppo"]["batch_size"]
+    assert eng.state.lr == 1e-3 and eng.state.cfg.lr_schedule == "constant"
+    assert eng.state.batch_size == presets.PRESETS["ppo"]["batch_size"]
     line = said.split("built-in preset for ppo:")[1].split("(runtime/presets.py")[0]
     assert "batch_size=" in line and "lr=" not in line and "lr_schedule" not in line
 
 
 def test_no_preset_for_other_specs(tmp_path, capsys):
     eng, said = _engine("sft", tmp_path, capsys, steps=1)
-    assert (eng.lr, eng.batch_size, eng.cfg.lr_schedule) == (1e-3, 16, "constant")
+    assert (eng.state.lr, eng.state.batch_size, eng.state.cfg.lr_schedule) == (1e-3, 16, "constant")
     assert "built-in preset" not in said
 
 
@@ -99,24 +99,24 @@ def test_no_preset_on_user_model_or_data(tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
     eng, said = _engine("dpo", tmp_path, capsys, steps=1, model=model_dir, data=str(data))
-    assert (eng.lr, eng.batch_size, eng.cfg.lr_schedule) == (1e-5, 8, "constant")
+    assert (eng.state.lr, eng.state.batch_size, eng.state.cfg.lr_schedule) == (1e-5, 8, "constant")
     assert "built-in preset" not in said
     eng, said = _engine("dpo", tmp_path, capsys, steps=1, model=model_dir)  # user model, built-in task
-    assert eng.lr == 1e-5 and "built-in preset" not in said
+    assert eng.state.lr == 1e-5 and "built-in preset" not in said
 
 
 def test_preset_spec_params_only_when_unset(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(presets.PRESETS, "dpo", {"lr": 3e-4, "params": {"beta": 0.5}})
     eng, said = _engine("dpo", tmp_path, capsys, steps=1)
-    assert eng.algo.params["beta"] == 0.5 and "beta=0.5" in said
+    assert eng.state.algo.params["beta"] == 0.5 and "beta=0.5" in said
     eng, _ = _engine("dpo", tmp_path, capsys, steps=1, sets=["beta=0.2"])
-    assert eng.algo.params["beta"] == 0.2
+    assert eng.state.algo.params["beta"] == 0.2
     eng, _ = _engine(alignspec.compile("dpo", beta=0.3), tmp_path, capsys, steps=1)
-    assert eng.algo.params["beta"] == 0.3
+    assert eng.state.algo.params["beta"] == 0.3
 
 
 def test_builtin_pairs_cover_every_nearby_wrong_sum():
-    from alignspec.runtime.data.tasks import ArithmeticTask
+    from alignspec.runtime.tasks.tasks import ArithmeticTask
     task = ArithmeticTask()
     rows = task.records("pairs")
     by_prompt: dict[str, set] = {}

@@ -74,7 +74,7 @@ def test_a_hub_id_trains_unchanged_from_the_cache_offline(tmp_path, hf_home):
     # --model and reference_model both by hub id; DPO reads logp_ref, so both load
     eng = build_engine("dpo", model="tiny-org/tiny-llama", data=str(_pairs(tmp_path)), out=str(out), steps=2,
                        sets=SETS + ["reference_model=tiny-org/tiny-llama"])
-    assert Path(eng.model_dir) == snap and eng.reference is not None
+    assert Path(eng.state.model_dir) == snap and eng.state.reference is not None
     eng.train()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == [1, 2]
@@ -178,14 +178,14 @@ def test_a_peft_adapter_folder_as_model_trains_the_adapter_on_its_hub_base(tmp_p
     eng = build_engine("sft", model=str(adapter), data=str(_demos(tmp_path)), out=str(tmp_path / "o"), steps=2,
                        sets=SETS)
     from peft import PeftModel
-    assert eng.lora and isinstance(eng.policy, PeftModel)
-    lora = {n: p.detach().clone() for n, p in eng.policy.named_parameters() if "lora_" in n}
-    assert lora and all(p.requires_grad for n, p in eng.policy.named_parameters() if "lora_" in n)
+    assert eng.state.lora and isinstance(eng.state.policy, PeftModel)
+    lora = {n: p.detach().clone() for n, p in eng.state.policy.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for n, p in eng.state.policy.named_parameters() if "lora_" in n)
     assert all(float(v.abs().max()) == pytest.approx(0.01) for n, v in lora.items() if "lora_B" in n)
     assert all(v.shape[0] == 4 for n, v in lora.items() if "lora_A" in n)  # the adapter's own rank
-    base_before = {n: p.detach().clone() for n, p in eng.policy.named_parameters() if "lora_" not in n}
+    base_before = {n: p.detach().clone() for n, p in eng.state.policy.named_parameters() if "lora_" not in n}
     eng.train()
-    after = dict(eng.policy.named_parameters())
+    after = dict(eng.state.policy.named_parameters())
     assert any(not torch.equal(lora[n], after[n].detach()) for n in lora)  # the adapter learned
     assert all(torch.equal(base_before[n], after[n].detach()) for n in base_before)  # the base is frozen
 

@@ -43,23 +43,23 @@ eng = build_engine(a["spec"], model=a.get("model"), data=a.get("data"), out=a["o
 if a.get("kill_at") is not None:  # SIGKILL in the middle of a step: after its rollout, before its update
     forwards = eng._no_grad_forwards
     def killing(*args, **kw):
-        if eng.step == a["kill_at"] and eng.rank == 0:
+        if eng.state.step == a["kill_at"] and eng.state.rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         return forwards(*args, **kw)
     eng._no_grad_forwards = killing
 import torch
 compute = set()  # the dtype of a projection's output in the training forwards
-proj = next(m for n, m in eng.model.named_modules() if n.endswith("q_proj"))
+proj = next(m for n, m in eng.state.model.named_modules() if n.endswith("q_proj"))
 proj.register_forward_hook(lambda m, i, o: compute.add(str(o.dtype)) if torch.is_grad_enabled() else None)
 eng.train()
-p = next(eng.wrapped.parameters())
-adam = {str(st["exp_avg"].dtype) for st in eng.optimizer.state.values() if "exp_avg" in st}
-ref = eng.reference
+p = next(eng.state.wrapped.parameters())
+adam = {str(st["exp_avg"].dtype) for st in eng.state.optimizer.state.values() if "exp_avg" in st}
+ref = eng.state.reference
 ref_param = None if ref is None else sorted({type(q).__name__ for q in ref.parameters()})
 ref_grad = None if ref is None else any(q.requires_grad or q.grad is not None for q in ref.parameters())
-with open(os.path.join(a["out"], f"info{eng.rank}.json"), "w") as f:
-    plan = eng.parallel_plan
-    json.dump({"wrapped": type(eng.wrapped).__name__, "param": type(p).__name__, "world": eng.world,
+with open(os.path.join(a["out"], f"info{eng.state.rank}.json"), "w") as f:
+    plan = eng.state.parallel_plan
+    json.dump({"wrapped": type(eng.state.wrapped).__name__, "param": type(p).__name__, "world": eng.state.world,
                "plan": [plan.parallel, plan.gradient_checkpointing, plan.mixed_precision],
                "compute": sorted(compute), "master": str(p.dtype), "adam": sorted(adam),
                "ref_param": ref_param, "ref_grad": ref_grad}, f)

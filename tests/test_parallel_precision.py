@@ -23,12 +23,12 @@ def test_bf16_mixed_precision_grpo_learns_with_float32_master_weights(tmp_path):
     eng = quiet(build_engine("grpo", out=str(out), steps=100, seed=0, eval_every=0,
                              sets=["mixed_precision=bf16"]))
     compute = set()
-    proj = next(m for n, m in eng.model.named_modules() if n.endswith("q_proj"))
+    proj = next(m for n, m in eng.state.model.named_modules() if n.endswith("q_proj"))
     proj.register_forward_hook(lambda m, i, o: compute.add(o.dtype) if torch.is_grad_enabled() else None)
     eng.train()
     assert compute == {torch.bfloat16}
-    assert {p.dtype for p in eng.model.parameters()} == {torch.float32}
-    assert {st["exp_avg"].dtype for st in eng.optimizer.state.values()} == {torch.float32}
+    assert {p.dtype for p in eng.state.model.parameters()} == {torch.float32}
+    assert {st["exp_avg"].dtype for st in eng.state.optimizer.state.values()} == {torch.float32}
     assert {v.dtype for v in read_weights(out / "model").values()} == {torch.float32}
     ev = [r["eval_score"] for r in read_metrics(out) if "eval_score" in r]
     assert ev[0] < 0.3 and ev[-1] >= ev[0] + 0.2, ev
@@ -38,4 +38,4 @@ def test_engines_with_other_precisions_follow_in_one_process(tmp_path):
     """accelerate keeps one state per process: each engine still gets its own precision."""
     for mp in ("bf16", "no", "bf16"):
         eng = quiet(build_engine("sft", out=str(tmp_path / mp), steps=1, sets=[f"mixed_precision={mp}"]))
-        assert eng.acc.mixed_precision == mp
+        assert eng.state.acc.mixed_precision == mp

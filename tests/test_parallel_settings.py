@@ -71,9 +71,9 @@ def test_qlora_trains_adapters_on_a_4bit_base(tmp_path):
                             for i in range(4)))
     eng = quiet(build_engine("dpo", model=model, data=str(data), out=str(tmp_path / "o"), steps=3,
                              sets=QUIET + ["batch_size=4", "lr=1e-2", "qlora=true", "lora_r=4"]))
-    base = [m for m in eng.policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    base = [m for m in eng.state.policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(base) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
-    trained = [n for n, p in eng.policy.named_parameters() if p.requires_grad]
+    trained = [n for n, p in eng.state.policy.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
     eng.train()
     losses = [r["loss"] for r in read_metrics(tmp_path / "o") if "loss" in r]
@@ -141,18 +141,18 @@ def test_lora_settings_reach_peft_and_an_adapter_directory_is_a_start(tmp_path):
     eng = quiet(build_engine("sft", out=str(tmp_path / "a"), steps=2,
                              sets=QUIET + ["lora_r=4", "lora_alpha=16", "lora_dropout=0.1",
                                            "lora_target_modules=[q_proj, v_proj]"]))
-    pc = eng.policy.peft_config["default"]
+    pc = eng.state.policy.peft_config["default"]
     assert (pc.r, pc.lora_alpha, pc.lora_dropout, set(pc.target_modules)) == (4, 16, 0.1, {"q_proj", "v_proj"})
-    trained = {n for n, p in eng.policy.named_parameters() if p.requires_grad}
+    trained = {n for n, p in eng.state.policy.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in trained)
     eng.train()
     adapter = tmp_path / "adapter"
-    eng.policy.save_pretrained(str(adapter))
-    saved = {n: p.detach().clone() for n, p in eng.policy.named_parameters() if "lora_B" in n}
+    eng.state.policy.save_pretrained(str(adapter))
+    saved = {n: p.detach().clone() for n, p in eng.state.policy.named_parameters() if "lora_B" in n}
     assert any(v.abs().sum() > 0 for v in saved.values())  # lora_B starts at 0: it trained
     eng2 = quiet(build_engine("sft", out=str(tmp_path / "b"), steps=1,
                               sets=QUIET + [f"lora_adapter={adapter}"]))
-    now = dict(eng2.policy.named_parameters())
+    now = dict(eng2.state.policy.named_parameters())
     for n, v in saved.items():
         assert torch.equal(now[n].detach(), v), n
         assert now[n].requires_grad

@@ -228,7 +228,7 @@ def test_reference_cache_reuses_rows_and_changes_nothing(tiny_dirs, tmp_path):
 def test_reference_cache_is_off_for_sampled_rollouts(tmp_path):
     from alignspec.runtime.engine import build_engine
     eng = build_engine("grpo", out=str(tmp_path / "g"), steps=1, sets=["batch_size=2", "eval_every=0"])
-    assert not eng.ref_cache.enabled
+    assert not eng.state.ref_cache.enabled
 
 
 def test_forced_slow_paths_change_nothing(tmp_path):
@@ -241,7 +241,7 @@ def test_forced_slow_paths_change_nothing(tmp_path):
                         ("full", ["logprobs_path=full_logits", "share_prompt=false"])):
         eng = build_engine("grpo", out=str(tmp_path / name), steps=2, sets=base + extra)
         if name == "ref":
-            assert eng.reference is not None and eng.builds["reference"] == 1
+            assert eng.state.reference is not None and eng.state.builds["reference"] == 1
         eng.train()
         outs[name] = tmp_path / name
     for name in ("ref", "old", "full"):

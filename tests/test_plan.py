@@ -110,26 +110,59 @@ def test_generated_module_shows_the_plan(name):
     assert ast.literal_eval(text) == algo.plan.as_literal()
 
 
-def test_runtime_reads_no_syntax_tree():
-    """Nothing under runtime/ imports the DSL or the CLI: it reads the compiled plan."""
+def test_import_layers():
+    """The import contracts of .importlinter hold (``lint-imports``, also in ``make test``): the
+    runtime's folders in layers (the loop at the top, data and io at the bottom), the runtime
+    imports neither the DSL nor the CLI (it reads the compiled plan), the compiler not the
+    runtime, the DSL not the compiler."""
+    import shutil
+    import subprocess
+    import sys
+    exe = shutil.which("lint-imports", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("lint-imports")
+    if exe is None:
+        pytest.skip("import-linter is not installed (the dev extra)")
+    r = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "0 broken" in r.stdout
+
+
+def test_no_private_name_imported_from_another_folder():
+    """A name that starts with ``_`` is imported only within its own folder (package)."""
+    dirs = {"alignspec": ROOT / "alignspec", "alignspec.dsl": ROOT / "dsl",
+            "alignspec.compiler": ROOT / "compiler", "alignspec.runtime": ROOT / "runtime"}
     bad = []
-    for f in sorted((ROOT / "runtime").rglob("*.py")):
-        tree = ast.parse(f.read_text(), str(f))
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                mod = node.module or ""
-                if node.level:  # relative: runtime/x.py -> alignspec.runtime.x
-                    pkg = ["alignspec"] + list(f.relative_to(ROOT).parent.parts)
-                    pkg = pkg[:len(pkg) - (node.level - 1)] if node.level > 1 else pkg
-                    mod = ".".join(pkg + ([mod] if mod else []))
-                names = [mod] + [f"{mod}.{a.name}" for a in node.names]
-            for n in names:
-                if n.startswith(("alignspec.dsl", "alignspec.cli")) or n in ("alignspec.dsl", "alignspec.cli"):
-                    bad.append(f"{f.relative_to(ROOT)}:{node.lineno}: {n}")
+    for pkg, d in dirs.items():
+        for f in sorted(d.rglob("*.py")):
+            rel = f.relative_to(d)
+            here = ".".join([pkg, *rel.parent.parts]) if rel.parent.parts else pkg
+            for node in ast.walk(ast.parse(f.read_text(), str(f))):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                if node.level:
+                    base = here.split(".")
+                    base = base[:len(base) - (node.level - 1)]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                if not mod.startswith("alignspec"):
+                    continue
+                for a in node.names:
+                    full = f"{mod}.{a.name}"
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        # the folder of the module it is taken from (mod: a module or a package)
+                        folder = mod.rsplit(".", 1)[0] if _is_module(mod, dirs) else mod
+                        if folder != here:
+                            bad.append(f"{f.relative_to(ROOT)}:{node.lineno}: {full}")
     assert not bad, bad
+
+
+def _is_module(name: str, dirs: dict) -> bool:
+    """Whether ``name`` is a module file (not a package folder) of the project."""
+    for pkg, d in sorted(dirs.items(), key=lambda kv: -len(kv[0])):
+        if name == pkg or name.startswith(pkg + "."):
+            rest = name[len(pkg) + 1:].split(".") if name != pkg else []
+            return bool(rest) and (d.joinpath(*rest).with_suffix(".py")).is_file()
+    return False
 
 
 def test_runtime_reads_no_spec_or_graph_of_a_compiled_algorithm():

@@ -45,10 +45,10 @@ def test_beta_zero_builds_no_reference(tmp_path):
     algo = alignspec.compile("grpo", beta=0.0)
     assert "reference" not in algo.requires
     eng = build_engine(algo, out=str(tmp_path / "g"), steps=1, sets=["batch_size=2", "eval_every=0"])
-    assert eng.reference is None and eng.builds["reference"] == 0
+    assert eng.state.reference is None and eng.state.builds["reference"] == 0
     eng.train()
     eng2 = build_engine("grpo", out=str(tmp_path / "g2"), steps=1, sets=["batch_size=2"])
-    assert eng2.builds["reference"] == 1
+    assert eng2.state.builds["reference"] == 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -117,8 +117,8 @@ def test_bad_config_value_is_actionable(tmp_path, capsys):
 
 def test_spec_param_override_via_set(tmp_path):
     eng = build_engine("grpo", out=str(tmp_path / "g"), steps=1, sets=["beta=0.0", "n=4"])
-    assert eng.algo.params["beta"] == 0.0 and eng.algo.params["n"] == 4
-    assert eng.reference is None
+    assert eng.state.algo.params["beta"] == 0.0 and eng.state.algo.params["n"] == 4
+    assert eng.state.reference is None
 
 
 def test_kill_9_then_resume_reproduces_uninterrupted_weights(tmp_path):
@@ -164,7 +164,7 @@ def test_lora_reference_is_the_adapter_free_model(tmp_path):
     eng = build_engine("dpo", out=str(tmp_path / "lora"), steps=1, sets=["lora_r=4", "batch_size=4",
                                                                           "eval_every=0"])
     eng.train()
-    assert eng.builds.get("reference", 0) == 0 and eng.lora
+    assert eng.state.builds.get("reference", 0) == 0 and eng.state.lora
     first = next(r for r in _metrics(tmp_path / "lora") if "loss" in r)
     assert abs(first["loss"] - math.log(2)) < 1e-5
 
@@ -173,9 +173,9 @@ def test_logprob_temperature_follows_the_spec(tmp_path):
     """ppo says logprob_temperature = "sampling" (TRL/verl): its sampler's 0.7; grpo: 1; a spec
     that asks for the sampling temperature without a sampler is a clear error."""
     ppo = build_engine("ppo", out=str(tmp_path / "p"), steps=1, sets=["batch_size=2"])
-    assert ppo.logprob_temperature == 0.7 and ppo.train_forward.temperature == 0.7
+    assert ppo.state.logprob_temperature == 0.7 and ppo.state.train_forward.temperature == 0.7
     grpo = build_engine("grpo", out=str(tmp_path / "g"), steps=1, sets=["batch_size=2"])
-    assert grpo.logprob_temperature == 1.0
+    assert grpo.state.logprob_temperature == 1.0
     spec = tmp_path / "t.align"
     spec.write_text("algorithm t\ndata demonstrations\nloss\n  minimize -token_mean_all(logp)\n"
                     "train\n  logprob_temperature = \"sampling\"\n")
@@ -197,13 +197,13 @@ def test_iterations_with_a_critic_read_logp_old_from_the_iterate_and_value_old_f
         """))
     eng = build_engine(str(spec), out=str(tmp_path / "o"), steps=4, sets=["batch_size=2", "eval_every=0"])
     eng.train()  # iteration 1 ends with the policy trained past the frozen pi_t
-    assert eng.iterate is not None and eng.iterate is not unwrap_causal_lm(eng.model)
+    assert eng.state.iterate is not None and eng.state.iterate is not unwrap_causal_lm(eng.state.model)
     rows = [{"p": [1, 5, 6], "c": [7, 8, 2], "text": "", "rec": {}}, {"p": [1, 9], "c": [4, 2], "text": "", "rec": {}}]
     batch = eng.family.batch_of(eng, rows)
     eng._no_grad_forwards(batch, {k: 0.0 for k in PHASES})
     sl = slice(0, 2)
-    want_logp = eng.family.forward_rows(eng, eng.iterate, batch, sl, grad=False)["logp"]
-    now = eng.family.forward_rows(eng, eng.model, batch, sl, grad=False, value=True)
+    want_logp = eng.family.forward_rows(eng, eng.state.iterate, batch, sl, grad=False)["logp"]
+    now = eng.family.forward_rows(eng, eng.state.model, batch, sl, grad=False, value=True)
     assert torch.equal(batch["logp_old"], want_logp)
     assert not torch.allclose(batch["logp_old"], now["logp"])  # the policy moved on from pi_t
     assert torch.equal(batch["value_old"], now["value"])

@@ -38,7 +38,7 @@ def test_a_registered_sampler_replaces_the_built_in_one_without_touching_the_loo
     assert calls == [4, 4]
     first = next(r for r in read_metrics(tmp_path / "o") if "loss" in r)
     assert abs(first["loss"] - math.log(2)) < 1e-5
-    rec = eng.records[0]
+    rec = eng.state.records[0]
     chosen, rejected = eng.sample([rec], 0)[0]
     assert chosen["text"] == rec["rejected"] and rejected["text"] == rec["chosen"]
 

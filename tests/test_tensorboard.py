@@ -63,7 +63,7 @@ def test_tensorboard_logs_each_step(tmp_path):
     hp = _hparams(out / "alignspec")
     # unset settings appear with the value the run used; lists as text; nothing is None
     assert hp["spec"] == "sft" and hp["steps"] == 2 and hp["batch_size"] == 4
-    assert hp["lr"] == pytest.approx(eng.lr) and hp["log_with"] == "tensorboard"
+    assert hp["lr"] == pytest.approx(eng.state.lr) and hp["log_with"] == "tensorboard"
 
 
 def test_hparams_hold_only_tracker_types(tmp_path):
@@ -71,7 +71,7 @@ def test_hparams_hold_only_tracker_types(tmp_path):
     eng = build_engine("dpo", out=str(tmp_path / "d"), steps=1, sets=["batch_size=2", "rewards=[format, length]"])
     hp = hparams(eng)
     assert all(isinstance(v, (bool, int, float, str)) for v in hp.values())
-    assert hp["params.beta"] == eng.algo.params["beta"] and hp["rewards"] == "format,length"
+    assert hp["params.beta"] == eng.state.algo.params["beta"] and hp["rewards"] == "format,length"
     assert hp["fields"] == "{}" and "model" not in hp        # None: left out
 
 

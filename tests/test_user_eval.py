@@ -1,4 +1,4 @@
-"""Evaluation on the user's own data (issue 11, runtime/loop/evaluation.py): eval_data /
+"""Evaluation on the user's own data (issue 11, runtime/family/evaluation.py): eval_data /
 eval_fraction with eval_every, for a sampling spec (the mean reward), preference pairs (the
 implicit-reward accuracy and the loss) and demonstrations (the loss)."""
 
@@ -56,18 +56,18 @@ def test_grpo_with_eval_fraction_logs_the_mean_reward_at_start_and_end(tmp_path,
     eng = build_engine("grpo", model=model_dir, data=str(data), out=str(out), steps=2, sets=SETS + [
         "eval_fraction=0.25", "rewards=[eval_rewards_a:chars, eval_rewards_a:exact]", "reward_weights=[1, 2]",
         "params.n=2"])
-    ids_train, ids_eval = {r["id"] for r in eng.records}, {r["id"] for r in eng.eval_records}
+    ids_train, ids_eval = {r["id"] for r in eng.state.records}, {r["id"] for r in eng.state.eval_records}
     assert len(ids_eval) == 2 and not ids_train & ids_eval and ids_train | ids_eval == set(range(8))
     # the step-0 score by hand: greedy completions of the held-out prompts, scored 1 * chars + 2 * exact
-    gen = eng.policy.generate
+    gen = eng.state.policy.generate
     texts = []
-    for r in eng.eval_records:
-        ids = torch.tensor([eng.prompt_format.ids(r["prompt"])])
+    for r in eng.state.eval_records:
+        ids = torch.tensor([eng.state.prompt_format.ids(r["prompt"])])
         o = gen(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4,
-                eos_token_id=eng.tokenizer.eos_token_id, pad_token_id=eng.tokenizer.pad_token_id)
-        texts.append(eng.tokenizer.decode(o[0, ids.shape[1]:], skip_special_tokens=True))
+                eos_token_id=eng.state.tokenizer.eos_token_id, pad_token_id=eng.state.tokenizer.pad_token_id)
+        texts.append(eng.state.tokenizer.decode(o[0, ids.shape[1]:], skip_special_tokens=True))
     import eval_rewards_a as R
-    answers = [r["answer"] for r in eng.eval_records]
+    answers = [r["answer"] for r in eng.state.eval_records]
     by_hand = [d + 2 * e for d, e in zip(R.chars(texts, answers), R.exact(texts, answers))]
     eng.train()
     evals = _evals(out)
@@ -109,12 +109,12 @@ def test_sft_held_out_loss_at_step_0_equals_the_loss_by_hand(tmp_path, model_dir
     out = tmp_path / "run"
     eng = build_engine("sft", model=model_dir, data=str(data), out=str(out), steps=3,
                        sets=SETS + ["eval_fraction=0.3", "micro_batch_size=2"])
-    assert len(eng.eval_records) == 3 and len(eng.records) == 7
-    tok, model = eng.tokenizer, eng.policy
+    assert len(eng.state.eval_records) == 3 and len(eng.state.records) == 7
+    tok, model = eng.state.tokenizer, eng.state.policy
     nll, n = 0.0, 0
     with torch.no_grad():
-        for r in eng.eval_records:
-            p = eng.prompt_format.ids(r["prompt"])
+        for r in eng.state.eval_records:
+            p = eng.state.prompt_format.ids(r["prompt"])
             c = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             logits = model(torch.tensor([p + c])).logits[0].float().log_softmax(-1)
             nll -= sum(float(logits[len(p) - 1 + j, t]) for j, t in enumerate(c))
@@ -133,8 +133,8 @@ def test_eval_data_as_a_split_of_a_saved_dataset(tmp_path, model_dir):
     dd.save_to_disk(str(tmp_path / "ds"))
     eng = build_engine("dpo", model=model_dir, data=str(tmp_path / "ds"), out=str(tmp_path / "run"), steps=1,
                        sets=SETS + ["eval_data=test"])
-    assert [r["prompt"] for r in eng.eval_records] == [f"{i}+1=" for i in range(20, 23)]
-    assert len(eng.records) == 6
+    assert [r["prompt"] for r in eng.state.eval_records] == [f"{i}+1=" for i in range(20, 23)]
+    assert len(eng.state.records) == 6
     with pytest.raises(RunError, match="no split 'valid'"):
         build_engine("dpo", model=model_dir, data=str(tmp_path / "ds"), out=str(tmp_path / "run2"), steps=1,
                      sets=SETS + ["eval_data=valid"])
@@ -169,7 +169,7 @@ def test_resume_keeps_the_held_out_rows_and_refuses_another_eval_fraction(tmp_pa
     build_engine("sft", model=model_dir, data=str(data), out=str(out), steps=2, sets=sets).train()
     eng = build_engine("sft", model=model_dir, data=str(data), out=str(out), steps=4, sets=sets, resume=True)
     first = build_engine("sft", model=model_dir, data=str(data), out=str(tmp_path / "fresh"), steps=1, sets=sets)
-    assert eng.eval_records == first.eval_records  # the same rows held out, run after run
+    assert eng.state.eval_records == first.state.eval_records  # the same rows held out, run after run
     first.out_lock.release()
     eng.train()
     assert [m["step"] for m in _evals(out)] == [0, 2, 4]
@@ -270,6 +270,6 @@ def test_a_hub_data_set_and_its_test_split_as_eval_data(tmp_path, model_dir, mon
     out = tmp_path / "run"
     eng = build_engine("sft", model=model_dir, data="someone/tiny-eval", out=str(out), steps=1,
                        sets=SETS + ["data_config=default", "eval_data=test"])
-    assert [r["prompt"] for r in eng.eval_records] == [r["prompt"] for r in test] and len(eng.records) == 6
+    assert [r["prompt"] for r in eng.state.eval_records] == [r["prompt"] for r in test] and len(eng.state.records) == 6
     eng.train()
     assert [m["step"] for m in _evals(out)] == [0, 1]

@@ -4,7 +4,7 @@
 ``source`` (a file, a glob, a folder, a saved data set or a hub data set name:
 runtime/data/sources.py), turns each row of any TRL format into our record for the data kind
 that ``required`` names (runtime/data/formats.py) and checks it, raising ``RunError``
-messages that name the file and the (0-based) row. ``open_records(cfg, kind)`` is what a run
+messages that name the file and the (0-based) row. ``open_records(cfg, kind)`` (stream.py) is what a run
 uses: the list of ``load_records``, or with ``streaming: true`` a ``RecordStream``
 (runtime/data/stream.py) that reads the rows as training goes.
 """
@@ -95,17 +95,3 @@ def check_labels(records: list[dict], path) -> None:
     if len({r["label"] for r in records}) < 2:
         raise RunError(f"{path}: every row has label {records[0]['label']}; unpaired data needs desirable "
                        "and undesirable completions")
-
-
-def open_records(cfg, kind: str):
-    """The run's records: ``load_records``'s list, or a ``RecordStream`` with ``streaming: true``."""
-    split = getattr(cfg, "data_split", "train")
-    config = getattr(cfg, "data_config", None)
-    if getattr(cfg, "streaming", False):
-        from .stream import RecordStream
-        return RecordStream(cfg.data, cfg.fields, REQUIRED[kind], config=config, split=split, seed=cfg.seed,
-                            buffer=cfg.shuffle_buffer)
-    recs = load_records(cfg.data, cfg.fields, REQUIRED[kind], config=config, split=split)
-    if kind == "unpaired":
-        check_labels(recs, cfg.data)
-    return recs

@@ -1,5 +1,7 @@
 """Streamed data: rows read as training goes, never all in memory (``streaming: true``).
 
+``open_records(cfg, kind)`` is how a run opens its data: ``load_records``'s list, or a ``RecordStream``.
+
 A ``RecordStream`` reads its source's parts in order (runtime/data/sources.py: jsonl line by
 line, parquet in record batches, a saved data set memory-mapped, a hub data set with
 ``datasets``' streaming), turns each row into a record as it comes (formats.py) and passes it
@@ -22,8 +24,9 @@ import random
 from typing import Iterator
 
 from ..errors import RunError
-from ..loop.base import _mix
-from .records import raw_rows, to_checked_record
+from ..seeds import mix as _mix
+from .formats import REQUIRED
+from .records import check_labels, load_records, raw_rows, to_checked_record
 from .sources import open_parts
 
 
@@ -99,3 +102,16 @@ class RecordStream:
                     raise RunError(f"the checkpoint's data position (epoch {self.epoch}, row {want}) is past the "
                                    f"end of {self.source}: the data changed since the checkpoint")
             self.offset = want
+
+
+def open_records(cfg, kind: str):
+    """The run's records: ``load_records``'s list, or a ``RecordStream`` with ``streaming: true``."""
+    split = getattr(cfg, "data_split", "train")
+    config = getattr(cfg, "data_config", None)
+    if getattr(cfg, "streaming", False):
+        return RecordStream(cfg.data, cfg.fields, REQUIRED[kind], config=config, split=split, seed=cfg.seed,
+                            buffer=cfg.shuffle_buffer)
+    recs = load_records(cfg.data, cfg.fields, REQUIRED[kind], config=config, split=split)
+    if kind == "unpaired":
+        check_labels(recs, cfg.data)
+    return recs

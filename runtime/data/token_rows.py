@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from ..loop.base import _mix
+from ..seeds import mix as _mix
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +31,7 @@ def next_records(run) -> list[dict]:
     B = run.batch_size
     if hasattr(run.records, "take"):  # streamed (data/stream.py): every process reads the same global batch
         rows = run.records.take(B)
-        run.cursor += B
+        run.state.cursor += B
         lo = run.rank * run.local_batch
         return rows[lo:lo + run.local_batch]
     n = len(run.records)
@@ -39,7 +39,7 @@ def next_records(run) -> list[dict]:
     for j in range(run.cursor, run.cursor + B):
         epoch, pos = divmod(j, n)
         rows.append(run.records[_perm(run, epoch)[pos]])
-    run.cursor += B
+    run.state.cursor += B
     lo = run.rank * run.local_batch
     return rows[lo:lo + run.local_batch]
 

@@ -1,6 +1,6 @@
 """Checkpoints and the final model: atomic directories, the files every run writes and reads back.
 
-A checkpoint (``OUT/checkpoint``) holds the policy family's model files (``_save_weights``:
+A checkpoint (``OUT/checkpoint``) holds the policy family's model files (``family.save_weights``:
 models/lm_policy_io.py, models/flow_policy.py), ``optimizer.pt`` (optimizer and scheduler
 state, loaded with ``weights_only=True``), ``process_<rank>.json`` (each process's own state:
 Python / NumPy / torch generator states as plain values, plus what ``_process_state`` adds)
@@ -160,8 +160,7 @@ class CheckpointMixin:
         ``optimizer.pt``, ``process_<rank>.json`` for every process and ``state.json``; a sharded
         run's (every process writes its shards) is parallel/sharded_checkpoint.py's."""
         if self._sharded:
-            from ..parallel import sharded_checkpoint
-            return sharded_checkpoint.save(self)
+            return self._sharded_io.save(self)
         self._barrier()
         states = self._gather_objects(self._process_state())  # every process's, in rank order
         if self.main:
@@ -199,12 +198,12 @@ class CheckpointMixin:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _write_checkpoint(self, tmp: Path, states: list[dict]) -> None:
-        self._save_weights(tmp)
+        self.family.save_weights(self, tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    tmp / "optimizer.pt")
         for rank, st in enumerate(states):
             (tmp / f"process_{rank}.json").write_text(json.dumps(st))
-        (tmp / "state.json").write_text(json.dumps({**self._checkpoint_state(), "settings": self._settings()}))
+        (tmp / "state.json").write_text(json.dumps({**self.family.checkpoint_state(self), "settings": self._settings()}))
 
     def _settings(self) -> dict:
         """What a resumed run must share with its checkpoint: RESUME_FIXED and the spec's params."""
@@ -257,8 +256,7 @@ class CheckpointMixin:
                            f"this run is parallel={'fsdp2' if self._sharded else 'ddp'}",
                            hint="resume with the parallel setting the run was started with")
         if self._sharded:
-            from ..parallel import sharded_checkpoint
-            sharded_checkpoint.load(self, ck)
+            self._sharded_io.load(self, ck)
         else:
             self._load_unsharded(ck)
         own = ck / f"process_{self.rank}.json"
@@ -281,9 +279,9 @@ class CheckpointMixin:
         return True
 
     def _load_unsharded(self, ck: Path) -> None:
-        """The model files (``_load_weights``), optimizer and scheduler of an unsharded checkpoint."""
+        """The model files (``family.load_weights``), optimizer and scheduler of an unsharded checkpoint."""
         try:
-            self._load_weights(ck)
+            self.family.load_weights(self, ck)
         except RunError:
             raise
         except Exception as e:  # a missing or truncated file, another architecture
@@ -304,17 +302,16 @@ class CheckpointMixin:
         self.step = int(state["step"])
 
     def save_final(self) -> None:
-        """The trained model in ``OUT/model`` (atomic, main process; ``_write_model``) with its
+        """The trained model in ``OUT/model`` (atomic, main process; ``family.save_weights(final=True)``) with its
         card (io/model_card.py); a sharded run's is gathered from every process first
         (parallel/sharded_checkpoint.py)."""
         if self._sharded:
-            from ..parallel import sharded_checkpoint
-            return sharded_checkpoint.save_final(self)
+            return self._sharded_io.save_final(self)
         if self.main:
             from .model_card import write_model_card
 
             def fill(tmp):
-                self._write_model(tmp)
+                self.family.save_weights(self, tmp, final=True)
                 write_model_card(self, tmp)  # README.md: spec, base model, data, settings, last metrics
             self._save_dir("model", fill)
 

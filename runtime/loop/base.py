@@ -5,27 +5,19 @@
   step-0 evaluation, the steps (iteration boundaries, ``eval_every``, ``save_every``, the
   progress bar), an optional CPU profile (``OUT/profile.txt``), the final evaluation,
   checkpoint and model, ``curves.png``, the summary line;
-- the LR schedule (``_build_scheduler``): ``transformers.get_scheduler`` over all optimizer
-  updates of the run, with ``warmup_steps`` or ``warmup_ratio`` of warmup;
 - per-iteration algorithms (``algo_for``, ``_start_iteration``: the plan's iterations and
   param schedules), each step's minibatches (``_minibatches``: the plan's epochs x
   minibatches, seeded by (seed, step, epoch)), and the step record (``_step_record``);
 - checkpoints and the final model (io/checkpoint.py), metrics, progress, plot and profile
   (io/metrics.py), as mixins.
 
-The engine sets ``algo``, ``cfg`` (a ``RunConfig``), ``resume``, ``out``, ``console``,
-``steps``, ``eval_every``, ``reference`` (or None), ``optimizer``, ``acc`` (an
-``accelerate.Accelerator``), ``main``, ``rank`` and ``world``, calls ``_build_scheduler()`` and
-``_init_iterations()``, and provides the hooks
-
-    _train_step() -> dict          one optimizer step: its metrics record, without "step"
-    evaluate() -> float | None     the held-out score
-    _evaluates() -> bool           whether the run evaluates at all
-    _run_line() -> str             the "run: ..." console line
-    _before_steps()                after the step-0 evaluation, before the clock
-    _save_weights(tmp) / _load_weights(ck) / _write_model(tmp)   model files
-    _checkpoint_state() -> dict / _check_checkpoint(ck, state) / _restore_position(state)
-    _policy_state() -> dict        the weights a ``reference = "iterate"`` reference takes
+The engine (loop/engine.py) holds the run state (``self.state``, family/state.py: ``algo``,
+``cfg``, ``out``, ``steps``, ``eval_every``, ``optimizer``, ``scheduler``, ``reference``,
+``acc``, ``main``, ``rank``, ``world``, ``step``, ...; read here as ``self.<field>``, changed
+only as ``self.state.<field>``), its ``family``, calls ``_init_iterations()`` after setup, and
+provides ``_train_step() -> dict`` (one optimizer step: its metrics record, without "step").
+The family's hooks called here: ``evaluate``, ``before_steps`` (after the step-0 evaluation,
+before the clock); io/checkpoint.py calls the checkpoint hooks.
 """
 
 from __future__ import annotations
@@ -42,69 +34,31 @@ import torch
 from ..errors import RunFailure, RunInterrupted
 from ..io.checkpoint import CheckpointMixin, replace_dir  # noqa: F401  (replace_dir: re-exported)
 from ..io.metrics import MetricsMixin
+from ..models.iterations import refresh_iterate
+from ..models.loaders import unwrap_causal_lm
+from ..seeds import mix as _mix
 
 PHASES = ("time/generation", "time/scoring", "time/ref_old_forward", "time/policy_fwd_bwd", "time/optimizer")
-
-
-def _mix(*xs) -> int:
-    """A seed in [0, 2**31) from integers (FNV-style): per step / process / round generators."""
-    h = 1469598103934665603
-    for x in xs:
-        h = ((h ^ (int(x) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 61)
-    return h % (1 << 31)
 
 
 class TrainingLoop(CheckpointMixin, MetricsMixin):
     """What every training engine does around its own optimizer step (see the module docstring)."""
 
-    main, rank, world = True, 0, 1   # one process, unless the subclass says otherwise
-    bar_metrics: tuple = ()          # (key, label): step metrics the progress bar shows after the loss
-    curve_metrics: tuple = ("eval_score",)  # panels of curves.png after the loss, when logged
-    cuda_rng = True                  # checkpoints hold the CUDA generators' states (when CUDA is there)
+    @property
+    def _sharded_io(self):
+        """How a sharded run (``parallel=fsdp2``) writes and reads its checkpoints and final model
+        (parallel/sharded_checkpoint.py), for io/checkpoint.py, which sits below parallel/."""
+        from ..parallel import sharded_checkpoint
+        return sharded_checkpoint
 
     # -- console -----------------------------------------------------------------------
     def say(self, msg: str) -> None:
         """Print ``msg`` (rich markup) on the run's console, on the main process only."""
-        if self.main:
-            self.console.print(msg)
+        self.state.say(msg)
 
     # -- setup -------------------------------------------------------------------------
-    def _set_threads(self, default: int) -> None:
-        """torch's intra-op threads: the ``threads`` setting, else ``default`` (0: leave as is)."""
-        threads = self.cfg.threads if self.cfg.threads is not None else default
-        if threads > 0:
-            torch.set_num_threads(threads)
-
-    def _build_scheduler(self) -> None:
-        """``self.scheduler``: ``transformers.get_scheduler(lr_schedule)`` over the run's
-        ``steps * updates_per_step`` optimizer updates, with ``warmup_steps`` (or ``warmup_ratio``
-        of the updates, rounded up) of warmup; ``constant`` with warmup is HF's
-        ``constant_with_warmup``; ``min_lr_rate`` and ``lr_scheduler_kwargs`` go to the schedule."""
-        from transformers import get_scheduler
-
-        from ..errors import RunError
-        cfg = self.cfg
-        self.updates_per_step = self.algo.plan.updates_per_rollout
-        total = self.steps * self.updates_per_step
-        warm = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
-        kind = "constant_with_warmup" if cfg.lr_schedule == "constant" and warm else cfg.lr_schedule
-        extra = dict(cfg.lr_scheduler_kwargs)
-        if kind in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and "min_lr" not in extra:
-            extra.setdefault("min_lr_rate", cfg.min_lr_rate or 0.0)
-        elif cfg.min_lr_rate is not None:
-            raise RunError(f"min_lr_rate is for cosine_with_min_lr and cosine_warmup_with_min_lr, not lr_schedule "
-                           f"{cfg.lr_schedule!r}", hint="set lr_schedule=cosine_with_min_lr")
-        try:
-            self.scheduler = get_scheduler(kind, self.optimizer, num_warmup_steps=warm, num_training_steps=total,
-                                           scheduler_specific_kwargs=extra or None)
-        except (TypeError, ValueError) as e:
-            raise RunError(f"lr_schedule {cfg.lr_schedule!r} with lr_scheduler_kwargs {extra}: {e}",
-                           hint="see transformers.get_scheduler for the arguments of each schedule") from None
-        self.warmup_updates = warm
-
     def _init_iterations(self) -> None:
-        """Step 0, and the spec's ``train: iterations`` of ``ceil(steps / iterations)`` steps each."""
-        self.step = 0
+        """The spec's ``train: iterations`` of ``ceil(steps / iterations)`` steps each."""
         self.iterations = max(1, self.algo.plan.iterations)
         self.steps_per_iter = math.ceil(self.steps / self.iterations)
         self._algos = {}
@@ -123,17 +77,20 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
     def _iteration_params(self, iteration: int) -> dict:
         """Every param at ``iteration``: its schedule's entry, unless the run set that param
         (runtime/iterations.py)."""
-        from .iterations import iteration_params
+        from ..models.iterations import iteration_params
         return iteration_params(self.algo, iteration)
 
     def _start_iteration(self, it: int, replace: bool = True) -> None:
         """Enter iteration ``it``: its algorithm becomes ``self.current``; with ``replace`` at a
-        boundary (it > 0), a ``reference = "iterate"`` reference takes the policy's weights."""
+        boundary (it > 0), a ``reference = "iterate"`` reference and a separate self-play iterate
+        (models/iterations.py) take the policy's weights."""
         self._iter = it
         self.current = self.algo_for(it)
         if replace and it > 0 and self.reference is not None and self.algo.plan.reference == "iterate":
-            self.reference.load_state_dict(self._policy_state())
+            self.reference.load_state_dict(unwrap_causal_lm(self.model).state_dict())
             self.say(f"iteration {it}: reference replaced by the current policy")
+        if replace and it > 0:
+            refresh_iterate(self)  # a self-play iterate pi_t := the policy (when it is not the reference)
 
     # -- pieces of one optimizer step ------------------------------------------------------
     def _minibatches(self, algo, n_groups: int):
@@ -206,18 +163,11 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
         res["step_time"] = time.perf_counter() - t_start
         return res
 
-    # -- hooks with defaults ------------------------------------------------------------------
-    def _evaluates(self) -> bool:
-        return True
-
-    def _before_steps(self) -> None:
-        pass
-
     # -- the run -----------------------------------------------------------------------------
     def _eval_and_log(self) -> float | None:
         """Evaluate now and log ``{"step", "eval_score"}`` and the evaluation's other numbers
         (``eval/...``, left in ``eval_metrics``); the score."""
-        score = self.evaluate()
+        score = self.family.evaluate(self)
         extra, self.eval_metrics = getattr(self, "eval_metrics", None) or {}, None
         self._log({"step": self.step, "eval_score": score, **extra})
         return score
@@ -243,21 +193,21 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
         if self.cfg.log_with:
             from ..io.tracking import hparams  # values every tracker accepts (TensorBoard: no None)
             self.acc.init_trackers("alignspec", config=hparams(self))
-        self.say(self._run_line())
+        self.say(self.run_line)
         last_eval = None
         it0 = min(self.step // self.steps_per_iter, self.iterations - 1)
         self._start_iteration(it0, replace=self.step > 0 and self.step == it0 * self.steps_per_iter)
-        if self._evaluates() and self.step == 0:
+        if self.evaluates and self.step == 0:
             last_eval = self._eval_and_log()
             self.say(f"step 0: eval_score {last_eval:.3f}")
-        self._before_steps()
+        self.family.before_steps(self)
         t_run = time.perf_counter()
         prof = self._start_profile()
         with self._stop_on_signals():
             last, last_eval = self._run_steps(last_eval)
         self._stop_profile(prof)
         wall = time.perf_counter() - t_run
-        if self._evaluates():
+        if self.evaluates:
             last_eval = self._eval_and_log()
         self.save_checkpoint()
         self.save_final()
@@ -286,11 +236,11 @@ class TrainingLoop(CheckpointMixin, MetricsMixin):
                 if it != self._iter:
                     self._start_iteration(it)
                 res = self._train_step()
-                self.step += 1
+                self.state.step += 1
                 rec = {"step": self.step, **res}
                 self._log(rec)
                 last = rec
-                if self._evaluates() and self.eval_every and self.step % self.eval_every == 0 \
+                if self.evaluates and self.eval_every and self.step % self.eval_every == 0 \
                         and self.step < self.steps:
                     last_eval = self._eval_and_log()
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.steps:

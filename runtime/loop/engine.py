@@ -13,21 +13,43 @@ run plan (``algo.plan``: sampler, data kind, filters and refill, epochs, minibat
 iterations, reference policy, log-prob temperature), never the spec's syntax tree.
 
 What the models are is the **policy family**'s, chosen by the plan's sampler:
-``TokenPolicy`` (models/token_policy.py: causal LMs on ``accelerate``, with LoRA, a value
+``TokenPolicy`` (family/token_policy.py: causal LMs on ``accelerate``, with LoRA, a value
 head, a reward-model head, self-play iterates, tree search) or ``FlowPolicyFamily``
-(models/flow_policy.py: flow-matching policies sampled by ``flow_sde``). The family builds
-the models, the data and the scorers (``setup``), turns rows into tensors, runs the
-forwards, and says what a checkpoint and the final model hold.
+(family/flow_policy.py: flow-matching policies sampled by ``flow_sde``).
 
-A policy family provides: ``setup(run)``; rows -- ``next_prompts``, ``rows``, ``batch_of``,
-``score_rows``, ``select_rows``, ``cat_rows``, ``take``, ``rollout_info``; forwards --
-``no_grad_forwards``, ``forward`` (a micro-batch, with grad), ``padding_loss``, ``zero_loss``,
-``grad_params``; the run -- ``rollout_metrics``, ``step_extra``, ``evaluate``, ``evaluates``,
-``policy_state``, ``start_iteration``, ``run_line``, ``before_steps``; checkpoints --
-``save_weights``, ``load_weights``, ``write_model``, ``checkpoint_state``,
-``check_checkpoint``, ``process_state``, ``set_process_state``; and the class attributes
-``bar_metrics``, ``curve_metrics``, ``cuda_rng``. A new sampler needs none of this: it is a
-class registered in rollout/ (rollout/base.py).
+What the run is made of is the **run state** (family/state.py): ``state = family.setup(algo,
+cfg, ...)`` builds the models, the data, the scorers, the optimizer and the schedule and
+returns them in one dataclass (``RunState``: ``TokenState`` or ``FlowState``), which the Engine
+keeps as ``self.state``; its docstring says who sets and who changes each field (after setup,
+only ``step`` and ``cursor`` change). The Engine shows the state's fields read-only
+(``engine.device`` reads ``engine.state.device``; assigning it is an error), so the stages and
+the samplers, which get the Engine, read them as before. The Engine's own attributes are the
+loop's: ``family``, ``current`` (this iteration's algorithm), ``iterations``,
+``steps_per_iter``, ``batch_rows`` (the rollout's rows), ``eval_metrics``, ``resume``.
+
+The family protocol (family/base.py, ``PolicyFamily``), each hook with the one stage that
+calls it (``run`` is the Engine):
+
+    setup(algo, cfg, out=, console=, parallel_plan=) -> RunState     Engine.__init__
+    rows (loop/rollout_stage.py): next_prompts, rows, batch_of, score_rows, select_rows,
+        cat_rows, rollout_info; tok_prompt, tok_completion (the samplers, through
+        ``Engine.tok_prompt`` / ``tok_completion``)
+    forwards: no_grad_forwards (this file); forward, zero_loss(run, fw=None) (a dropped
+        micro-batch's, or without ``fw`` a padding micro-batch's) (loop/update.py)
+    the run: rollout_metrics, step_extra (this file); evaluate, before_steps (loop/base.py)
+    checkpoints (io/checkpoint.py, parallel/sharded_checkpoint.py): save_weights(run, dir,
+        final=False) (a checkpoint's model files, or with ``final`` the final model),
+        load_weights, checkpoint_state (state.json; its ``spec`` and ``family`` are checked on
+        --resume here), process_state(run, restore=None) (a process's own state; with
+        ``restore``, put back)
+
+and ``name`` ("token" | "flow"). What is fixed after setup is a state field, not a hook: the
+"run: ..." line (``run_line``), whether the run evaluates (``evaluates``), the parameters
+clipped by norm (``grad_params``), the progress bar's and the plot's metrics and whether
+checkpoints hold CUDA generators (``bar_metrics``, ``curve_metrics``, ``cuda_rng``). At an
+iteration boundary the loop itself gives a ``reference = "iterate"`` reference and a self-play
+iterate the policy's weights (loop/base.py). A new sampler needs none of this: it is a class
+registered in rollout/ (rollout/base.py).
 
 Reproducibility: sampling uses a seed derived from (seed, step, process, round), minibatch
 shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted one.
@@ -35,6 +57,8 @@ shuffles from (seed, step, epoch), so a resumed run reproduces an uninterrupted 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -54,9 +78,9 @@ __all__ = ["Engine", "EXTERNALS", "PHASES"]
 def family_for(algo):
     """The policy family of ``algo``: flow-matching when it samples with ``flow_sde``."""
     if any(s.kind == "flow_sde" for s in algo.plan.sampler.walk()) or "flow" in algo.requires:
-        from ..models.flow_policy import FlowPolicyFamily
+        from ..family.flow_policy import FlowPolicyFamily
         return FlowPolicyFamily()
-    from ..models.token_policy import TokenPolicy
+    from ..family.token_policy import TokenPolicy
     return TokenPolicy()
 
 
@@ -65,29 +89,31 @@ class Engine(TrainingLoop):
 
     def __init__(self, algo, cfg: RunConfig, resume: bool = False, console=None):
         from rich.console import Console
-        self.algo, self.cfg, self.resume = algo, cfg, resume
-        self.out = Path(cfg.out)
-        self.console = console or Console(stderr=False, highlight=False)
+        self.resume = resume
         self._samplers = {}
         self.batch_rows = None
         # parallel, precision, checkpointing and LoRA settings, checked before anything loads
         from ..parallel.settings import resolve
-        self.parallel_plan = resolve(cfg, algo)
+        plan = resolve(cfg, algo)
         self.family = family_for(algo)
-        self.family.setup(self)
+        self.state = self.family.setup(algo, cfg, out=Path(cfg.out), parallel_plan=plan,
+                                       console=console or Console(stderr=False, highlight=False))
+        self._init_iterations()
 
-    # -- what the family decides -----------------------------------------------------------
-    @property
-    def bar_metrics(self):
-        return self.family.bar_metrics
+    # -- the run state, read-only ------------------------------------------------------------
+    def __getattr__(self, name):
+        """A field of the run state (``self.state``), when the Engine has no attribute ``name``."""
+        state = self.__dict__.get("state")
+        if state is not None and name in _state_fields(type(state)):
+            return getattr(state, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    @property
-    def curve_metrics(self):
-        return self.family.curve_metrics
-
-    @property
-    def cuda_rng(self):
-        return self.family.cuda_rng
+    def __setattr__(self, name, value):
+        state = self.__dict__.get("state")
+        if state is not None and name in _state_fields(type(state)):
+            raise AttributeError(f"{name} is a field of the run state: set engine.state.{name} "
+                                 f"(family/state.py says who may)")
+        object.__setattr__(self, name, value)
 
     # -- sampling -----------------------------------------------------------------------------
     def sample(self, prompts, seed: int):
@@ -138,46 +164,25 @@ class Engine(TrainingLoop):
         res["step_cpu_time"] = time.process_time() - c_start  # all threads; less sensitive to other load
         return res
 
-    # -- evaluation, iterations ----------------------------------------------------------------
-    def evaluate(self) -> float | None:
-        return self.family.evaluate(self)
-
-    def _evaluates(self) -> bool:
-        return self.family.evaluates(self)
-
-    def _policy_state(self) -> dict:
-        return self.family.policy_state(self)
-
-    def _start_iteration(self, it: int, replace: bool = True) -> None:
-        super()._start_iteration(it, replace)
-        self.family.start_iteration(self, it, replace)
-
-    # -- checkpoints and the final model (written by io/checkpoint.py) ---------------------------
+    # -- checkpoints (written by io/checkpoint.py) -----------------------------------------------
     def _barrier(self) -> None:
         self.acc.wait_for_everyone()
 
     def _gather_objects(self, obj) -> list:
         return gather_objects(self, obj)
 
-    def _save_weights(self, tmp: Path) -> None:
-        self.family.save_weights(self, tmp)
-
-    def _load_weights(self, ck: Path) -> None:
-        self.family.load_weights(self, ck)
-
-    def _write_model(self, tmp: Path) -> None:
-        self.family.write_model(self, tmp)
-
-    def _checkpoint_state(self) -> dict:
-        return self.family.checkpoint_state(self)
-
     def _check_checkpoint(self, ck: Path, state: dict) -> None:
-        self.family.check_checkpoint(self, ck, state)
+        """A checkpoint of this spec and policy family (a token run's state.json names no family)."""
+        family = state.get("family", "token")
+        if state.get("spec") != self.algo.name or family != self.family.name:
+            raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}"
+                           f"{'' if family == self.family.name else f' (not a {self.family.name} policy)'}, "
+                           f"not of {self.algo.name!r}", hint="use another --out, or run the same spec")
 
     def _restore_position(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.cursor = int(state.get("cursor", 0))
-        if hasattr(getattr(self, "records", None), "seek"):  # streamed data (data/stream.py)
+        self.state.step = int(state["step"])
+        self.state.cursor = int(state.get("cursor", 0))
+        if hasattr(self.records, "seek"):  # streamed data (data/stream.py)
             if "stream" not in state:
                 raise RunError("the checkpoint was written without streaming; resume it with streaming: false")
             self.records.seek(state["stream"])
@@ -188,11 +193,9 @@ class Engine(TrainingLoop):
 
     def _set_process_state(self, state: dict) -> None:
         super()._set_process_state(state)
-        self.family.set_process_state(self, state)
+        self.family.process_state(self, restore=state)
 
-    # -- the run's console line, before the steps ----------------------------------------------
-    def _run_line(self) -> str:
-        return self.family.run_line(self)
 
-    def _before_steps(self) -> None:
-        self.family.before_steps(self)
+@functools.cache
+def _state_fields(cls) -> frozenset:
+    return frozenset(f.name for f in dataclasses.fields(cls))

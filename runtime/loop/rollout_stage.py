@@ -8,7 +8,7 @@ sampler that can yield fewer groups than prompts), it samples again, up to
 ``max_refill_rounds``; on several processes the shortfall is summed over all of them, so
 every process takes the same number of rounds.
 
-``policy`` is the run's policy family (models/token_policy.py, models/flow_policy.py): it
+``policy`` is the run's policy family (family/token_policy.py, family/flow_policy.py): it
 knows what a row is (token lists, or flow trajectories) and how rows become tensors.
 """
 
@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..parallel.ddp import batch_stats_context, sum_over_processes
-from .base import _mix
+from ..seeds import mix as _mix
 
 EXTERNALS = ("reward", "reward_model", "preference", "env_reward")
 
@@ -70,7 +70,7 @@ def rollout(run, times: dict) -> tuple[dict | None, dict]:
     if not kept:
         return None, info
     n_keep = min(have, target) * G
-    rows = pol.take(pol.cat_rows(kept), n_keep)
+    rows = pol.select_rows(pol.cat_rows(kept), list(range(n_keep)))
     batch = pol.batch_of(run, rows)
     for k in carried[0]:
         vals = [c[k] for c in carried if k in c]

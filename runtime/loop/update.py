@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from ..parallel.ddp import backward, global_totals, mean_over_processes, sum_over_processes, sync_context
+from ..parallel.ddp import (backward, global_totals, mean_over_processes, micro_slices, sum_over_processes,
+                            sync_context)
 from ..parallel.wrap import clip_grad_norm
 
 
@@ -29,12 +30,6 @@ def _per(v, rows: int, groups: int, G: int, ridx, gidx):
     if G > 1 and torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == groups:
         return v[gidx]
     return v
-
-
-def micro_slices(run, rows: int, G: int) -> list[slice]:
-    """Micro-batches of ``micro_batch_size`` whole groups."""
-    m = run.cfg.micro_batch_size * G
-    return [slice(s, min(s + m, rows)) for s in range(0, rows, m)]
 
 
 def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[float, int, dict, list]:
@@ -64,7 +59,7 @@ def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[
                 break
             with sync_context(run, i, n_micro):
                 if i >= len(slices) or bad is not None:  # padding: this process has no more rows
-                    backward(run, pol.padding_loss(run))
+                    backward(run, pol.zero_loss(run))
                     continue
                 sl = slices[i]
                 fw = pol.forward(run, mb, sl, ridx[sl])
@@ -75,7 +70,7 @@ def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[
                 bad = run._bad_term(out)
                 if bad is not None:
                     if run.world > 1:
-                        backward(run, pol.zero_loss(fw))  # keeps the processes in step; no update follows
+                        backward(run, pol.zero_loss(run, fw))  # keeps the processes in step; no update follows
                     continue
                 backward(run, out.loss)
             mb_loss += out.loss.detach().double()
@@ -88,7 +83,7 @@ def updates(run, algo, batch: dict | None, metrics: dict, times: dict) -> tuple[
         t0 = time.perf_counter()
         mb_loss = sum_over_processes(run, mb_loss)
         if run.cfg.max_grad_norm:
-            grad_norms.append(clip_grad_norm(run, pol.grad_params(run), run.cfg.max_grad_norm))
+            grad_norms.append(clip_grad_norm(run, run.grad_params, run.cfg.max_grad_norm))
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)

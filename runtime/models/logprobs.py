@@ -258,7 +258,7 @@ def _shared_prompt_hidden(body, input_ids, attention_mask, position_ids, P):
     *distinct* prompt: the prompt's keys/values (KV cache, part of the autograd graph) are
     repeated for every row that shares it, then the completions run on top of them. ``None``
     when every prompt is distinct or the body takes no cache argument."""
-    from ..rollout.sampling import cache_kwarg, new_cache
+    from .kv_cache import cache_kwarg, new_cache
     B, L = input_ids.shape
     key = torch.cat([input_ids[:, :P], attention_mask[:, :P].to(input_ids.dtype)], 1)
     uniq, inv = torch.unique(key, dim=0, return_inverse=True)

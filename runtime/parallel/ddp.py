@@ -151,3 +151,9 @@ def batch_stats_context(run, have_rows: bool, stage: str):
         dist.all_gather(parts, padded)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[:run.rank])
     return ops.batch_stats_reduce(all_sum, all_cat)
+
+
+def micro_slices(run, rows: int, G: int) -> list[slice]:
+    """Micro-batches of ``micro_batch_size`` whole groups."""
+    m = run.cfg.micro_batch_size * G
+    return [slice(s, min(s + m, rows)) for s in range(0, rows, m)]

@@ -155,10 +155,10 @@ def _check_algorithm(plan: ParallelPlan, cfg, algo) -> None:
     """What the spec needs that a non-default plan does not cover yet."""
     if "flow" in algo.requires and (plan.fsdp2 or plan.mixed_precision != "no" or plan.gradient_checkpointing):
         raise RunError(f"{algo.name}: parallel, mixed_precision and gradient_checkpointing apply to causal LMs; "
-                       "the flow policy family (models/flow_policy.py) does not support them yet",
+                       "the flow policy family (family/flow_policy.py) does not support them yet",
                        hint="drop these settings for flow specs")
     if plan.fsdp2:
-        from ..loop.iterations import wants_iterate
+        from ..models.iterations import wants_iterate
         if wants_iterate(algo):
             raise RunError(f"{algo.name}: self-play iterations (an iterate or a replaced reference copy the "
                            "policy's whole weights) are not supported under parallel=fsdp2 yet",

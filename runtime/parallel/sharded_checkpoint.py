@@ -138,7 +138,7 @@ def save(run) -> None:
         torch.save({"scheduler": run.scheduler.state_dict()}, tmp / "scheduler.pt")
         for rank, st in enumerate(states):
             (tmp / f"process_{rank}.json").write_text(json.dumps(st))
-        (tmp / "state.json").write_text(json.dumps({**run._checkpoint_state(), "settings": run._settings(),
+        (tmp / "state.json").write_text(json.dumps({**run.family.checkpoint_state(run), "settings": run._settings(),
                                                     "sharded": True}))
     run._barrier()
     if run.main:  # save_total_limit: the replaced one kept as OUT/checkpoint-<step> (io/checkpoint.py)

@@ -63,8 +63,8 @@ class Sampler:
 
 
 def build_sampler(plan, run) -> Sampler:
-    """The registered sampler for ``plan.kind`` (the modules of rollout/ register themselves)."""
-    from . import concat, episodes, flow_sde, generate, offline, tree  # noqa: F401  (registration)
+    """The registered sampler for ``plan.kind`` (the modules of rollout/ register themselves when
+    the package is imported: rollout/__init__.py)."""
     cls = SAMPLERS.get(plan.kind)
     if cls is None:
         raise RunError(f"sampler {plan.kind}(...) is not supported by this runtime yet",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..loop.base import _mix
+from ..seeds import mix as _mix
 from .base import Sampler, build_sampler, register
 
 

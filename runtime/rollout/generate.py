@@ -9,7 +9,7 @@ from .base import Sampler, register
 @register("generate")
 class Generate(Sampler):
     """Samples from the policy (with self-play iterations: the frozen iterate pi_t,
-    loop/iterations.py), or from the reference with ``model = reference`` (with LoRA and no
+    models/iterations.py), or from the reference with ``model = reference`` (with LoRA and no
     separate reference: the policy with its adapters disabled)."""
 
     def sample(self, recs, seed):

@@ -29,6 +29,8 @@ import inspect
 
 import torch
 
+from ..models.kv_cache import cache_kwarg, new_cache
+
 # generation-config fields whose non-default values this loop does not implement
 _UNSUPPORTED = {
     "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
@@ -58,23 +60,6 @@ def supported(lm) -> bool:
             if v is not None and v != default:
                 return False
     return True
-
-
-def cache_kwarg(lm) -> str | None:
-    """The forward's name for the KV cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
-    try:
-        params = inspect.signature(lm.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
-
-
-def new_cache(lm):
-    from transformers import DynamicCache
-    try:
-        return DynamicCache(config=lm.config)
-    except TypeError:
-        return DynamicCache()
 
 
 def _min_new(lm, prompt_len: int) -> int:

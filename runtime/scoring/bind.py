@@ -18,7 +18,7 @@ def bind_scorers(run) -> dict:
         if name == "reward":
             builtin = {}
             task_reward = getattr(run.task, "reward_name", None) if run.builtin else None
-            if not cfg.rewards and task_reward:  # a built-in task's own reward (data/tool_task.py)
+            if not cfg.rewards and task_reward:  # a built-in task's own reward (tasks/tool_task.py)
                 builtin = {task_reward: getattr(run.task, task_reward)}
             names = cfg.rewards or ([task_reward or "exact_answer"] if run.builtin else [])
             if not names:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
-from .base import _mix
+from ..seeds import mix as _mix
 
 _SPLIT = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _EVAL_SEED = 0xE7A1
@@ -152,7 +152,7 @@ class UserEval:
         if self.sampler is None:
             self.sampler = build_sampler(self.plan, run)
         saved = getattr(run, "iterate", None)
-        run.iterate = None  # sample from the policy, not a self-play iterate
+        run.state.iterate = None  # sample from the policy, not a self-play iterate
         vals, lens, per_fn = [], [], {}
         try:
             step = self._chunk(run)
@@ -175,7 +175,7 @@ class UserEval:
                     if k.endswith("/mean"):
                         per_fn.setdefault(k, []).append((float(v), len(rows)))
         finally:
-            run.iterate = saved
+            run.state.iterate = saved
         r = torch.cat(vals)
         out = {f"eval/{self.score_name}/mean": float(r.mean()),
                f"eval/{self.score_name}/std": float(r.std()) if r.numel() > 1 else 0.0,
@@ -186,7 +186,7 @@ class UserEval:
 
     # -- offline data: the spec's loss (and the pairs' accuracy) ---------------------------------
     def _losses(self, run, recs) -> tuple[float, dict]:
-        from .update import micro_slices
+        from ..parallel.ddp import micro_slices
         from ..rollout.base import build_sampler
         algo, pol = run.current, run.family
         G = algo.plan.group_size

@@ -191,13 +191,13 @@ class BuiltinToolTask:
 
     # -- the warm model ---------------------------------------------------------------------------
     def builtin_model_dir(self, warm: bool = True, seed: int = 0) -> tuple[str, dict]:
-        from .tasks import MODEL_SETTINGS, _key, builtin_model_dir, cache_root, cached_model_dir, copy_init_model
+        from .tasks import MODEL_SETTINGS, cache_key, builtin_model_dir, cache_root, cached_model_dir, copy_init_model
         if not warm:
             return builtin_model_dir(warm=False, seed=seed)
         settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": self.name, "terms": TERMS,
                     "range": [LOW, HIGH], "train_size": TRAIN_SIZE, "heldout": HELDOUT, "split_seed": SPLIT_SEED,
                     "tags": [CALL_TAGS, RESULT_TAGS], "warmup": WARMUP_SETTINGS, "version": 1}
-        target = cache_root() / f"tiny-toolwarm-{_key(settings)}"
+        target = cache_root() / f"tiny-toolwarm-{cache_key(settings)}"
 
         def build(tmp: Path) -> None:
             copy_init_model(tmp, seed)

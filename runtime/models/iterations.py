@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 
 from ..errors import RunError
-from ..models.loaders import unwrap_causal_lm
+from .loaders import unwrap_causal_lm
 
 
 def wants_iterate(algo) -> bool:

@@ -1,9 +1,9 @@
 """The token-LM policy family: causal LMs (``transformers``) on ``accelerate``, in the one loop.
 
 ``setup`` builds exactly what ``algo.requires`` / ``algo.inputs`` name (the models and the
-data: models/lm_setup.py): the policy (or a reward-model head for ``rm_score``), LoRA
+data: family/lm_setup.py): the policy (or a reward-model head for ``rm_score``), LoRA
 adapters, a value head for a ``critic``, a frozen reference only if ``reference`` is
-required (with LoRA: the policy with its adapters disabled), the data (data/), the scorers (scoring/), the extras (models/lm_extras.py:
+required (with LoRA: the policy with its adapters disabled), the data (data/), the scorers (scoring/), the extras (family/lm_extras.py:
 prompt format, self-play iterate, embeddings, tree search), AdamW and the LR schedule, and
 the training forward, wrapped for several processes by parallel/wrap.py (DDP through
 ``accelerator.prepare``, or sharded by FSDP2's ``fully_shard``; activation checkpointing and
@@ -17,128 +17,131 @@ reference / iterate when iterations change them; ``model/``: the LM, LoRA merged
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
 from ..data import token_rows
 from ..errors import RunError
 from . import lm_setup
-from .fastpath import ReferenceCache
-from .loaders import PolicyWithValueHead, unwrap_causal_lm
-from .lm_policy_io import load_weights, save_weights, write_model
-from .train_forward import TrainForward, dummy_micro_batch, zero_loss
+from ..models.fastpath import ReferenceCache
+from ..models.loaders import PolicyWithValueHead, unwrap_causal_lm
+from .lm_policy_io import load_weights, save_weights
+from ..models.train_forward import TrainForward, dummy_micro_batch, zero_loss
+from .base import PolicyFamily
+from .state import TokenState, build_scheduler, set_threads
 
 
-class TokenPolicy:
-    """Hooks of a causal-LM policy for loop/engine.py (``run`` is the Engine)."""
+class TokenPolicy(PolicyFamily):
+    """A causal-LM policy for loop/engine.py: ``setup`` returns the run's ``TokenState``; the
+    other hooks take ``run``, the Engine (which shows the state's fields read-only)."""
 
     name = "token"
-    bar_metrics: tuple = ()
-    curve_metrics: tuple = ("eval_score",)
-    cuda_rng = True
 
     # -- setup ---------------------------------------------------------------------------
-    def setup(self, run) -> None:
+    def setup(self, algo, cfg, *, out, console, parallel_plan) -> TokenState:
+        """The run's models, data, scorers, optimizer and schedule, built in that order (see the
+        module docstring) and returned; ``algo`` and ``cfg`` may come back replaced (presets)."""
         try:
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
         except Exception:
             pass
-        run.builds = {"policy": 0, "reference": 0, "critic": 0}
+        s = TokenState(algo=algo, cfg=cfg, out=out, console=console, parallel_plan=parallel_plan,
+                       builds={"policy": 0, "reference": 0, "critic": 0})
         from ..io.tracking import check_trackers
-        check_trackers(list(run.cfg.log_with))  # unknown or missing trackers: a RunError before anything is built
+        check_trackers(list(cfg.log_with))  # unknown or missing trackers: a RunError before anything is built
         from ..parallel.ddp import accelerator
-        run.acc = accelerator(run.out, list(run.cfg.log_with), cpu=not torch.cuda.is_available(),
-                              plan=run.parallel_plan)
-        run.rank, run.world = run.acc.process_index, run.acc.num_processes
-        run.main, run.device = run.acc.is_main_process, run.acc.device
-        self._apply_builtin_preset(run)
-        self._build(run)
+        s.acc = accelerator(s.out, list(cfg.log_with), cpu=not torch.cuda.is_available(), plan=parallel_plan)
+        s.rank, s.world = s.acc.process_index, s.acc.num_processes
+        s.main, s.device = s.acc.is_main_process, s.acc.device
+        self._apply_builtin_preset(s)
+        self._build(s)
+        s.evaluates = s.task is not None or s.user_eval is not None
+        s.run_line = (f"run: {s.algo.name} for {s.steps} steps, batch {s.batch_size} "
+                      f"({s.world} process{'es' if s.world > 1 else ''}), lr {s.lr}, "
+                      f"builds {', '.join(k for k, v in s.builds.items() if v)}{' +LoRA' if s.lora else ''}")
+        return s
 
-    def _apply_builtin_preset(self, run) -> None:
+    def _apply_builtin_preset(self, s: TokenState) -> None:
         """Fill what the user left unset from the spec's built-in demo preset (runtime/presets.py):
-        only on the built-in task and model; ``run.cfg`` becomes a copy, the caller's is kept."""
+        only on the built-in task and model; ``s.cfg`` becomes a copy, the caller's is kept."""
         from ..presets import builtin_preset, describe
-        fields, params = builtin_preset(run.algo, run.cfg)
+        fields, params = builtin_preset(s.algo, s.cfg)
         if not fields and not params:
             return
-        cfg = run.cfg.model_copy(deep=True)
+        cfg = s.cfg.model_copy(deep=True)
         for k, v in fields.items():
             setattr(cfg, k, v)
         if params:
             cfg.params = {**cfg.params, **params}
-            run.algo = run.algo.with_params(**params)
-        run.cfg = cfg
-        run.say(describe(run.algo.name, fields, params))
+            s.algo = s.algo.with_params(**params)
+        s.cfg = cfg
+        s.say(describe(s.algo.name, fields, params))
 
-    def _apply_task_defaults(self, run) -> None:
+    def _apply_task_defaults(self, s: TokenState) -> None:
         """The settings a built-in task needs (its ``run_defaults``, e.g. the agentic task's tool
         markers), where the user set none; then the task takes the run's settings."""
-        from ..presets import _user_set
-        fields = {k: v for k, v in getattr(run.task, "run_defaults", {}).items() if not _user_set(run.cfg, k)}
+        from ..presets import user_set
+        fields = {k: v for k, v in getattr(s.task, "run_defaults", {}).items() if not user_set(s.cfg, k)}
         if fields:
-            cfg = run.cfg.model_copy(deep=True)
+            cfg = s.cfg.model_copy(deep=True)
             for k, v in fields.items():
                 setattr(cfg, k, v)
-            run.cfg = cfg
-            run.say(f"built-in task {run.task.name}: " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
-        run.task.configure(run.cfg)
+            s.cfg = cfg
+            s.say(f"built-in task {s.task.name}: " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
+        s.task.configure(s.cfg)
 
-    def _build(self, run) -> None:
+    def _build(self, s: TokenState) -> None:
         from accelerate.utils import set_seed
-        algo, cfg = run.algo, run.cfg
-        run.kind = algo.plan.data  # prompts | demonstrations | pairs (compiler/passes/plan.py)
-        run.builtin = cfg.data is None
-        run.task = None
-        run.reward_head = "reward_head" in algo.requires   # trains a reward model (models/reward_head.py)
-        if run.builtin:
-            from ..data.tasks import ArithmeticTask
-            run.task = ArithmeticTask()
-            if "tree_search" in algo.requires:  # the step-structured task (data/step_task.py)
-                from ..data.step_task import BuiltinStepTask
-                run.task = BuiltinStepTask()
-            elif "env" in algo.requires and not cfg.env and not cfg.tools:  # episodes: data/tool_task.py
-                from ..data.tool_task import BuiltinToolTask
-                run.task = BuiltinToolTask()
-                self._apply_task_defaults(run)
-                cfg = run.cfg
+        algo, cfg = s.algo, s.cfg
+        s.kind = algo.plan.data  # prompts | demonstrations | pairs (compiler/passes/plan.py)
+        s.builtin = cfg.data is None
+        s.reward_head = "reward_head" in algo.requires   # trains a reward model (models/reward_head.py)
+        if s.builtin:
+            from ..tasks.tasks import ArithmeticTask
+            s.task = ArithmeticTask()
+            if "tree_search" in algo.requires:  # the step-structured task (tasks/step_task.py)
+                from ..tasks.step_task import BuiltinStepTask
+                s.task = BuiltinStepTask()
+            elif "env" in algo.requires and not cfg.env and not cfg.tools:  # episodes: tasks/tool_task.py
+                from ..tasks.tool_task import BuiltinToolTask
+                s.task = BuiltinToolTask()
+                self._apply_task_defaults(s)
+                cfg = s.cfg
         # effective settings
-        run.steps = cfg.steps or (300 if run.builtin else 100)
-        run.batch_size = cfg.batch_size or (16 if run.builtin else 8)
-        run.max_new_tokens = cfg.max_new_tokens or (run.task.max_new_tokens if run.builtin else 64)
-        run.lr = cfg.lr or (1e-3 if cfg.model is None else 1e-5)
-        run.eval_every = cfg.eval_every if cfg.eval_every is not None else (25 if run.builtin else 0)
-        if run.batch_size % run.world:
-            raise RunError(f"batch_size {run.batch_size} does not split over {run.world} processes",
-                           hint=f"use a multiple of {run.world}")
-        run.local_batch = run.batch_size // run.world
-        run._set_threads(1 if cfg.model is None else 0)
+        s.steps = cfg.steps or (300 if s.builtin else 100)
+        s.batch_size = cfg.batch_size or (16 if s.builtin else 8)
+        s.max_new_tokens = cfg.max_new_tokens or (s.task.max_new_tokens if s.builtin else 64)
+        s.lr = cfg.lr or (1e-3 if cfg.model is None else 1e-5)
+        s.eval_every = cfg.eval_every if cfg.eval_every is not None else (25 if s.builtin else 0)
+        if s.batch_size % s.world:
+            raise RunError(f"batch_size {s.batch_size} does not split over {s.world} processes",
+                           hint=f"use a multiple of {s.world}")
+        s.local_batch = s.batch_size // s.world
+        set_threads(cfg, 1 if cfg.model is None else 0)
         set_seed(cfg.seed)
-        run.records = lm_setup.load_data(run)   # data first: bad data fails before any model is built
-        lm_setup.load_models(run)
+        s.records = lm_setup.load_data(s)   # data first: bad data fails before any model is built
+        lm_setup.load_models(s)
         from ..scoring.bind import bind_scorers
-        run.scorers = bind_scorers(run)
-        run.ref_cache = ReferenceCache(run)  # offline data, fixed reference (models/fastpath.py)
+        s.scorers = bind_scorers(s)
+        s.ref_cache = ReferenceCache(s)  # offline data, fixed reference (models/fastpath.py)
         from .lm_extras import setup_extras  # iterate, embeddings, tree search, reward-model eval
-        setup_extras(run)
-        run.user_eval = None
-        if run.eval_records is not None and not run.reward_head:  # reward models: lm_extras.py
-            from ..loop.evaluation import UserEval
-            run.user_eval = UserEval(run, run.eval_records)
+        setup_extras(s)
+        if s.eval_records is not None and not s.reward_head:  # reward models: lm_extras.py
+            from .evaluation import UserEval
+            s.user_eval = UserEval(s, s.eval_records)
         # the training forward (models/train_forward.py): activation checkpointing, then FSDP2's
         # shards, before the optimizer sees the parameters (parallel/wrap.py)
         from ..parallel.wrap import prepare_training, wrap_training
-        run.logprob_temperature = algo.plan.logprob_temperature  # "sampling" resolved by the compiler
-        prepare_training(run, self.forwarder(run, run.model), lambda m: self.forwarder(run, m))
+        s.logprob_temperature = algo.plan.logprob_temperature  # "sampling" resolved by the compiler
+        prepare_training(s, self.forwarder(s, s.model), lambda m: self.forwarder(s, m))
         # optimizer / schedule
-        params = [p for p in run.model.parameters() if p.requires_grad]
-        from .fastpath import adamw
-        run.optimizer = adamw(params, lr=run.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
-        run._build_scheduler()  # warmup + lr_schedule (loop/base.py)
-        run.wrapped, run.optimizer = wrap_training(run, run.optimizer)  # DDP, or FSDP2's sharded forward
-        run._init_iterations()
-        run.cursor = 0
+        params = [p for p in s.model.parameters() if p.requires_grad]
+        from ..models.fastpath import adamw
+        s.optimizer = adamw(params, lr=s.lr, weight_decay=cfg.weight_decay)  # fused where torch has it
+        build_scheduler(s)  # warmup + lr_schedule (family/state.py)
+        s.wrapped, s.optimizer = wrap_training(s, s.optimizer)  # DDP, or FSDP2's sharded forward
+        s.grad_params = list(s.wrapped.parameters())
 
     def forwarder(self, run, model) -> TrainForward:
         return TrainForward(model, run.cfg, reward_head=run.reward_head, pairs=run.kind == "pairs",
@@ -202,10 +205,6 @@ class TokenPolicy:
     def cat_rows(parts: list[list[dict]]) -> list[dict]:
         return [r for p in parts for r in p]
 
-    @staticmethod
-    def take(rows: list[dict], n: int) -> list[dict]:
-        return rows[:n]
-
     def rollout_info(self, run, rows: list[dict], info: dict) -> None:
         info["texts"] = [r["text"] for r in rows]
         if run.prompt_format.truncated:  # max_prompt_length
@@ -231,20 +230,15 @@ class TokenPolicy:
         return self.forward_rows(run, run.model, mb, sl, grad=True, entropy="entropy" in inputs,
                                  value="value" in inputs)
 
-    def padding_loss(self, run) -> torch.Tensor:
-        """A zero-weight micro-batch: a process with no more rows still joins the reduction."""
-        inputs = run.current.inputs
-        dummy = dummy_micro_batch(run.tokenizer.pad_token_id or 0, run.device)
-        fw = self.forward_rows(run, run.model, dummy, slice(0, 1), grad=True, entropy="entropy" in inputs,
-                               value="value" in inputs)
+    def zero_loss(self, run, fw: dict | None = None) -> torch.Tensor:
+        """Zero times the outputs ``fw``, or without them of a one-row dummy micro-batch: a process
+        with no more rows (or a dropped micro-batch) still joins the reduction."""
+        if fw is None:
+            inputs = run.current.inputs
+            dummy = dummy_micro_batch(run.tokenizer.pad_token_id or 0, run.device)
+            fw = self.forward_rows(run, run.model, dummy, slice(0, 1), grad=True, entropy="entropy" in inputs,
+                                   value="value" in inputs)
         return zero_loss(fw)
-
-    @staticmethod
-    def zero_loss(fw: dict) -> torch.Tensor:
-        return zero_loss(fw)
-
-    def grad_params(self, run):
-        return run.wrapped.parameters()
 
     def no_grad_forwards(self, run, batch: dict) -> None:
         from .lm_forwards import no_grad_forwards
@@ -278,30 +272,11 @@ class TokenPolicy:
         return {**(search or {}), **(episodes or {})} or None
 
     def evaluate(self, run) -> float | None:
-        if run.task is None:  # the user's held-out data (loop/evaluation.py), or nothing
+        if run.task is None:  # the user's held-out data (family/evaluation.py), or nothing
             return run.user_eval(run) if getattr(run, "user_eval", None) is not None else None
         from ..parallel.wrap import gathered
         with gathered(run):  # whole weights for generation under FSDP2
             return run.task.eval_score(run.policy, run.tokenizer, run.cfg.eval_size, prompt_format=run.prompt_format)
-
-    @staticmethod
-    def evaluates(run) -> bool:
-        return run.task is not None or getattr(run, "user_eval", None) is not None
-
-    @staticmethod
-    def policy_state(run) -> dict:
-        return unwrap_causal_lm(run.model).state_dict()
-
-    @staticmethod
-    def start_iteration(run, it: int, replace: bool) -> None:
-        if replace and it > 0:
-            from ..loop.iterations import refresh_iterate
-            refresh_iterate(run)  # pi_t := the policy (when it is not the reference itself)
-
-    def run_line(self, run) -> str:
-        return (f"run: {run.algo.name} for {run.steps} steps, batch {run.batch_size} "
-                f"({run.world} process{'es' if run.world > 1 else ''}), lr {run.lr}, "
-                f"builds {', '.join(k for k, v in run.builds.items() if v)}{' +LoRA' if run.lora else ''}")
 
     def before_steps(self, run) -> None:
         if run.cfg.precompute_reference and self.reference_needed(run):
@@ -309,13 +284,13 @@ class TokenPolicy:
             from ..parallel.wrap import pad_frozen_forwards
             pad_frozen_forwards(run)  # FSDP2: as many reference forwards on every process
 
-    # -- checkpoints (the files: models/lm_policy_io.py) ------------------------------------------
-    save_weights = staticmethod(save_weights)
+    # -- checkpoints (the files: family/lm_policy_io.py) ------------------------------------------
+    save_weights = staticmethod(save_weights)   # (run, folder, final=False): checkpoint or final model/
     load_weights = staticmethod(load_weights)
-    write_model = staticmethod(write_model)
 
     @staticmethod
     def checkpoint_state(run) -> dict:
+        """What ``state.json`` holds besides the settings (its ``spec`` is checked on --resume)."""
         state = {"step": run.step, "cursor": run.cursor, "spec": run.algo.name, "world": run.world,
                  "seed": run.cfg.seed}
         if hasattr(run.records, "position"):  # streamed data (data/stream.py): where the stream is
@@ -323,22 +298,13 @@ class TokenPolicy:
         return state
 
     @staticmethod
-    def check_checkpoint(run, ck: Path, state: dict) -> None:
-        if state.get("spec") != run.algo.name:
-            raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}, not {run.algo.name!r}",
-                           hint="use another --out, or run the same spec")
-
-    @staticmethod
-    def process_state(run) -> dict:
-        """The tree-search sampler's pairs found but not yet trained on."""
-        if getattr(run, "tree_sampler", None) is not None:
-            return {"tree_buffer": run.tree_sampler.buffer}
-        return {}
-
-    @staticmethod
-    def set_process_state(run, state: dict) -> None:
-        if getattr(run, "tree_sampler", None) is not None and "tree_buffer" in state:
-            run.tree_sampler.buffer = state["tree_buffer"]
+    def process_state(run, restore: dict | None = None) -> dict:
+        """The tree-search sampler's pairs found but not yet trained on (a process's own);
+        with ``restore`` (a checkpoint's), put them back."""
+        tree = run.tree_sampler
+        if tree is not None and restore is not None and "tree_buffer" in restore:
+            tree.buffer = restore["tree_buffer"]
+        return {"tree_buffer": tree.buffer} if tree is not None else {}
 
 
 __all__ = ["TokenPolicy", "PolicyWithValueHead"]

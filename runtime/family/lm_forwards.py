@@ -2,7 +2,7 @@
 spec reads from models other than the one being trained (or from it, without gradients).
 
 - ``logp_old`` / ``entropy_old`` under the policy that sampled (with self-play iterations
-  the frozen iterate pi_t, loop/iterations.py), ``value_old`` from the current critic --
+  the frozen iterate pi_t, models/iterations.py), ``value_old`` from the current critic --
   in micro-batches of whole groups;
 - ``logp_mismatch`` / ``logp_ref_mismatch`` (data unpaired, KTO's reference point): each
   row's completion after the next row's prompt, summed log-probs under the policy and the
@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from ..loop.update import micro_slices
+from ..parallel.ddp import micro_slices
 
 
 def no_grad_forwards(pol, run, batch: dict) -> None:
@@ -59,7 +59,7 @@ def mismatched_forwards(pol, run, batch: dict, policy) -> None:
     """KTO's reference point: each row's completion after the next row's prompt (the
     completions rotated by one within this process's batch, as TRL's KTOTrainer does),
     summed log-probs under the policy (no grad) and the reference."""
-    from .fastpath import reference_model_ctx
+    from ..models.fastpath import reference_model_ctx
     rows = run.batch_rows
     mism = pol.batch_of(run, [{"p": rows[(i + 1) % len(rows)]["p"], "c": r["c"], "rec": r["rec"]}
                               for i, r in enumerate(rows)])
@@ -78,7 +78,7 @@ def mismatched_forwards(pol, run, batch: dict, policy) -> None:
 
 def reference_forward(pol, run, batch) -> torch.Tensor:
     """``[B, T]`` reference log-probs of ``batch`` (no grad, micro-batches of whole groups)."""
-    from .fastpath import reference_model_ctx
+    from ..models.fastpath import reference_model_ctx
     ref, ctx = reference_model_ctx(run)
     with ctx:
         return torch.cat([pol.forward_rows(run, ref, batch, sl, grad=False)["logp"]

@@ -13,7 +13,7 @@ with the per-step quantities the flow policy provides (models/flow.py):
 
 A row set is a ``FlowRollout`` (trajectories); prompts are class ids drawn per round by the
 ``flow_sde`` sampler (rollout/flow_sde.py). Built-in default: ``FlowTask`` and a pretrained
-``VelocityNet`` (models/flow_io.py). Checkpoints hold ``model.safetensors`` (and the
+``VelocityNet`` (family/flow_io.py). Checkpoints hold ``model.safetensors`` (and the
 reference when iterations replace it); the final ``model/`` is in ``save_flow_model``'s
 format. It trains on one process, on the CPU, in float32.
 """
@@ -28,8 +28,10 @@ import numpy as np
 import torch
 
 from ..errors import RunError
-from .flow import FlowPolicy, FlowRollout, FlowTask
+from ..models.flow import FlowPolicy, FlowRollout, FlowTask
 from .flow_io import FLOW_TASK, builtin_flow_model_dir, load_flow_model, write_flow_model
+from .base import PolicyFamily
+from .state import FlowState, build_scheduler, set_threads
 
 # what the flow policy provides; anything else a spec reads is an error before any model is built
 PROVIDED = {"logp", "logp_old", "logp_ref", "mu_sqdist_ref", "step_std", "mask", "length", "reward"}
@@ -47,17 +49,14 @@ def cat_rollouts(ros: list[FlowRollout]) -> FlowRollout:
     return FlowRollout(times=first.times, noise=first.noise, **cat)
 
 
-class FlowPolicyFamily:
-    """Hooks of a flow policy for loop/engine.py (``run`` is the Engine)."""
+class FlowPolicyFamily(PolicyFamily):
+    """A flow policy for loop/engine.py: ``setup`` returns the run's ``FlowState``; the other
+    hooks take ``run``, the Engine (which shows the state's fields read-only)."""
 
     name = "flow"
-    bar_metrics = (("reward/mean", "reward"),)
-    curve_metrics = ("reward/mean", "eval_score")
-    cuda_rng = False  # the flow policy runs on the CPU: checkpoints hold the CPU generators only
 
     # -- setup ---------------------------------------------------------------------------
-    def _check(self, run) -> None:
-        algo, cfg = run.algo, run.cfg
+    def _check(self, algo, cfg) -> None:
         if algo.plan.sampler.kind != "flow_sde":
             raise RunError(f"{algo.name} requires a flow policy, but its sample section is not flow_sde(prompt, ...)")
         bad = UNSUPPORTED & set(algo.requires)
@@ -82,63 +81,66 @@ class FlowPolicyFamily:
             raise RunError(f"flow policies train in float32 (dtype {cfg.dtype!r} is not supported)",
                            hint="set dtype: float32")
 
-    def setup(self, run) -> None:
-        algo, cfg = run.algo, run.cfg
-        run.builds = {"policy": 0, "reference": 0}
-        run.counts = {"rollouts": 0, "logp_old": 0, "logp_ref": 0}   # no-grad forwards, for tests
-        self._check(run)
-        run.builtin = cfg.model is None
-        run.steps = cfg.steps or (60 if run.builtin else 100)
-        run.batch_size = run.local_batch = cfg.batch_size or 8
-        run.lr = cfg.lr or (1e-3 if run.builtin else 1e-4)
-        run.eval_every = cfg.eval_every if cfg.eval_every is not None else 10
-        run.eval_per_class = cfg.eval_size or 128
-        run._set_threads(1)
+    def setup(self, algo, cfg, *, out, console, parallel_plan) -> FlowState:
+        """The flow model, its task and rewards, the optimizer and schedule, returned."""
+        s = FlowState(algo=algo, cfg=cfg, out=out, console=console, parallel_plan=parallel_plan,
+                      builds={"policy": 0, "reference": 0},
+                      counts={"rollouts": 0, "logp_old": 0, "logp_ref": 0},  # no-grad forwards, for tests
+                      bar_metrics=(("reward/mean", "reward"),), curve_metrics=("reward/mean", "eval_score"),
+                      cuda_rng=False)  # the flow policy runs on the CPU: checkpoints hold the CPU generators only
+        self._check(algo, cfg)
+        s.builtin = cfg.model is None
+        s.steps = cfg.steps or (60 if s.builtin else 100)
+        s.batch_size = s.local_batch = cfg.batch_size or 8
+        s.lr = cfg.lr or (1e-3 if s.builtin else 1e-4)
+        s.eval_every = cfg.eval_every if cfg.eval_every is not None else 10
+        s.eval_per_class = cfg.eval_size or 128
+        set_threads(cfg, 1)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % (1 << 32))
         torch.manual_seed(cfg.seed)
         from ..io.tracking import check_trackers
         check_trackers(list(cfg.log_with))
         from ..parallel.ddp import accelerator
-        run.acc = accelerator(run.out, list(cfg.log_with), cpu=True, plan=run.parallel_plan)
-        run.rank, run.world, run.main, run.device = 0, 1, True, torch.device("cpu")
+        s.acc = accelerator(s.out, list(cfg.log_with), cpu=True, plan=parallel_plan)
+        s.rank, s.world, s.main, s.device = 0, 1, True, torch.device("cpu")
         # model and task
-        if run.builtin:
-            run.model_dir, _ = builtin_flow_model_dir()
-            run.say(f"model: built-in flow VelocityNet (2-D, pretrained by flow matching), cached at {run.model_dir}")
+        if s.builtin:
+            s.model_dir, _ = builtin_flow_model_dir()
+            s.say(f"model: built-in flow VelocityNet (2-D, pretrained by flow matching), cached at {s.model_dir}")
         else:
-            run.model_dir = cfg.model
-        run.model, mcfg = load_flow_model(run.model_dir)
-        run.task_settings = dict(mcfg.get("task") or FLOW_TASK)
-        run.task = FlowTask(**run.task_settings)
-        if run.model.num_classes != run.task.num_classes:
-            raise RunError(f"{run.model_dir}: the model has {run.model.num_classes} classes, the task "
-                           f"{run.task.num_classes}")
-        run.say(f"data: built-in flow task ({run.task.num_classes} class prompts, {run.task.k} blobs each; "
-                "reward high on one blob per class)")
-        run.builds["policy"] += 1
-        run.model.train()
-        run.reference = None
+            s.model_dir = cfg.model
+        s.model, mcfg = load_flow_model(s.model_dir)
+        s.task_settings = dict(mcfg.get("task") or FLOW_TASK)
+        s.task = FlowTask(**s.task_settings)
+        if s.model.num_classes != s.task.num_classes:
+            raise RunError(f"{s.model_dir}: the model has {s.model.num_classes} classes, the task "
+                           f"{s.task.num_classes}")
+        s.say(f"data: built-in flow task ({s.task.num_classes} class prompts, {s.task.k} blobs each; "
+              "reward high on one blob per class)")
+        s.builds["policy"] += 1
+        s.model.train()
         if "reference" in algo.requires:
-            run.reference, _ = load_flow_model(run.model_dir)
-            run.reference.requires_grad_(False)
-            run.builds["reference"] += 1
-        run.rewards = None
+            s.reference, _ = load_flow_model(s.model_dir)
+            s.reference.requires_grad_(False)
+            s.builds["reference"] += 1
         if "reward" in algo.inputs:
             from ..scoring.flow_rewards import FlowRewards
             names = list(cfg.rewards) or ["task"]
-            run.rewards = FlowRewards(names, run.task)
-            run.say(f"reward: {' + '.join(names)}")
+            s.rewards = FlowRewards(names, s.task)
+            s.say(f"reward: {' + '.join(names)}")
         for name in ("reward_model", "preference"):
             if name in algo.inputs:
                 raise RunError(f"{algo.name} scores with {name}(response), which flow policies do not support",
                                hint="score with reward(response)")
         # optimizer / schedule (the LM family's settings)
-        params = [p for p in run.model.parameters() if p.requires_grad]
-        run.optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=cfg.weight_decay)
-        run._build_scheduler()
-        run._init_iterations()
-        run.cursor = 0
+        s.grad_params = [p for p in s.model.parameters() if p.requires_grad]
+        s.optimizer = torch.optim.AdamW(s.grad_params, lr=s.lr, weight_decay=cfg.weight_decay)
+        build_scheduler(s)
+        s.evaluates = True
+        s.run_line = (f"run: {algo.name} (flow policy) for {s.steps} steps, batch {s.batch_size} prompts, "
+                      f"lr {s.lr}, builds {', '.join(k for k, v in s.builds.items() if v)}")
+        return s
 
     # -- rows (loop/rollout_stage.py) ----------------------------------------------------------
     @staticmethod
@@ -166,14 +168,6 @@ class FlowPolicyFamily:
     def cat_rows(parts: list[FlowRollout]) -> FlowRollout:
         return cat_rollouts(parts)
 
-    @staticmethod
-    def take(ro: FlowRollout, n: int) -> FlowRollout:
-        return ro.select(torch.arange(n))
-
-    @staticmethod
-    def rollout_info(run, ro, info: dict) -> None:
-        pass
-
     # -- forwards --------------------------------------------------------------------------------
     @staticmethod
     def no_grad_forwards(run, batch: dict) -> None:
@@ -194,25 +188,14 @@ class FlowPolicyFamily:
         return {"logp": lp["logp"], **({"mu_sqdist_ref": lp["mu_sqdist_ref"]} if need_sq else {})}
 
     @staticmethod
-    def padding_loss(run):
-        raise AssertionError("a flow run has one process: no padding micro-batches")
-
-    @staticmethod
-    def zero_loss(fw: dict):
+    def zero_loss(run, fw: dict | None = None):
+        assert fw is not None, "a flow run has one process: no padding micro-batches"
         return sum(v.sum() for v in fw.values() if torch.is_tensor(v) and v.requires_grad) * 0.0
-
-    @staticmethod
-    def grad_params(run):
-        return [p for p in run.model.parameters() if p.requires_grad]
 
     # -- metrics, evaluation, iterations -------------------------------------------------------
     @staticmethod
     def rollout_metrics(run, batch: dict) -> dict:
         return {"reward/mean": float(batch["reward"].float().mean())} if "reward" in batch else {}
-
-    @staticmethod
-    def step_extra(run):
-        return None
 
     @staticmethod
     def evaluate(run) -> float:
@@ -223,30 +206,14 @@ class FlowPolicyFamily:
         finally:
             run.model.train(was)
 
-    @staticmethod
-    def evaluates(run) -> bool:
-        return True
-
-    @staticmethod
-    def policy_state(run) -> dict:
-        return run.model.state_dict()
-
-    @staticmethod
-    def start_iteration(run, it: int, replace: bool) -> None:
-        pass
-
-    @staticmethod
-    def run_line(run) -> str:
-        return (f"run: {run.algo.name} (flow policy) for {run.steps} steps, batch {run.batch_size} prompts, "
-                f"lr {run.lr}, builds {', '.join(k for k, v in run.builds.items() if v)}")
-
-    @staticmethod
-    def before_steps(run) -> None:
-        pass
-
     # -- checkpoints and the final model ---------------------------------------------------------
     @staticmethod
-    def save_weights(run, tmp: Path) -> None:
+    def save_weights(run, tmp: Path, final: bool = False) -> None:
+        """A checkpoint's ``model.safetensors`` (and the reference when iterations replace it); with
+        ``final``, the final model in ``save_flow_model``'s format (``--model`` of a later run)."""
+        if final:
+            return write_flow_model(tmp, run.model, run.task_settings,
+                                    {"spec": run.algo.name, "steps": run.step, "init": str(run.model_dir)})
         from safetensors.torch import save_file
         save_file({k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()},
                   str(tmp / "model.safetensors"))
@@ -265,27 +232,8 @@ class FlowPolicyFamily:
             run.reference.load_state_dict(load_file(str(ck / "reference.safetensors")))
 
     @staticmethod
-    def write_model(run, tmp: Path) -> None:
-        """The final model, in ``save_flow_model``'s format (``--model`` of a later run)."""
-        write_flow_model(tmp, run.model, run.task_settings,
-                         {"spec": run.algo.name, "steps": run.step, "init": str(run.model_dir)})
-
-    @staticmethod
     def checkpoint_state(run) -> dict:
+        """What ``state.json`` holds besides the settings (its ``spec`` and ``family`` are checked on
+        --resume)."""
         return {"step": run.step, "spec": run.algo.name, "family": "flow", "seed": run.cfg.seed,
                 "model": str(run.model_dir)}
-
-    @staticmethod
-    def check_checkpoint(run, ck: Path, state: dict) -> None:
-        if state.get("spec") != run.algo.name or state.get("family") != "flow":
-            raise RunError(f"{ck} is a checkpoint of {state.get('spec')!r}"
-                           f"{'' if state.get('family') == 'flow' else ' (not a flow policy)'}, "
-                           f"not of {run.algo.name!r}", hint="use another --out, or run the same spec")
-
-    @staticmethod
-    def process_state(run) -> dict:
-        return {}
-
-    @staticmethod
-    def set_process_state(run, state: dict) -> None:
-        pass

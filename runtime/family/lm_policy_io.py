@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
-from ..loop.iterations import separate_iterate
-from .loaders import PolicyWithValueHead, unwrap_causal_lm
+from ..models.iterations import separate_iterate
+from ..models.loaders import PolicyWithValueHead, unwrap_causal_lm
 
 
 def _trainable_state(run) -> dict:
@@ -67,7 +67,11 @@ class _Saved:
             return f.get_tensor(key)
 
 
-def save_weights(run, tmp: Path) -> None:
+def save_weights(run, tmp: Path, final: bool = False) -> None:
+    """A checkpoint's model files in ``tmp`` (see the module docstring); with ``final``, the final
+    model instead (``_write_model``)."""
+    if final:
+        return _write_model(run, tmp)
     from safetensors.torch import save_file
     lm = unwrap_causal_lm(run.model) if not run.lora else run.policy
     lm.save_pretrained(tmp / "model", safe_serialization=True)
@@ -112,7 +116,7 @@ def load_weights(run, ck: Path) -> None:
         separate_iterate(run).load_state_dict(load_file(str(ck / "iterate.safetensors")))
 
 
-def write_model(run, tmp: Path) -> None:
+def _write_model(run, tmp: Path) -> None:
     """The final model: the LM (LoRA merged into it) + tokenizer, and a critic's value head."""
     lm = unwrap_causal_lm(run.model)
     if run.lora:

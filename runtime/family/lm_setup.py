@@ -1,13 +1,14 @@
-"""Setup of the token-LM policy family: its models and its data (models/token_policy.py's ``_build``).
+"""Setup of the token-LM policy family: its models and its data (family/token_policy.py's ``_build``).
 
-``load_data(run)`` comes first, so that bad data fails before any model is built;
-``load_models(run)`` then builds exactly what the spec requires.
+``run`` is the run state being built (a ``TokenState``, state.py). ``load_data(run)`` comes
+first, so that bad data fails before any model is built; ``load_models(run)`` then builds
+exactly what the spec requires.
 """
 
 from __future__ import annotations
 
 from ..errors import RunError
-from .loaders import add_value_head, load_frozen_copy, load_policy
+from ..models.loaders import add_value_head, load_frozen_copy, load_policy
 
 
 def load_models(run) -> None:
@@ -16,7 +17,7 @@ def load_models(run) -> None:
     model, ``--model``, ``init_model``; a hub id or an adapter folder resolved)."""
     algo, cfg = run.algo, run.cfg
     if cfg.model is None:
-        from ..data.tasks import builtin_model_dir
+        from ..tasks.tasks import builtin_model_dir
         warm = run.kind != "demonstrations" or algo.plan.generates
         builtin_model_dir = getattr(run.task, "builtin_model_dir", builtin_model_dir)
         with run.acc.main_process_first():
@@ -30,11 +31,11 @@ def load_models(run) -> None:
         run.model_dir, setting = cfg.init_model, "init_model"
         run.say(f"init: weights from {cfg.init_model}")
     # a hub id -> its snapshot in the cache; a PEFT adapter folder -> its base, adapter trained further
-    from .adapter_model import resolve_policy_source
+    from ..models.adapter_model import resolve_policy_source
     run.model_dir, run.model_adapter = resolve_policy_source(run, run.model_dir, setting)
     trust = cfg.trust_remote_code
     if run.reward_head:
-        from .reward_head import load_reward_model
+        from ..models.reward_head import load_reward_model
         run.policy, run.tokenizer = load_reward_model(run.model_dir, dtype=cfg.dtype, device=run.device,
                                                       trust_remote_code=trust)
         run.say("reward model: a sequence-classification head (num_labels = 1) on the model's body")
@@ -68,20 +69,20 @@ def load_models(run) -> None:
 
 def load_data(run):
     """The training records of the spec's data kind (a list, or a stream with ``streaming``),
-    after setting ``run.eval_records`` (eval_data / eval_fraction: loop/evaluation.py)."""
+    after setting ``run.eval_records`` (eval_data / eval_fraction: family/evaluation.py)."""
     need = {"prompts": ["prompt"], "demonstrations": ["prompt", "response"],
             "pairs": ["prompt", "chosen", "rejected"],
             "unpaired": ["prompt", "completion", "label"]}[run.kind]
     run.eval_records = None
     if run.builtin:
-        from ..loop.evaluation import held_out
+        from .evaluation import held_out
         held_out(run, [], need)  # eval_data / eval_fraction without --data: a RunError
         recs = run.task.records(run.kind)
         run.say(f"data: built-in task {run.task.name} ({len(recs)} {run.kind} from "
                 f"{len(run.task.train_problems)} training problems; {len(run.task.eval_problems)} held-out)")
         return recs
-    from ..data.records import open_records
-    from ..loop.evaluation import held_out  # eval_data / eval_fraction (loop/evaluation.py)
+    from ..data.stream import open_records
+    from .evaluation import held_out  # eval_data / eval_fraction (family/evaluation.py)
     recs = open_records(run.cfg, run.kind)
     if isinstance(recs, list):
         run.say(f"data: {run.cfg.data} ({len(recs)} rows, {run.kind})")

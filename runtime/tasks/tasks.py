@@ -109,7 +109,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("ALIGNSPEC_CACHE") or Path.home() / ".cache" / "alignspec")
 
 
-def _key(settings: dict) -> str:
+def cache_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -120,7 +120,7 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
                 "train_size": TRAIN_SIZE, "split_seed": SPLIT_SEED, "version": 2}
     if warm:
         settings["warmup"] = WARMUP_SETTINGS
-    target = cache_root() / f"tiny-{'warm' if warm else 'init'}-{_key(settings)}"
+    target = cache_root() / f"tiny-{'warm' if warm else 'init'}-{cache_key(settings)}"
 
     def build(tmp: Path) -> None:
         cfg = dict(MODEL_SETTINGS)
@@ -134,7 +134,7 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
 
 def copy_init_model(tmp: Path, seed: int = 0) -> None:
     """The freshly initialized built-in model's files (not its settings record) into ``tmp``:
-    where another built-in task's warm-up starts (data/step_task.py, data/tool_task.py)."""
+    where another built-in task's warm-up starts (tasks/step_task.py, tasks/tool_task.py)."""
     init_dir, _ = builtin_model_dir(warm=False, seed=seed)
     for f in Path(init_dir).iterdir():
         if f.is_file() and f.name != "alignspec_builtin.json":

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import RunError
 from ..io.checkpoint import replace_dir
-from .flow import FlowTask, VelocityNet, pretrain
+from ..models.flow import FlowTask, VelocityNet, pretrain
 
 FLOW_MODEL = {"dim": 2, "num_classes": 4, "hidden": 128, "time_freqs": 16}
 FLOW_TASK = {"num_classes": 4, "k": 3, "radius": 1.5, "blob_std": 0.1, "reward_width": 0.35}
@@ -76,10 +76,10 @@ def load_flow_model(path) -> tuple[VelocityNet, dict]:
 
 def builtin_flow_model_dir() -> tuple[str, dict]:
     """The cached pretrained built-in flow model (pretraining it on first use)."""
-    from ..data.tasks import _key, cache_root
+    from ..tasks.tasks import cache_key, cache_root
     settings = {"model": FLOW_MODEL, "task": FLOW_TASK, "pretrain": FLOW_PRETRAIN,
                 "init_seed": FLOW_INIT_SEED, "version": 1}
-    target = cache_root() / f"flow-{_key(settings)}"
+    target = cache_root() / f"flow-{cache_key(settings)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return str(target), settings
     with torch.random.fork_rng(devices=[]):
