@@ -131,10 +131,6 @@ def run_pipeline(spec, *, model=None, data=None, config=None, sets=(), out=None,
     # state is a singleton, so this call decides it for every stage)
     state = PartialState(cpu=not torch.cuda.is_available())
     root.mkdir(parents=True, exist_ok=True)
-    if not resume and state.is_main_process:
-        for n in names:
-            (root / n / MARKER).unlink(missing_ok=True)
-    state.wait_for_everyone()
     base_say = console.print if console is not None else print
 
     def say(msg) -> None:  # once, from the main process
@@ -164,6 +160,11 @@ def run_pipeline(spec, *, model=None, data=None, config=None, sets=(), out=None,
                               sets=tuple(preset_sets + user_sets), out=str(sdir), steps=steps,
                               seed=seed, save_every=save_every, resume=resume, eval_every=eval_every,
                               profile=profile, **extra)
+        if not resume and engine.main:
+            # the stage's folder is claimed (a refusal above leaves every marker as it was): this
+            # stage and the ones after it, which read its model, are no longer finished
+            for n in names[names.index(st.name):]:
+                (root / n / MARKER).unlink(missing_ok=True)
         if on_engine is not None:
             on_engine(st.name, engine)
         t0 = time.perf_counter()

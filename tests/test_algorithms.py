@@ -76,6 +76,9 @@ def test_short_rlhf_pipeline_through_cli(tmp_path):
     assert summary["eval_score"] == summary["stages"][-1]["eval_score"]
     for s in ("sft", "rm", "policy"):
         assert (out / s / "model" / "config.json").is_file() and (out / s / "stage_done.json").is_file()
+    # a fresh run into the finished pipeline's folder is refused, and forgets no finished stage
+    assert run_from_cli("rlhf", out=str(out), steps=2, sets=["batch_size=4"] + QUIET) == 2
+    assert all((out / s / "stage_done.json").is_file() for s in ("sft", "rm", "policy"))
 
 
 # -- reward model --------------------------------------------------------------------------
