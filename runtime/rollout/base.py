@@ -66,6 +66,9 @@ def build_sampler(plan, run) -> Sampler:
     """The registered sampler for ``plan.kind`` (the modules of rollout/ register themselves)."""
     from . import concat, episodes, flow_sde, generate, offline, tree  # noqa: F401  (registration)
     cls = SAMPLERS.get(plan.kind)
+    if getattr(getattr(run, "cfg", None), "use_vllm", False):  # the vLLM engine draws the tokens
+        from .vllm_samplers import ENGINE_SAMPLERS
+        cls = ENGINE_SAMPLERS.get(plan.kind, cls)
     if cls is None:
         raise RunError(f"sampler {plan.kind}(...) is not supported by this runtime yet",
                        hint=f"samplers: {', '.join(sorted(SAMPLERS))}")

@@ -204,7 +204,7 @@ class Rollout(Sampler):
         model, ctx = self.sampling_model(run.policy)  # model = reference: the reference, or LoRA's base
         lm = unwrap_causal_lm(model)
         n = int(self.option("n"))
-        turns = Turns(lm, run.tokenizer, temperature=float(self.option("temperature")),
+        turns = self.make_turns(lm, run.tokenizer, temperature=float(self.option("temperature")),
                       top_p=float(self.option("top_p")), max_tokens=int(self.option("max_tokens", run.max_new_tokens)),
                       seed=seed, stops=self.toolbox.stops if self.toolbox is not None else (),
                       fast=run.cfg.fast_sampling, logprobs="logp_sampler" in run.current.inputs)
@@ -226,6 +226,10 @@ class Rollout(Sampler):
             r["rec"] = rec
         self._record(rows, counts0)
         return [rows[g * n:(g + 1) * n] for g in range(len(recs))]
+
+    def make_turns(self, lm, tok, **kw) -> Turns:
+        """What draws each turn's tokens (the vLLM engine's: rollout/vllm_samplers.py)."""
+        return Turns(lm, tok, **kw)
 
     def _record(self, rows, counts0) -> None:
         k = max(1, len(rows))
