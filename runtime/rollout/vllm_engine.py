@@ -110,6 +110,10 @@ class ColocatedVLLM:
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, enable_sleep_mode: bool = False,
                  **engine_kwargs):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: in-place weights
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the run's console, not vLLM's INFO lines
+        import logging
+        # "RotaryEmbedding: Failed to load weights" at each push: rotary caches have no checkpoint tensors
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         cuda = torch.cuda.is_available()
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")       # GiB of KV cache

