@@ -57,9 +57,14 @@ class SamplingSpec:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def draws(self, n: int) -> int:
+        """Completions to ask the engine for: greedy decoding draws one (vLLM refuses n > 1 there),
+        which :func:`repeat` copies ``n`` times."""
+        return 1 if self.greedy else int(n)
+
     def vllm_kwargs(self, n: int, seed: int | None) -> dict:
         """``vllm.SamplingParams`` keyword arguments (also the JSON of a server request)."""
-        kw = dict(n=int(n), max_tokens=int(self.max_tokens), temperature=float(self.temperature),
+        kw = dict(n=self.draws(n), max_tokens=int(self.max_tokens), temperature=float(self.temperature),
                   top_p=float(self.top_p) if not self.greedy else 1.0, top_k=int(self.top_k) if not self.greedy else 0,
                   min_p=float(self.min_p) if not self.greedy else 0.0,
                   repetition_penalty=float(self.repetition_penalty), logprobs=0,
@@ -74,6 +79,12 @@ class Completion:
     ids: list[int]
     logprobs: list[float]
     finish_reason: str = ""
+
+
+def repeat(comps: list, n: int) -> list:
+    """A greedy request's one completion as its ``n`` (identical) completions."""
+    return comps if len(comps) == n else [Completion(list(c.ids), list(c.logprobs), c.finish_reason)
+                                           for c in comps for _ in range(n)]
 
 
 def request_seed(seed: int, i: int) -> int:
@@ -170,7 +181,7 @@ class ColocatedVLLM:
                   for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         self._sleep()
-        return [completions_of(o, n) for o in outs]
+        return [repeat(completions_of(o, spec.draws(n)), n) for o in outs]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._wake(["weights"])

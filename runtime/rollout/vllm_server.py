@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import RunError
-from .vllm_engine import Completion, SamplingSpec, request_seed
+from .vllm_engine import Completion, SamplingSpec, repeat, request_seed
 
 RETRIES = 5          # tries of a failing request (then a RunError)
 BACKOFF_S = 1.0      # the first wait; doubles each retry
@@ -141,7 +141,7 @@ class ServerFleet:
             url = self.urls[i % len(self.urls)]
             body = {"token_ids": list(prompts[i]), "stream": False,
                     "sampling_params": spec.vllm_kwargs(n, None if seed is None else request_seed(seed, i))}
-            return parse_choices(url, call(url, "/inference/v1/generate", body), n, len(prompts[i]))
+            return repeat(parse_choices(url, call(url, "/inference/v1/generate", body), spec.draws(n), len(prompts[i])), n)
         return list(self.pool.map(one, range(len(prompts))))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
