@@ -19,8 +19,8 @@ response with (the generate endpoint answers the weight versions a completion wa
 
 **Faults.** ``check_servers`` (before anything loads): every URL answers ``GET /health``, or a
 RunError names it. A request that fails on the way (connection refused or reset, a timeout, an
-HTTP 5xx) is retried with exponential backoff (``RETRIES`` tries, 1 s doubling, about 30 s in
-all); then a RunError names the URL and what it answered last, and the run stops (the loop keeps
+HTTP 5xx) is retried with exponential backoff (``RETRIES`` tries, 1 s doubling: 15 s of waiting
+in all); then a RunError names the URL and what it answered last, and the run stops (the loop keeps
 its last checkpoint). A malformed or short answer is a RunError that says what was missing.
 """
 
