@@ -279,3 +279,75 @@ def test_a_server_that_stops_answering_is_a_run_error_naming_it(monkeypatch):
     with pytest.raises(RunError, match="without token ids"):
         vllm_server.parse_choices(url, {"choices": [{"index": 0, "token_ids": [3, 4], "logprobs": {"content": [
             {"token_id": 3, "logprob": -1.0}]}}]}, 1, 1)
+
+
+class _Proxy:
+    """An HTTP proxy in front of a server that can "die": while ``down`` it drops every connection
+    unanswered (as a killed server's socket does); it goes down by itself after ``fail_after``
+    generate requests."""
+
+    def __init__(self, target: str, fail_after: int | None = None):
+        import http.server
+        import threading
+        import urllib.request
+        proxy = self
+        self.target, self.fail_after, self.generates, self.down = target, fail_after, 0, False
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _forward(self):
+                if "generate" in self.path:
+                    proxy.generates += 1
+                    if proxy.fail_after is not None and proxy.generates > proxy.fail_after:
+                        proxy.down = True
+                if proxy.down:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else None
+                req = urllib.request.Request(proxy.target + self.path, data=body, method=self.command,
+                                             headers={"Content-Type": "application/json"} if body else {})
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    data, code = r.read(), r.status
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _forward
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@needs_vllm
+def test_a_server_dying_mid_run_stops_it_with_the_checkpoint_intact_and_resume_finishes(server, tmp_path,
+                                                                                       monkeypatch):
+    import json
+    from alignspec.runtime.rollout import vllm_server
+    monkeypatch.setattr(vllm_server, "BACKOFF_S", 0.05)
+    url, _ = server
+    proxy = _Proxy(url, fail_after=16 * 6)  # 16 prompts a step: the server dies in step 7
+    out = tmp_path / "o"
+    sets = ["vllm_mode=server", f"vllm_server_base_url={proxy.url}"]
+    try:
+        eng = _build("grpo", out, sets=sets, steps=12, save_every=4)
+        with pytest.raises(RunError, match="stopped answering") as e:
+            eng.train()
+        assert proxy.url in str(e.value) and "--resume" in e.value.hint
+        assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+        proxy.down, proxy.fail_after = False, None  # the server is back
+        again = _build("grpo", out, sets=sets, steps=12, save_every=4, resume=True)
+        again.train()
+        steps = [r["step"] for r in read_metrics(out) if "vllm/version" in r]
+        assert steps[-1] == 12 and json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 12
+    finally:
+        proxy.close()
