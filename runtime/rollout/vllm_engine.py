@@ -76,14 +76,19 @@ class SamplingSpec:
 
 @dataclass
 class Completion:
+    """Sampled token ids, the engine's log-prob of each, why it ended, and (servers) the weight
+    versions that sampled it: ``(version, start, end)`` spans of ``ids`` (vLLM's ``weight_versions``;
+    what an asynchronous loop reads a response's staleness from)."""
+
     ids: list[int]
     logprobs: list[float]
     finish_reason: str = ""
+    versions: list[tuple[str, int, int]] | None = None
 
 
 def repeat(comps: list, n: int) -> list:
     """A greedy request's one completion as its ``n`` (identical) completions."""
-    return comps if len(comps) == n else [Completion(list(c.ids), list(c.logprobs), c.finish_reason)
+    return comps if len(comps) == n else [Completion(list(c.ids), list(c.logprobs), c.finish_reason, c.versions)
                                            for c in comps for _ in range(n)]
 
 

@@ -184,7 +184,7 @@ class EngineGenerate(Generate):
         tok = run.tokenizer
         eos = _eos_ids(unwrap_causal_lm(run.policy), tok)
         n = int(self.option("n"))
-        prompts = [run.prompt_format.ids(r["prompt"]) for r in recs]
+        prompts = [run.tok_prompt(r["prompt"]) for r in recs]  # the prompt format's ids; too long: a RunError
         outs = h.engine.generate(prompts, n, _spec(self, run, eos), seed)
         stop = tuple(run.cfg.stop)
         groups = []

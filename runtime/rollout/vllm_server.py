@@ -120,7 +120,10 @@ def parse_choices(url: str, answer, n: int, prompt_len: int) -> list[Completion]
             if lp.get("token_id", t) != t:
                 raise RunError(f"{where}: the log-prob of token {t} came as token {lp.get('token_id')}")
             lps.append(float(lp["logprob"]))
-        out.append(Completion([int(t) for t in ids], lps, str(c.get("finish_reason") or "")))
+        spans = c.get("weight_versions")
+        versions = [(str(v.get("version")), int(v.get("start", 0)), int(v.get("end", len(ids)))) for v in spans] \
+            if isinstance(spans, list) else None
+        out.append(Completion([int(t) for t in ids], lps, str(c.get("finish_reason") or ""), versions))
     return out
 
 
