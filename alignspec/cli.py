@@ -8,6 +8,7 @@
     alignspec list | new NAME [--from BASE] | run SPEC ...
     alignspec check SPEC... --format json   the problems as a JSON array on stdout
     alignspec lsp                  the language server, over stdio
+    alignspec vllm-serve [MODEL] [vLLM flags]   vLLM's server for use_vllm's server mode
 
 Editor-speed commands (check, fmt, diff, graph, list, new) never import torch. Errors go
 to stderr as `file:line:col: message` with the line and a caret.
@@ -395,6 +396,21 @@ def run(spec: str,
     raise typer.Exit(run_from_cli(spec, model=model, data=data, config=config, sets=tuple(sets), out=out,
                                   steps=steps, seed=seed, save_every=save_every, resume=resume,
                                   eval_every=eval_every, profile=profile))
+
+
+@app.command("vllm-serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def vllm_serve(ctx: typer.Context,
+               model: Optional[str] = typer.Argument(None, help="model directory or hub id (default: the built-in "
+                                                     "tiny model of `run --set use_vllm=true`)"),
+               host: str = typer.Option("127.0.0.1", "--host"),
+               port: int = typer.Option(8000, "--port"),
+               dry_run: bool = typer.Option(False, "--dry-run", help="print the vllm serve command, start nothing")):
+    """Start vLLM's server for server mode (use_vllm, vllm_mode=server); other flags go to `vllm serve`."""
+    from alignspec.vllm_serve import main as serve
+    extra = list(ctx.args)
+    if model is not None and model.startswith("-"):  # no MODEL: the first vLLM flag landed here
+        model, extra = None, [model, *extra]
+    raise typer.Exit(serve(model, host, port, extra, dry_run=dry_run))
 
 
 @app.command()

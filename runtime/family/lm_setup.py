@@ -17,13 +17,14 @@ def load_models(run) -> None:
     model, ``--model``, ``init_model``; a hub id or an adapter folder resolved)."""
     algo, cfg = run.algo, run.cfg
     if cfg.model is None:
-        from ..tasks.tasks import builtin_model_dir
+        from ..tasks.tasks import ENGINE_MODEL_SETTINGS, builtin_model_dir
         warm = run.kind != "demonstrations" or algo.plan.generates
         builtin_model_dir = getattr(run.task, "builtin_model_dir", builtin_model_dir)
+        engine = {"model": ENGINE_MODEL_SETTINGS} if cfg.use_vllm else {}  # heads vLLM supports
         with run.acc.main_process_first():
-            run.model_dir, _ = builtin_model_dir(warm=warm, seed=0)
-        run.say(f"model: built-in tiny llama ({'after a short SFT warm-up on the task' if warm else 'random init'}), "
-                f"cached at {run.model_dir}")
+            run.model_dir, _ = builtin_model_dir(warm=warm, seed=0, **engine)
+        run.say(f"model: built-in tiny llama{' (2 heads of 32, for vLLM)' if engine else ''} "
+                f"({'after a short SFT warm-up on the task' if warm else 'random init'}), cached at {run.model_dir}")
     else:
         run.model_dir = cfg.model
     setting = "model"

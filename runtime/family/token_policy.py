@@ -269,7 +269,8 @@ class TokenPolicy(PolicyFamily):
     def step_extra(self, run) -> dict | None:
         search = getattr(getattr(run, "tree_sampler", None), "stats", None)  # search/*
         episodes = getattr(run, "episode_stats", None)  # episodes/*: rollout(...) (rollout/episodes.py)
-        return {**(search or {}), **(episodes or {})} or None
+        engine = getattr(run, "engine_stats", None)  # vllm/*: use_vllm (rollout/vllm_samplers.py)
+        return {**(search or {}), **(episodes or {}), **(engine or {})} or None
 
     def evaluate(self, run) -> float | None:
         if run.task is None:  # the user's held-out data (family/evaluation.py), or nothing

@@ -95,6 +95,8 @@ class Engine(TrainingLoop):
         # parallel, precision, checkpointing and LoRA settings, checked before anything loads
         from ..parallel.settings import resolve
         plan = resolve(cfg, algo)
+        from ..rollout.vllm_settings import check as check_rollout_engine
+        check_rollout_engine(cfg, algo)  # use_vllm and the vllm_* settings (rollout/vllm_settings.py)
         self.family = family_for(algo)
         self.state = self.family.setup(algo, cfg, out=Path(cfg.out), parallel_plan=plan,
                                        console=console or Console(stderr=False, highlight=False))

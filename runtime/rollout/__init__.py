@@ -6,3 +6,4 @@
 # The samplers register themselves (``@register``) as their modules are imported: here, never
 # from base.py, which the sampler modules import.
 from . import concat, episodes, flow_sde, generate, offline, tree  # noqa: E402,F401  (registration)
+from . import vllm_samplers  # noqa: E402,F401  (use_vllm's samplers; vllm itself is imported when an engine starts)

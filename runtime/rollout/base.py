@@ -25,11 +25,15 @@ from ..errors import RunError
 SAMPLERS: dict[str, type] = {}
 
 
-def register(kind: str):
-    """Class decorator: the sampler of ``kind`` (a SamplerPlan kind)."""
+ENGINE_SAMPLERS: dict[str, type] = {}  # kind -> the sampler of that kind drawn by vLLM (use_vllm)
+
+
+def register(kind: str, engine: str | None = None):
+    """Class decorator: the sampler of ``kind`` (a SamplerPlan kind); with ``engine="vllm"``,
+    the one that ``use_vllm`` runs take instead (rollout/vllm_samplers.py)."""
     def deco(cls):
         cls.kind = kind
-        SAMPLERS[kind] = cls
+        (ENGINE_SAMPLERS if engine == "vllm" else SAMPLERS)[kind] = cls
         return cls
     return deco
 
@@ -66,6 +70,8 @@ def build_sampler(plan, run) -> Sampler:
     """The registered sampler for ``plan.kind`` (the modules of rollout/ register themselves when
     the package is imported: rollout/__init__.py)."""
     cls = SAMPLERS.get(plan.kind)
+    if getattr(getattr(run, "cfg", None), "use_vllm", False):  # the vLLM engine draws the tokens
+        cls = ENGINE_SAMPLERS.get(plan.kind, cls)
     if cls is None:
         raise RunError(f"sampler {plan.kind}(...) is not supported by this runtime yet",
                        hint=f"samplers: {', '.join(sorted(SAMPLERS))}")

@@ -3,7 +3,7 @@
 Each prompt gets ``n`` episodes, sampled from the policy (``model = reference``: from the
 reference, or with LoRA and no separate reference the policy with its adapters disabled, as
 ``generate``), with the run configuration's environment and tools
-(envs.py, tools.py; on the built-in agentic task, its own calculator, data/tool_task.py).
+(envs.py, tools.py; on the built-in agentic task, its own calculator, tasks/tool_task.py).
 The episodes of a call run as one batch (``play``): each turn, every unfinished episode
 generates together (``Turns``: ``sampling.sample_groups``, KV-cached within the turn; each
 turn prefills its episode's whole context again -- no KV cache across turns), then each
@@ -186,7 +186,7 @@ class Rollout(Sampler):
                                    max_stuck=cfg.tool_max_stuck,
                                    call_tags=cfg.tool_call_tags, result_tags=cfg.tool_result_tags)
         elif self.env_cls is None and getattr(run, "task", None) is not None and hasattr(run.task, "toolbox"):
-            self.toolbox = run.task.toolbox()  # the built-in agentic task's own tools (data/tool_task.py)
+            self.toolbox = run.task.toolbox()  # the built-in agentic task's own tools (tasks/tool_task.py)
             self.env_name = run.task.name
         if self.env_cls is None and self.toolbox is None:
             raise RunError(f"{run.algo.name} samples episodes with rollout(prompt, env = env, ...), but the run "
@@ -214,7 +214,7 @@ class Rollout(Sampler):
         model, ctx = self.sampling_model(run.policy)  # model = reference: the reference, or LoRA's base
         lm = unwrap_causal_lm(model)
         n = int(self.option("n"))
-        turns = Turns(lm, run.tokenizer, temperature=float(self.option("temperature")),
+        turns = self.make_turns(lm, run.tokenizer, temperature=float(self.option("temperature")),
                       top_p=float(self.option("top_p")), max_tokens=int(self.option("max_tokens", run.max_new_tokens)),
                       seed=seed, stops=self.toolbox.stops if self.toolbox is not None else (),
                       fast=run.cfg.fast_sampling, logprobs="logp_sampler" in run.current.inputs)
@@ -236,6 +236,10 @@ class Rollout(Sampler):
             r["rec"] = rec
         self._record(rows, counts0)
         return [rows[g * n:(g + 1) * n] for g in range(len(recs))]
+
+    def make_turns(self, lm, tok, **kw) -> Turns:
+        """What draws each turn's tokens (the vLLM engine's: rollout/vllm_samplers.py)."""
+        return Turns(lm, tok, **kw)
 
     def _record(self, rows, counts0) -> None:
         k = max(1, len(rows))

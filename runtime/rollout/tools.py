@@ -99,7 +99,7 @@ class ToolBox:
                  call_tags=("<call>", "</call>"), result_tags=("<result>", "</result>"),
                  builtin: list[Callable] = (), max_stuck: int = 8):
         """``names``: ``module:function`` strings of the run configuration; ``builtin``: our own
-        functions (a built-in task's tools, e.g. data/tool_task.py's calculator), not imported."""
+        functions (a built-in task's tools, e.g. tasks/tool_task.py's calculator), not imported."""
         self.fns = {}
         self.schemas = []
         for n, fn in [(n, resolve_tool(n)) for n in names] + [(f.__name__, f) for f in builtin]:

@@ -36,6 +36,9 @@ import torch
 TRAIN_SIZE = 75
 SPLIT_SEED = 1234
 MODEL_SETTINGS = {"arch": "llama", "hidden": 64, "layers": 2, "heads": 4}
+# the built-in model with use_vllm: the same weight shapes in 2 heads of 32 (vLLM's CPU attention
+# supports head sizes 32, 64, 80, ... but not the default's 16); `alignspec vllm-serve` serves it
+ENGINE_MODEL_SETTINGS = {**MODEL_SETTINGS, "heads": 2}
 WARMUP_SETTINGS = {"steps": 100, "batch": 16, "lr": 3e-3, "seed": 0}
 MAX_NEW_TOKENS = 3
 
@@ -113,17 +116,19 @@ def cache_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
-    """Path of the cached built-in model (building it if needed) and the settings behind it."""
+def builtin_model_dir(warm: bool, seed: int = 0, model: dict | None = None) -> tuple[str, dict]:
+    """Path of the cached built-in model (building it if needed) and the settings behind it;
+    ``model``: other model settings than ``MODEL_SETTINGS`` (``ENGINE_MODEL_SETTINGS``)."""
     from ..models.tiny import build_tiny_model
-    settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": ArithmeticTask.name,
+    model = model or MODEL_SETTINGS
+    settings = {"model": model, "init_seed": seed, "task": ArithmeticTask.name,
                 "train_size": TRAIN_SIZE, "split_seed": SPLIT_SEED, "version": 2}
     if warm:
         settings["warmup"] = WARMUP_SETTINGS
     target = cache_root() / f"tiny-{'warm' if warm else 'init'}-{cache_key(settings)}"
 
     def build(tmp: Path) -> None:
-        cfg = dict(MODEL_SETTINGS)
+        cfg = dict(model)
         arch = cfg.pop("arch")
         build_tiny_model(tmp, arch, seed=seed, **cfg)
         if warm:
@@ -132,10 +137,10 @@ def builtin_model_dir(warm: bool, seed: int = 0) -> tuple[str, dict]:
     return cached_model_dir(target, settings, build), settings
 
 
-def copy_init_model(tmp: Path, seed: int = 0) -> None:
+def copy_init_model(tmp: Path, seed: int = 0, model: dict | None = None) -> None:
     """The freshly initialized built-in model's files (not its settings record) into ``tmp``:
     where another built-in task's warm-up starts (tasks/step_task.py, tasks/tool_task.py)."""
-    init_dir, _ = builtin_model_dir(warm=False, seed=seed)
+    init_dir, _ = builtin_model_dir(warm=False, seed=seed, model=model)
     for f in Path(init_dir).iterdir():
         if f.is_file() and f.name != "alignspec_builtin.json":
             shutil.copy2(f, tmp / f.name)

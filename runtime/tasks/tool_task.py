@@ -190,17 +190,17 @@ class BuiltinToolTask:
         return sum(answer_of(o["text"], close) == r["answer"] for o, r in zip(out, rows)) / len(rows)
 
     # -- the warm model ---------------------------------------------------------------------------
-    def builtin_model_dir(self, warm: bool = True, seed: int = 0) -> tuple[str, dict]:
+    def builtin_model_dir(self, warm: bool = True, seed: int = 0, model: dict | None = None) -> tuple[str, dict]:
         from .tasks import MODEL_SETTINGS, cache_key, builtin_model_dir, cache_root, cached_model_dir, copy_init_model
         if not warm:
-            return builtin_model_dir(warm=False, seed=seed)
-        settings = {"model": MODEL_SETTINGS, "init_seed": seed, "task": self.name, "terms": TERMS,
+            return builtin_model_dir(warm=False, seed=seed, model=model)
+        settings = {"model": model or MODEL_SETTINGS, "init_seed": seed, "task": self.name, "terms": TERMS,
                     "range": [LOW, HIGH], "train_size": TRAIN_SIZE, "heldout": HELDOUT, "split_seed": SPLIT_SEED,
                     "tags": [CALL_TAGS, RESULT_TAGS], "warmup": WARMUP_SETTINGS, "version": 1}
         target = cache_root() / f"tiny-toolwarm-{cache_key(settings)}"
 
         def build(tmp: Path) -> None:
-            copy_init_model(tmp, seed)
+            copy_init_model(tmp, seed, model)
             w = {k: v for k, v in WARMUP_SETTINGS.items() if k != "then"}
             sft_warmup(tmp, self.demonstrations(1.0), **w)
             then = WARMUP_SETTINGS["then"]
