@@ -20,12 +20,17 @@ that a server fleet, rollout/vllm_server.py, implements too):
 ``close()``
     frees the engine.
 
-``ColocatedVLLM`` is a ``vllm.LLM`` in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-so its engine core runs in this process). Its weights are replaced through vLLM's own in-place
-reload (``Worker.reload_weights``: ``model.load_weights`` of the checkpoint-format tensors
-wrapped by vllm/model_executor/model_loader/reload/ so that each layer is restored, loaded and
-processed again -- on CPUs the linear layers are prepacked, so a plain ``load_weights`` fails),
-called on the worker through ``collective_rpc``. On a GPU with ``vllm_enable_sleep_mode`` the
+``ColocatedVLLM`` is a ``vllm.LLM`` owned by the training process. On GPUs its engine core runs in
+this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and its weights are replaced through vLLM's own
+in-place reload (``Worker.reload_weights``: ``model.load_weights`` of the checkpoint-format
+tensors, wrapped by vllm/model_executor/model_loader/reload/ so that each layer is restored,
+loaded and processed again), called on the worker through ``collective_rpc`` with the tensors
+themselves. On CPUs the engine core runs in its own process (in this process it delivered 4-9x
+fewer tokens/s: bench/generation.py; ``ALIGNSPEC_VLLM_IN_PROCESS=1`` keeps it here) and the
+weights go through vLLM's weight-update API (``start_weight_update``, ``update_weights`` per chunk,
+``finish_weight_update``) with the shared-memory transfer engine of vllm_transfer.py, which loads
+each chunk through the same layerwise reload (on CPUs the linear layers are prepacked, so a plain
+``load_weights`` fails). On a GPU with ``vllm_enable_sleep_mode`` the
 engine sleeps (level 1: weights offloaded, KV cache freed) between rollouts and wakes for the
 weights, then the KV cache (not run here: no GPU was lent).
 """
@@ -125,12 +130,16 @@ class ColocatedVLLM:
     def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, enable_sleep_mode: bool = False,
                  **engine_kwargs):
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: in-place weights
+        cuda = torch.cuda.is_available()
+        # GPUs: the engine core in this process, weights reloaded in place (collective_rpc of tensors).
+        # CPUs: the engine core in its own process (4-9x the tokens/s of an in-process core here:
+        # bench/generation.py), weights through vLLM's weight-update API with the shared-memory engine
+        self.separate = not cuda and os.environ.get("ALIGNSPEC_VLLM_IN_PROCESS", "0") != "1"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.separate else "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the run's console, not vLLM's INFO lines
         import logging
         # "RotaryEmbedding: Failed to load weights" at each push: rotary caches have no checkpoint tensors
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-        cuda = torch.cuda.is_available()
         if not cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")       # GiB of KV cache
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # leave the trainer's threads alone
@@ -145,6 +154,9 @@ class ColocatedVLLM:
                   tensor_parallel_size=int(tensor_parallel_size), **engine_kwargs)
         if max_model_len:
             kw["max_model_len"] = int(max_model_len)
+        if self.separate:
+            from .vllm_transfer import BACKEND
+            kw["weight_transfer_config"] = {"backend": BACKEND}
         if cuda:
             kw.update(gpu_memory_utilization=float(gpu_memory_utilization), enable_sleep_mode=self.sleep_mode)
         else:
@@ -158,6 +170,8 @@ class ColocatedVLLM:
         finally:
             torch.set_num_threads = set_threads  # vLLM's CPU worker replaces it with a no-op; the trainer's own
             torch.set_num_threads(get_threads)
+        if self.separate:
+            self.llm.init_weight_transfer_engine({"init_info": {}})
         self.version = 0
         self.asleep = False
         if self.sleep_mode:
@@ -190,8 +204,14 @@ class ColocatedVLLM:
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._wake(["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
-                                                          "is_checkpoint_format": True})
+        if self.separate:  # vLLM's weight-update API, chunks of safetensors in /dev/shm (vllm_transfer.py)
+            from .vllm_transfer import send_in_chunks
+            self.llm.start_weight_update()
+            send_in_chunks(weights, lambda path: self.llm.update_weights({"update_info": {"path": path}}))
+            self.llm.finish_weight_update(str(self.version + 1))
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                              "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self.version += 1
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +42,6 @@ from .vllm_engine import Completion, SamplingSpec, repeat, request_seed
 RETRIES = 5          # tries of a failing request (then a RunError)
 BACKOFF_S = 1.0      # the first wait; doubles each retry
 TIMEOUT_S = 600.0    # one request's wait for its answer
-CHUNK_BYTES = 256 << 20
 
 
 class ServerError(Exception):
@@ -148,34 +146,16 @@ class ServerFleet:
         return list(self.pool.map(one, range(len(prompts))))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from safetensors.torch import save_file
+        from .vllm_transfer import send_in_chunks
         version = self.version + 1
         for url in self.urls:
             call(url, "/pause?mode=keep")
             call(url, "/start_weight_update")
-        chunk, size, k = {}, 0, 0
 
-        def flush():
-            nonlocal chunk, size, k
-            if not chunk:
-                return
-            fd, path = tempfile.mkstemp(prefix=f"alignspec-weights-{os.getpid()}-{k}-", suffix=".safetensors",
-                                        dir=self.shm)
-            os.close(fd)
-            try:
-                save_file(chunk, path)
-                for url in self.urls:
-                    call(url, "/update_weights", {"update_info": {"path": path}})
-            finally:
-                os.unlink(path)
-            chunk, size, k = {}, 0, k + 1
-
-        for name, t in weights:  # whole layers per chunk: a chunk is flushed between layers only
-            if size >= CHUNK_BYTES and _layer(name) != _layer(next(reversed(chunk))):
-                flush()
-            chunk[name] = t.detach().to("cpu").contiguous().clone()
-            size += t.numel() * t.element_size()
-        flush()
+        def send(path):
+            for url in self.urls:
+                call(url, "/update_weights", {"update_info": {"path": path}})
+        send_in_chunks(weights, send, self.shm)
         for url in self.urls:
             call(url, "/finish_weight_update", {"weight_version": str(version)})
             call(url, "/resume")
@@ -184,7 +164,3 @@ class ServerFleet:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-
-def _layer(name: str) -> str:
-    parts = name.split(".")
-    return next((".".join(parts[:i + 1]) for i, p in enumerate(parts) if p.isdigit()), "")

@@ -27,6 +27,48 @@ from dataclasses import dataclass
 BACKEND = "alignspec_shm"
 
 
+CHUNK_BYTES = 256 << 20
+
+
+def send_in_chunks(weights, send, directory: str | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Write ``weights`` (``(name, tensor)``, consumed one at a time) as safetensors files of whole
+    layers (about ``chunk_bytes`` each) in ``directory`` (default ``/dev/shm`` where writable) and
+    call ``send(path)`` for each (the engine loads it), deleting the file after; the chunks sent."""
+    import os
+    import tempfile
+    from safetensors.torch import save_file
+    if directory is None and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        directory = "/dev/shm"
+    chunk, size, k = {}, 0, 0
+
+    def flush():
+        nonlocal chunk, size, k
+        if not chunk:
+            return
+        fd, path = tempfile.mkstemp(prefix=f"alignspec-weights-{os.getpid()}-{k}-", suffix=".safetensors",
+                                    dir=directory)
+        os.close(fd)
+        try:
+            save_file(chunk, path)
+            send(path)
+        finally:
+            os.unlink(path)
+        chunk, size, k = {}, 0, k + 1
+
+    for name, t in weights:  # a chunk is flushed between layers only
+        if size >= chunk_bytes and _layer(name) != _layer(next(reversed(chunk))):
+            flush()
+        chunk[name] = t.detach().to("cpu").contiguous().clone()
+        size += t.numel() * t.element_size()
+    flush()
+    return k
+
+
+def _layer(name: str) -> str:
+    parts = name.split(".")
+    return next((".".join(parts[:i + 1]) for i, p in enumerate(parts) if p.isdigit()), "")
+
+
 def register() -> None:
     """vLLM plugin entry point: register the ``alignspec_shm`` engine (idempotent)."""
     try:
