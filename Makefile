@@ -31,7 +31,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/alignspec run grpo --out runs/demo
+	# runs/demo is the demo's own folder: a second `make demo` replaces the first run there
+	$(VENV)/bin/alignspec run grpo --out runs/demo --set overwrite=true
 
 test: setup
 	$(VENV)/bin/lint-imports
